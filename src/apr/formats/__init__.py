@@ -1,0 +1,57 @@
+"""Checkpoint formats, registered in one tuple; `open_checkpoint` sniffs magic bytes, then the suffix.
+
+A new format is one module exporting `FORMAT: Format` plus one line in `_FORMAT_MODULES`. Modules are imported
+on first use so that `apr --help` does not pay for every reader.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from pathlib import Path
+from typing import Final
+
+from apr.errors import AprIOError, FormatError, NotFoundError
+from apr.formats.base import Checkpoint, Format
+
+_FORMAT_MODULES: Final = ("apr.formats.gguf", "apr.formats.safetensors", "apr.formats.apr")
+SNIFF_BYTES: Final = 16
+
+
+@cache
+def formats() -> tuple[Format, ...]:
+    return tuple(importlib.import_module(m).FORMAT for m in _FORMAT_MODULES)
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with path.open("rb") as f:
+            return f.read(SNIFF_BYTES)
+    except OSError as e:
+        raise AprIOError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def detect_format(path: Path) -> Format:
+    """The format of `path` (a file, or a directory for HF safetensors folders)."""
+    if not path.exists():
+        raise NotFoundError(f"File not found: {path}")
+    head = _head(path) if path.is_file() else b""
+    for fmt in formats():
+        if fmt.sniff(head, path):
+            return fmt
+    for fmt in formats():
+        if path.suffix.lower() in fmt.suffixes:
+            return fmt
+    known = ", ".join(s for f in formats() for s in f.suffixes)
+    raise FormatError(f"{path}: not a model file this tool can read (known formats: {known})")
+
+
+def open_checkpoint(path: Path | str) -> Checkpoint:
+    """Open a model file or HF folder lazily: metadata and tensor index only, no tensor data.
+
+    >>> ckpt = open_checkpoint("SmolLM2-135M-Instruct.Q4_1.gguf")   # doctest: +SKIP
+    >>> ckpt.config.n_layers, ckpt.read("output_norm.weight").shape  # doctest: +SKIP
+    (30, (576,))
+    """
+    path = Path(path)
+    return detect_format(path).open(path)

@@ -1,0 +1,107 @@
+"""The save-tensor plan: which stages, which layers. Parsed once at the edge, before any model is opened.
+
+Parsing follows aprender's `SaveTensorPlan::from_cli` exactly (spec §2.2–2.3): `all` (any case) or a comma list
+(trimmed, case-insensitive, order and duplicates kept, empty token and unknown name are errors), and a
+half-open `START..END` layer range of u32 with END > START. Whole-model stages ignore the range, and
+`embedding` (emitted as layer 0) is saved only when 0 is in the range.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from apr.errors import PlanError, StageParseError
+from apr.trace.stages import DENSE_STAGES, STAGE_ORDER, Stage, StageId, parse_stage
+
+DEFAULT_LAYERS: Final = "0..1"
+U32_MAX: Final = 0xFFFFFFFF
+_U32_RE: Final = re.compile(r"^\+?[0-9]+$")  # Rust's u32::from_str: optional '+', ASCII digits
+
+
+def parse_stage_list(text: str) -> tuple[Stage, ...]:
+    """`"embedding, ATTN_norm,embedding"` → (EMBEDDING, ATTN_NORM, EMBEDDING); `""` → ()."""
+    text = text.strip()
+    if not text:
+        return ()
+    return tuple(parse_stage(token) for token in text.split(","))
+
+
+def _parse_u32(name: str, text: str, got: str) -> int:
+    text = text.strip()
+    if not _U32_RE.match(text) or int(text) > U32_MAX:
+        raise _range_error(got, f'{name} "{text}" is not a valid u32')
+    return int(text)
+
+
+def _range_error(got: str, reason: str) -> PlanError:
+    return PlanError(f"save-tensor layer range invalid ({json.dumps(got)}): {reason}")
+
+
+def parse_layer_range(text: str) -> range:
+    """`"3..7"` → range(3, 7). Only `START..END`, END exclusive and > START."""
+    got = text
+    start_s, sep, end_s = text.strip().partition("..")
+    if not sep:
+        raise _range_error(got, "expected `START..END`")
+    start = _parse_u32("START", start_s, got)
+    end = _parse_u32("END", end_s, got)
+    if end <= start:
+        raise _range_error(got, f"END ({end}) must be > START ({start})")
+    return range(start, end)
+
+
+@dataclass(frozen=True, slots=True)
+class TracePlan:
+    """What to save. `all_stages` remembers that the user said `all` (so a dense model saves dense stages)."""
+
+    stages: tuple[Stage, ...]
+    layers: range = range(0, 1)
+    all_stages: bool = False
+
+    @classmethod
+    def from_cli(cls, stages: str, layers: str = DEFAULT_LAYERS) -> TracePlan:
+        """Parse `--save-tensor` and `--save-tensor-layers`.
+
+        >>> TracePlan.from_cli("embedding,lm_head", "0..2").layers
+        range(0, 2)
+        """
+        if stages.strip().lower() == "all":
+            parsed, all_stages = STAGE_ORDER, True
+        else:
+            try:
+                parsed, all_stages = parse_stage_list(stages), False
+            except StageParseError as e:
+                raise StageParseError(f"save-tensor stage list invalid: {e}") from None
+        return cls(parsed, parse_layer_range(layers), all_stages)
+
+    def should_save(self, sid: StageId) -> bool:
+        """aprender's `should_save`: selected, and per-layer stages only inside the range."""
+        if sid.stage not in self.stages:
+            return False
+        return not sid.stage.per_layer or (sid.layer is not None and sid.layer in self.layers)
+
+    def for_model(self, n_layers: int, moe: bool = False) -> TracePlan:
+        """Check the plan against a model and drop what `all` selected but the model lacks.
+
+        Raises PlanError for a MoE stage named on a dense model, or a layer range beyond the model.
+        """
+        if self.layers.stop > n_layers and any(s.per_layer for s in self.stages):
+            raise PlanError(
+                f"layer range {self.layers.start}..{self.layers.stop} is outside the model's "
+                f"{n_layers} layers (valid: 0..{n_layers})"
+            )
+        if self.all_stages:
+            return TracePlan(STAGE_ORDER if moe else DENSE_STAGES, self.layers, True)
+        named_moe = [s.value for s in self.stages if s.moe]
+        if named_moe and not moe:
+            raise PlanError(
+                f"stage {named_moe[0]} exists only in mixture-of-experts models; this model is dense"
+            )
+        return self
+
+    def unique_stages(self) -> tuple[Stage, ...]:
+        """The selected stages once each, in forward order."""
+        return tuple(s for s in STAGE_ORDER if s in self.stages)
