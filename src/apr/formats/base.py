@@ -1,9 +1,9 @@
 """The one interface every checkpoint format implements, and the records it returns.
 
-A format module exports `FORMAT = Format(name, suffixes, sniff, open)`; `formats/__init__.py` lists them in one
-tuple and dispatches by magic bytes, then by suffix. A `Checkpoint` lists tensors without touching their data
-and reads one tensor (or some of its rows) on demand, dequantized to float32. Tensor names are canonical
-(GGUF spelling, formats/names.py); `TensorInfo.source_name` keeps the file's own name.
+A format module exports `FORMAT = Format(name, suffixes, sniff, open)`; `formats/__init__.py` lists them in
+one tuple and dispatches by magic bytes, then by suffix. A `Checkpoint` lists tensors without touching their
+data and reads one tensor (or some of its rows) on demand, dequantized to float32. Tensor names are
+canonical (GGUF spelling, formats/names.py); `TensorInfo.source_name` keeps the file's own name.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Canonical weight names (GGUF spelling) and the Hugging Face spelling of each, as two tables.
 
 Every Checkpoint exposes canonical names; the safetensors and .apr readers translate with these tables, the
-exporters translate back. Names outside the tables pass through unchanged (and the engine will not ask for them).
+exporters translate back. Names outside the tables pass through unchanged (and the engine will not ask for
+them).
 """
 
 from __future__ import annotations

@@ -6,11 +6,11 @@
     8       u32 LE          dim_product: number of f32 values that follow
     12      4·dim_product   f32 LE values, row-major flattening of the stage tensor
 
-Total size is exactly 12 + 4·dim_product; an empty tensor is a 12-byte file. There is no version, dtype, shape,
-stage name, alignment or checksum: the stage is the file name (`layer-N/<stage>.bin`), and shape, labels and
-run identity live in the trace's manifest.json, written by the same writer. NaN, Inf and -0.0 round-trip
-bit-exactly. As in aprender's reader, bytes after the body are ignored. The sentinel layer value is named
-once here (`WHOLE_MODEL_LAYER`) and surfaces to callers as `layer=None`.
+Total size is exactly 12 + 4·dim_product; an empty tensor is a 12-byte file. There is no version, dtype,
+shape, stage name, alignment or checksum: the stage is the file name (`layer-N/<stage>.bin`), and shape,
+labels and run identity live in the trace's manifest.json, written by the same writer. NaN, Inf and -0.0
+round-trip bit-exactly. As in aprender's reader, bytes after the body are ignored. The sentinel layer value
+is named once here (`WHOLE_MODEL_LAYER`) and surfaces to callers as `layer=None`.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def write_aprt(path: Path, layer: int | None, values: npt.ArrayLike) -> int:
     arr = _as_f32le(values)
     with atomic_output(path) as f:
         f.write(encode_header(layer, arr.size))
-        f.write(memoryview(arr).cast("B"))
+        f.write(arr.tobytes())
     return HEADER_SIZE + 4 * arr.size
 
 

@@ -1,8 +1,8 @@
 """Where stage files live in a trace directory (aprender's layout, spec §2.4).
 
-    <out>/layer-<N>/<stage>.bin     per-layer stages (decimal N, no padding; embedding is layer-0)
-    <out>/<stage>.bin               whole-model stages: final_norm.bin, lm_head.bin
-    <out>/manifest.json             apr's addition: run identity, shapes, labels, layouts (trace/manifest.py)
+<out>/layer-<N>/<stage>.bin     per-layer stages (decimal N, no padding; embedding is layer-0)
+<out>/<stage>.bin               whole-model stages: final_norm.bin, lm_head.bin
+<out>/manifest.json             apr's addition: run identity, shapes, labels, layouts (trace/manifest.py)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The save-tensor plan: which stages, which layers. Parsed once at the edge, before any model is opened.
+"""The save-tensor plan: which stages, which layers. Parsed once, before any model is opened.
 
-Parsing follows aprender's `SaveTensorPlan::from_cli` exactly (spec §2.2–2.3): `all` (any case) or a comma list
-(trimmed, case-insensitive, order and duplicates kept, empty token and unknown name are errors), and a
+Parsing follows aprender's `SaveTensorPlan::from_cli` exactly (spec §2.2–2.3): `all` (any case) or a comma
+list (trimmed, case-insensitive, order and duplicates kept, empty token and unknown name are errors), and a
 half-open `START..END` layer range of u32 with END > START. Whole-model stages ignore the range, and
 `embedding` (emitted as layer 0) is saved only when 0 is in the range.
 """

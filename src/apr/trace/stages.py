@@ -1,9 +1,9 @@
 """The stage vocabulary: what a trace can capture, in the order the forward pass produces it.
 
 Names, order and the `layer_output` alias are aprender's (`SaveTensorStage`, spec §2.1). A `StageId` pairs a
-stage with its decoder layer (None for the whole-model stages `final_norm` and `lm_head`) and has one canonical
-spelling, the GGUF convention: `blk.3.attn_out`, `final_norm`. "First divergent" always means first in
-`sort_key` order: layer by layer, stage by stage, whole-model stages last.
+stage with its decoder layer (None for the whole-model stages `final_norm` and `lm_head`) and has one
+canonical spelling, the GGUF convention: `blk.3.attn_out`, `final_norm`. "First divergent" always means
+first in `sort_key` order: layer by layer, stage by stage, whole-model stages last.
 """
 
 from __future__ import annotations

@@ -1,0 +1,3 @@
+from apr.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""Put two traces' stage tensors into one comparable form before any metric is computed.
+
+- Q/K layout: a stage captured in GGUF-interleaved order (llama.cpp's NORM RoPE) is permuted to HF order when
+  the other side is HF (manifests say which). For qkv_matmul / qkv_bias only the Q and K segments move.
+- lm_head: a last-position trace (vocab,) is compared with the last row of an all-position trace (S, vocab).
+- Sizes are checked; what cannot be aligned raises MismatchError naming the stage and both shapes.
+Without manifests (aprender's traces) nothing is known about layouts, and only equal sizes are compared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from apr.errors import MismatchError
+from apr.formats.config import ModelConfig, QKLayout, interleaved_to_hf
+from apr.trace.manifest import QK_STAGES
+from apr.trace.reader import Trace
+from apr.trace.stages import Stage, StageId
+
+F32 = npt.NDArray[np.float32]
+
+
+def _to_hf(stage: Stage, x: F32, cfg: ModelConfig) -> F32:
+    flat = x.reshape(-1, x.shape[-1]) if x.ndim > 1 else x.reshape(1, -1)
+    if stage is Stage.Q_POST_ROPE:
+        out = interleaved_to_hf(flat, cfg.n_heads)
+    elif stage is Stage.K_POST_ROPE:
+        out = interleaved_to_hf(flat, cfg.n_kv_heads)
+    else:  # [Q | K | V] per position
+        q, kv = cfg.q_dim, cfg.kv_dim
+        out = np.concatenate(
+            [
+                interleaved_to_hf(flat[:, :q], cfg.n_heads),
+                interleaved_to_hf(flat[:, q : q + kv], cfg.n_kv_heads),
+                flat[:, q + kv :],
+            ],
+            axis=1,
+        )
+    return out.reshape(x.shape)
+
+
+_LAYOUT_FIXES: Final[dict[Stage, Callable[[Stage, F32, ModelConfig], F32]]] = {s: _to_hf for s in QK_STAGES}
+
+
+def _layout(t: Trace) -> QKLayout | None:
+    return t.manifest.run.qk_layout if t.manifest else None
+
+
+def load_aligned(a: Trace, b: Trace, sid: StageId) -> tuple[F32, F32]:
+    """Both sides of one stage, in the same layout and shape, flattened."""
+    x, y = a.load(sid), b.load(sid)
+    la, lb = _layout(a), _layout(b)
+    if la != lb and la is not None and lb is not None and sid.stage in _LAYOUT_FIXES:
+        if la is QKLayout.INTERLEAVED:
+            x = _LAYOUT_FIXES[sid.stage](sid.stage, x, _config(a))
+        else:
+            y = _LAYOUT_FIXES[sid.stage](sid.stage, y, _config(b))
+    if sid.stage is Stage.LM_HEAD and x.size != y.size:
+        x, y = _last_position(x, y)
+    if x.size != y.size:
+        raise MismatchError(
+            f"{sid}: cannot align {a.path} ({_shape(x)}) with {b.path} ({_shape(y)}): "
+            "different sizes (different prompts or models?)"
+        )
+    return x.reshape(-1), y.reshape(-1)
+
+
+def _config(t: Trace) -> ModelConfig:
+    assert t.manifest is not None
+    return t.manifest.run.config
+
+
+def _shape(x: F32) -> str:
+    return "×".join(str(d) for d in x.shape) + f" = {x.size} values"
+
+
+def _last_position(x: F32, y: F32) -> tuple[F32, F32]:
+    if x.ndim == 2 and y.ndim == 1 and x.shape[1] == y.size:
+        return x[-1], y
+    if y.ndim == 2 and x.ndim == 1 and y.shape[1] == x.size:
+        return x, y[-1]
+    return x, y

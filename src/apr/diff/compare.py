@@ -1,0 +1,181 @@
+"""Compare stage tensors: one APRT file pair (aprender's `apr diff --values`), or two whole trace directories.
+
+Results are values (StageFileDiff, StageDiff, TraceDiff); report/ renders them and recomputes nothing.
+A stage *diverges* under a `Tolerance`: by default when cosine < 0.999 (aprender's bisection rule of thumb);
+with `min_cos` and/or `max_rel` given, exactly the given thresholds apply. `first_divergence` walks rows in
+forward order (layer, then stage; whole-model stages last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from apr.diff.align import load_aligned
+from apr.diff.metrics import ElementDiff, Metrics, compare, top_diffs
+from apr.errors import MismatchError
+from apr.trace import format as aprt
+from apr.trace.manifest import dims_for
+from apr.trace.reader import Trace
+from apr.trace.stages import StageId
+
+DEFAULT_MIN_COS = 0.999
+
+
+@dataclass(frozen=True, slots=True)
+class StageFileDiff:
+    """aprender's `apr diff --values` on two APRT files (spec §4.3)."""
+
+    path_a: Path
+    path_b: Path
+    layer: int | None
+    metrics: Metrics
+    top: list[ElementDiff]
+
+
+def diff_stage_files(path_a: Path, path_b: Path, limit: int = 10) -> StageFileDiff:
+    a, b = aprt.read_aprt(path_a), aprt.read_aprt(path_b)
+    if a.header.count != b.header.count:
+        raise MismatchError(
+            f"APRT dim_product mismatch: {path_a} has {a.header.count} f32s, {path_b} has "
+            f"{b.header.count} f32s — cannot compare stage tensors of different sizes"
+        )
+    if a.layer != b.layer:
+        raise MismatchError(
+            f"APRT layer mismatch: {path_a} is layer {_layer(a.layer)}, {path_b} is layer "
+            f"{_layer(b.layer)} — stages from different layers cannot be compared element-wise"
+        )
+    return StageFileDiff(
+        path_a,
+        path_b,
+        a.layer,
+        compare(a.values, b.values),
+        top_diffs(a.values, b.values, limit),
+    )
+
+
+def _layer(layer: int | None) -> str:
+    return "whole-model" if layer is None else str(layer)
+
+
+@dataclass(frozen=True, slots=True)
+class Tolerance:
+    min_cos: float | None = DEFAULT_MIN_COS
+    max_rel: float | None = None
+
+    @classmethod
+    def from_options(cls, min_cos: float | None, max_rel: float | None) -> Tolerance:
+        if min_cos is None and max_rel is None:
+            return cls()
+        return cls(min_cos, max_rel)
+
+    def passes(self, m: Metrics) -> bool:
+        if m.nan_count:
+            return False
+        if self.min_cos is not None and not m.cosine >= self.min_cos:
+            # identical all-zero tensors have cosine 0 by aprender's rule but do not diverge
+            return m.max_abs == 0.0 and m.rms == 0.0
+        return not (self.max_rel is not None and not m.rel_l2 <= self.max_rel)
+
+    def describe(self) -> str:
+        parts = []
+        if self.min_cos is not None:
+            parts.append(f"cosine < {self.min_cos}")
+        if self.max_rel is not None:
+            parts.append(f"relative L2 error > {self.max_rel}")
+        return " or ".join(parts) + " (or any NaN)"
+
+
+@dataclass(frozen=True, slots=True)
+class StageDiff:
+    sid: StageId
+    metrics: Metrics
+    passed: bool
+    shape: tuple[int, ...] | None = None  # the stage's shape, when a manifest says it
+
+    @property
+    def worst_coords(self) -> dict[str, int] | None:
+        """The worst element's position by dimension name (e.g. {"seq": 2, "ffn": 1031})."""
+        if self.shape is None or self.metrics.n != int(np.prod(self.shape, dtype=np.int64)):
+            return None
+        idx = np.unravel_index(self.metrics.max_index, self.shape)
+        return dict(zip(dims_for(self.sid.stage, len(self.shape)), (int(i) for i in idx), strict=True))
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+@dataclass(frozen=True, slots=True)
+class TraceDiff:
+    path_a: Path
+    path_b: Path
+    tolerance: Tolerance
+    rows: list[StageDiff]
+    only_in_a: list[StageId] = field(default_factory=list)
+    only_in_b: list[StageId] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_divergence(self) -> StageDiff | None:
+        return first_divergence(self.rows)
+
+    @property
+    def diverged(self) -> list[StageDiff]:
+        return [r for r in self.rows if not r.passed]
+
+
+def first_divergence(rows: list[StageDiff]) -> StageDiff | None:
+    """The first failing row in forward order, or None."""
+    for row in sorted(rows, key=lambda r: r.sid.sort_key):
+        if not row.passed:
+            return row
+    return None
+
+
+def diff_traces(a: Trace, b: Trace, tolerance: Tolerance | None = None) -> TraceDiff:
+    """Compare every stage present in both traces, in forward order."""
+    tol = tolerance or Tolerance()
+    _check_same_input(a, b)
+    common = [sid for sid in a.entries if sid in b.entries]
+    rows = []
+    for sid in common:
+        ea, eb = a.entries[sid], b.entries[sid]
+        if ea.sha256 is not None and ea.sha256 == eb.sha256 and ea.shape == eb.shape:
+            x = a.load(sid).reshape(-1)
+            m = compare(x, x)  # byte-identical files: skip reading the second
+        else:
+            x, y = load_aligned(a, b, sid)
+            m = compare(x, y)
+        rows.append(StageDiff(sid, m, tol.passes(m), ea.shape or eb.shape))
+    notes = _run_notes(a, b)
+    return TraceDiff(
+        a.path,
+        b.path,
+        tol,
+        rows,
+        only_in_a=[s for s in a.entries if s not in b.entries],
+        only_in_b=[s for s in b.entries if s not in a.entries],
+        notes=notes,
+    )
+
+
+def _check_same_input(a: Trace, b: Trace) -> None:
+    if a.manifest is None or b.manifest is None:
+        return
+    ta, tb = a.manifest.run.token_ids, b.manifest.run.token_ids
+    if ta != tb:
+        raise MismatchError(
+            f"the traces ran on different token ids ({list(ta)} vs {list(tb)}); "
+            "stage tensors of different inputs cannot be compared element-wise"
+        )
+
+
+def _run_notes(a: Trace, b: Trace) -> list[str]:
+    if a.manifest is None or b.manifest is None:
+        return []
+    ra, rb = a.manifest.run, b.manifest.run
+    if ra.qk_layout != rb.qk_layout:
+        return [f"Q/K layouts differ ({ra.qk_layout} vs {rb.qk_layout}): Q/K stages compared in HF order"]
+    return []

@@ -1,0 +1,83 @@
+"""JSON renderings of diff results (pure; non-finite floats become null, as serde_json writes them)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
+from apr.report.numfmt import json_float
+
+STAGE_DIFF_SCHEMA: Final = "apr-stage-diff-v1"
+TRACE_DIFF_SCHEMA: Final = "apr-trace-diff-v1"
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def stage_file_diff_doc(d: StageFileDiff) -> dict[str, Any]:
+    """Exactly aprender's keys (spec §4.4)."""
+    m = d.metrics
+    return {
+        "schema": STAGE_DIFF_SCHEMA,
+        "path_a": str(d.path_a),
+        "path_b": str(d.path_b),
+        "layer": "whole-model" if d.layer is None else d.layer,
+        "dim_product": m.n,
+        "max_abs_diff": json_float(m.max_abs),
+        "max_abs_diff_index": m.max_index,
+        "rms_diff": json_float(m.rms),
+        "cosine_sim": json_float(m.cosine),
+        "top_diffs": [
+            {
+                "index": t.index,
+                "a": json_float(t.a),
+                "b": json_float(t.b),
+                "abs_diff": json_float(t.abs_diff),
+            }
+            for t in d.top
+        ],
+    }
+
+
+def stage_diff_doc(r: StageDiff) -> dict[str, Any]:
+    m = r.metrics
+    return {
+        "id": str(r.sid),
+        "layer": r.sid.layer,
+        "stage": r.sid.stage.value,
+        "elements": m.n,
+        "shape": list(r.shape) if r.shape is not None else None,
+        "max_abs_diff": json_float(m.max_abs),
+        "max_abs_diff_index": m.max_index,
+        "worst": {
+            "coords": r.worst_coords,
+            "a": json_float(m.a_at_max),
+            "b": json_float(m.b_at_max),
+        },
+        "rms_diff": json_float(m.rms),
+        "cosine": json_float(m.cosine),
+        "rel_l2": json_float(m.rel_l2),
+        "sqnr_db": json_float(m.sqnr_db),
+        "nan_count": m.nan_count,
+        "identical": m.max_abs == 0.0 and m.nan_count == 0,
+        "diverged": not r.passed,
+    }
+
+
+def trace_diff_doc(d: TraceDiff) -> dict[str, Any]:
+    first = d.first_divergence
+    return {
+        "schema": TRACE_DIFF_SCHEMA,
+        "path_a": str(d.path_a),
+        "path_b": str(d.path_b),
+        "rule": {"min_cos": d.tolerance.min_cos, "max_rel": d.tolerance.max_rel},
+        "compared": len(d.rows),
+        "diverged": len(d.diverged),
+        "first_divergence": stage_diff_doc(first) if first is not None else None,
+        "stages": [stage_diff_doc(r) for r in d.rows],
+        "only_in_a": [str(s) for s in d.only_in_a],
+        "only_in_b": [str(s) for s in d.only_in_b],
+        "notes": list(d.notes),
+    }

@@ -1,0 +1,91 @@
+"""Plain-text renderings of diff results.
+
+Pure functions: a result in, a string out, no statistics computed here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
+from apr.report.numfmt import rust_exp, rust_fixed, short
+
+BOX_WIDTH: Final = 80
+
+
+def _box_line(text: str) -> str:
+    return "║ " + text.ljust(BOX_WIDTH - 3) + "║"
+
+
+def render_stage_file_diff(d: StageFileDiff) -> str:
+    """aprender's 80-column box for `apr diff --values` on two APRT files (spec §4.4)."""
+    m = d.metrics
+    bar = "═" * (BOX_WIDTH - 2)
+    lines = [
+        f"╔{bar}╗",
+        _box_line("APR STAGE TENSOR DIFF (APRT, element-wise)"),
+        f"╠{bar}╣",
+        _box_line(f"A:           {d.path_a!s:<64}"),
+        _box_line(f"B:           {d.path_b!s:<64}"),
+        _box_line(f"Layer:       {'whole-model' if d.layer is None else d.layer}"),
+        _box_line(f"Elements:    {m.n}"),
+        _box_line(f"max|diff|:   {rust_exp(m.max_abs)} (at index {m.max_index})"),
+        _box_line(f"RMS diff:    {rust_exp(m.rms)}"),
+        _box_line(f"cosine sim:  {rust_fixed(m.cosine, 10)}"),
+        f"╠{bar}╣",
+        _box_line("Top divergences (by |a - b|):"),
+    ]
+    for t in d.top:
+        a, b = rust_exp(t.a, sign=True), rust_exp(t.b, sign=True)
+        lines.append(_box_line(f"  [{t.index:>8}] a={a:>13}  b={b:>13}  |Δ|={rust_exp(t.abs_diff)}"))
+    lines.append(f"╚{bar}╝")
+    return "\n".join(lines) + "\n"
+
+
+_HEADER: Final = (
+    f"{'':2}{'layer':>5}  {'stage':<19}{'elements':>10}  {'max|diff|':>10}  {'RMS':>10}  "
+    f"{'cosine':>12}  {'rel L2':>10}  {'SQNR dB':>8}"
+)
+
+
+def _row(r: StageDiff, first: bool) -> str:
+    m = r.metrics
+    mark = ">>" if first else ("! " if not r.passed else "  ")
+    layer = "-" if r.sid.layer is None else str(r.sid.layer)
+    sqnr = f"{m.sqnr_db:.1f}" if math.isfinite(m.sqnr_db) else short(m.sqnr_db)
+    return (
+        f"{mark}{layer:>5}  {r.sid.stage.value:<19}{m.n:>10}  {short(m.max_abs):>10}  {short(m.rms):>10}  "
+        f"{m.cosine:>12.9f}  {short(m.rel_l2):>10}  {sqnr:>8}"
+    )
+
+
+def _worst(r: StageDiff) -> str:
+    m = r.metrics
+    coords = r.worst_coords
+    where = ", ".join(f"{k} {v}" for k, v in coords.items()) if coords else f"index {m.max_index}"
+    return f"max|diff| {short(m.max_abs)} at {where} (a={m.a_at_max:.6g}, b={m.b_at_max:.6g})"
+
+
+def render_trace_diff(d: TraceDiff) -> str:
+    """The per-stage table of `apr diff A B --values` on two trace directories, first divergence marked."""
+    first = d.first_divergence
+    out = [
+        f"A: {d.path_a}",
+        f"B: {d.path_b}",
+        f"rule: a stage diverges when {d.tolerance.describe()}",
+        "",
+    ]
+    out.append(_HEADER)
+    out.extend(_row(r, r is first) for r in d.rows)
+    out.append("")
+    out.append(f"{len(d.rows)} stages compared, {len(d.diverged)} diverged.")
+    if first is None:
+        out.append("No divergence under this rule.")
+    else:
+        out.append(f"First divergence: {first.sid} (cosine {first.metrics.cosine:.9f}); {_worst(first)}")
+    for label, ids in (("only in A", d.only_in_a), ("only in B", d.only_in_b)):
+        if ids:
+            out.append(f"{label} ({len(ids)}): " + ", ".join(str(s) for s in ids))
+    out.extend(f"note: {n}" for n in d.notes)
+    return "\n".join(out) + "\n"

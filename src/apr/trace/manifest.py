@@ -1,0 +1,199 @@
+"""manifest.json: what aprender's APRT files leave out — run identity, shapes, dimension labels, layouts.
+
+Written last (atomically) by the same writer that writes the stage files, so a directory with a manifest is a
+complete trace of one run and lists exactly that run's files. Schema `apr-trace-manifest-v1`:
+
+    {"schema", "apr_version", "model": {path, format, sha256, bytes}, "config": ModelConfig fields,
+     "prompt", "token_ids", "engine": {name, version, precision, settings}, "qk_layout",
+     "lm_head_positions": "last"|"all", "plan": {stages, layers}, "not_captured": [{stage, reason}],
+     "notes": [...], "files": [{path, stage, layer, shape, dims, bytes, sha256}]}
+
+No timestamps or host names: two identical runs write byte-identical manifests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from apr.errors import TraceFormatError
+from apr.formats.config import ModelConfig, QKLayout
+from apr.trace.stages import Stage, StageId
+
+SCHEMA: Final = "apr-trace-manifest-v1"
+
+# Dimension labels of each stage as the engine emits it (S tokens; lm_head has "vocab" alone when only the
+# last position is kept).
+STAGE_DIMS: Final[dict[Stage, tuple[str, ...]]] = {
+    Stage.EMBEDDING: ("seq", "hidden"),
+    Stage.ATTN_NORM: ("seq", "hidden"),
+    Stage.QKV_MATMUL: ("seq", "q|k|v"),
+    Stage.QKV_BIAS: ("seq", "q|k|v"),
+    Stage.Q_POST_ROPE: ("seq", "head*head_dim"),
+    Stage.K_POST_ROPE: ("seq", "kv_head*head_dim"),
+    Stage.ATTN_SCORES: ("head", "query", "key"),
+    Stage.ATTN_SOFTMAX: ("head", "query", "key"),
+    Stage.ATTENTION: ("seq", "head*head_dim"),
+    Stage.ATTN_OUT: ("seq", "hidden"),
+    Stage.POST_ATTN_RESIDUAL: ("seq", "hidden"),
+    Stage.FFN_NORM: ("seq", "hidden"),
+    Stage.FFN_GATE: ("seq", "ffn"),
+    Stage.FFN_UP: ("seq", "ffn"),
+    Stage.FFN_SILU: ("seq", "ffn"),
+    Stage.FFN_SWIGL: ("seq", "ffn"),
+    Stage.FFN_OUT: ("seq", "hidden"),
+    Stage.POST_FFN_RESIDUAL: ("seq", "hidden"),
+    Stage.MOE_ROUTER: ("seq", "k"),
+    Stage.MOE_FFN_OUT: ("seq", "hidden"),
+    Stage.MOE_ROUTER_INDICES: ("seq", "k"),
+    Stage.FINAL_NORM: ("seq", "hidden"),
+    Stage.LM_HEAD: ("seq", "vocab"),
+}
+QK_STAGES: Final = frozenset({Stage.QKV_MATMUL, Stage.QKV_BIAS, Stage.Q_POST_ROPE, Stage.K_POST_ROPE})
+
+
+def dims_for(stage: Stage, ndim: int) -> tuple[str, ...]:
+    dims = STAGE_DIMS[stage]
+    return dims[len(dims) - ndim :] if ndim <= len(dims) else dims
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    path: str  # relative to the trace dir, "/"-separated
+    sid: StageId
+    shape: tuple[int, ...]
+    bytes: int
+    sha256: str
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return dims_for(self.sid.stage, len(self.shape))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "stage": self.sid.stage.value,
+            "layer": self.sid.layer,
+            "shape": list(self.shape),
+            "dims": list(self.dims),
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FileEntry:
+        sid = StageId(Stage(d["stage"]), d["layer"])
+        return cls(str(d["path"]), sid, tuple(int(x) for x in d["shape"]), int(d["bytes"]), d["sha256"])
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """Everything about a run except its files: filled by whoever runs the forward pass."""
+
+    model_path: str
+    model_format: str
+    model_sha256: str
+    model_bytes: int
+    config: ModelConfig
+    prompt: str
+    token_ids: tuple[int, ...]
+    engine: str = "reference"
+    engine_version: str = ""
+    precision: str = "f32"
+    settings: dict[str, str] = field(default_factory=dict)
+    qk_layout: QKLayout = QKLayout.HF
+    lm_head_positions: str = "last"
+    notes: tuple[str, ...] = ()
+    unavailable: dict[str, str] = field(default_factory=dict)  # stage -> why this engine lacks it
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    run: RunInfo
+    plan_stages: tuple[str, ...]
+    plan_layers: str
+    files: tuple[FileEntry, ...]
+    not_captured: tuple[tuple[str, str], ...] = ()  # (stage id, reason)
+
+    def to_json(self) -> str:
+        r = self.run
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "apr_version": _apr_version(),
+            "model": {
+                "path": r.model_path,
+                "format": r.model_format,
+                "sha256": r.model_sha256,
+                "bytes": r.model_bytes,
+            },
+            "config": r.config.to_dict(),
+            "prompt": r.prompt,
+            "token_ids": list(r.token_ids),
+            "engine": {
+                "name": r.engine,
+                "version": r.engine_version,
+                "precision": r.precision,
+                "settings": dict(sorted(r.settings.items())),
+            },
+            "qk_layout": r.qk_layout.value,
+            "lm_head_positions": r.lm_head_positions,
+            "plan": {"stages": list(self.plan_stages), "layers": self.plan_layers},
+            "unavailable": dict(sorted(r.unavailable.items())),
+            "not_captured": [{"stage": s, "reason": why} for s, why in self.not_captured],
+            "notes": list(r.notes),
+            "files": [f.to_json() for f in self.files],
+        }
+        return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> Manifest:
+        try:
+            d = json.loads(text)
+            if d.get("schema") != SCHEMA:
+                raise TraceFormatError(
+                    f"{source}: unsupported manifest schema {d.get('schema')!r} (this apr reads {SCHEMA}); "
+                    "HINT: re-run the trace with this version of apr"
+                )
+            e, m = d["engine"], d["model"]
+            run = RunInfo(
+                model_path=m["path"],
+                model_format=m["format"],
+                model_sha256=m["sha256"],
+                model_bytes=int(m["bytes"]),
+                config=ModelConfig.from_dict(d["config"]),
+                prompt=d["prompt"],
+                token_ids=tuple(int(t) for t in d["token_ids"]),
+                engine=e["name"],
+                engine_version=e["version"],
+                precision=e["precision"],
+                settings=dict(e["settings"]),
+                qk_layout=QKLayout(d["qk_layout"]),
+                lm_head_positions=d["lm_head_positions"],
+                notes=tuple(d["notes"]),
+                unavailable=dict(d.get("unavailable", {})),
+            )
+            files = tuple(FileEntry.from_json(f) for f in d["files"])
+            not_captured = tuple((n["stage"], n["reason"]) for n in d["not_captured"])
+            return cls(run, tuple(d["plan"]["stages"]), d["plan"]["layers"], files, not_captured)
+        except TraceFormatError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise TraceFormatError(
+                f"{source}: malformed trace manifest ({type(exc).__name__}: {exc})"
+            ) from None
+
+
+def _apr_version() -> str:
+    from apr import __version__
+
+    return __version__
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TraceFormatError(f"{path}: cannot read trace manifest: {e}") from None
+    return Manifest.from_json(text, str(path))

@@ -1,0 +1,160 @@
+"""`apr diff` end to end through the CLI: exit codes, JSON schemas, one-line errors for bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from apr.cli import cli
+from apr.trace import format as aprt
+from apr.trace.stages import Stage, StageId
+from tests.fixtures.traces import write_trace
+
+SPEC_KEYS = [
+    "schema", "path_a", "path_b", "layer", "dim_product", "max_abs_diff", "max_abs_diff_index",
+    "rms_diff", "cosine_sim", "top_diffs",
+]  # fmt: skip
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    aprt.write_aprt(a, 0, np.array([1, 2, 3, 4], np.float32))
+    aprt.write_aprt(b, 0, np.array([1, 2.5, 3, 4], np.float32))
+    return a, b
+
+
+def test_two_files_text_box(pair: tuple[Path, Path]) -> None:
+    code, out, _ = run("diff", str(pair[0]), str(pair[1]), "--values", "--limit", "2")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == "╔" + "═" * 78 + "╗" and lines[-1] == "╚" + "═" * 78 + "╝"
+    assert "║ max|diff|:   5.000000e-1 (at index 1)" in out
+    assert "║ RMS diff:    2.500000e-1" in out
+    assert "║   [       1] a=  +2.000000e0  b=  +2.500000e0  |Δ|=5.000000e-1" in out
+    assert all(len(line) == 80 for line in lines)
+
+
+def test_two_files_json_has_exactly_the_spec_keys(pair: tuple[Path, Path]) -> None:
+    code, out, _ = run("diff", str(pair[0]), str(pair[1]), "--values", "--json", "--limit", "1")
+    doc = json.loads(out)
+    assert code == 0 and list(doc) == SPEC_KEYS
+    assert doc["schema"] == "apr-stage-diff-v1" and doc["layer"] == 0 and doc["dim_product"] == 4
+    assert doc["top_diffs"] == [{"index": 1, "a": 2.0, "b": 2.5, "abs_diff": 0.5}]
+
+
+def test_global_json_flag_and_whole_model_layer(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    for p in (a, b):
+        aprt.write_aprt(p, None, np.zeros(3, np.float32))
+    code, out, _ = run("--json", "diff", str(a), str(b), "--values")
+    doc = json.loads(out)
+    assert code == 0 and doc["layer"] == "whole-model" and doc["cosine_sim"] == 0.0
+
+
+def test_check_exit_codes_on_files(pair: tuple[Path, Path]) -> None:
+    assert run("diff", str(pair[0]), str(pair[1]), "--values", "--check")[0] == 1
+    assert run("diff", str(pair[0]), str(pair[0]), "--values", "--check")[0] == 0
+    assert run("diff", str(pair[0]), str(pair[1]), "--values")[0] == 0  # like aprender without --check
+
+
+def test_size_and_layer_mismatch_exit_5(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    c, d = tmp_path / "c.bin", tmp_path / "d.bin"
+    aprt.write_aprt(c, 0, np.zeros(3, np.float32))
+    aprt.write_aprt(d, 7, np.zeros(4, np.float32))
+    code, out, err = run("diff", str(pair[0]), str(c), "--values")
+    assert (code, out) == (5, "")
+    assert err == (
+        f"error: APRT dim_product mismatch: {pair[0]} has 4 f32s, {c} has 3 f32s — "
+        "cannot compare stage tensors of different sizes\n"
+    )
+    code, _, err = run("diff", str(pair[0]), str(d), "--values")
+    assert code == 5
+    assert err == (
+        f"error: APRT layer mismatch: {pair[0]} is layer 0, {d} is layer 7 — "
+        "stages from different layers cannot be compared element-wise\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "code", "message"),
+    [
+        (b"", 4, "save-tensor header truncated: got 0 bytes, need 12"),
+        (b"APRT\0\0\0\0\4\0\0", 4, "save-tensor header truncated: got 11 bytes, need 12"),
+        (b"GGUF" + bytes(12), 4, 'save-tensor magic mismatch: got "GGUF" (47 47 55 46), expected "APRT"'),
+        (b"APRT\0\0\0\0\xff\0\0\0" + bytes(8), 4,
+         "save-tensor body truncated: header says 255 f32 values (1020 bytes), "
+         "file has 8 bytes after the header"),
+    ],
+)  # fmt: skip
+def test_malformed_files_give_one_line_and_exit_code(
+    tmp_path: Path, pair: tuple[Path, Path], content: bytes, code: int, message: str
+) -> None:
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(content)
+    got, out, err = run("diff", str(pair[0]), str(bad), "--values")
+    assert (got, out, err) == (code, "", f"error: {bad}: {message}\n")
+
+
+def test_missing_file_exit_3(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    missing = tmp_path / "missing.bin"
+    assert run("diff", str(pair[0]), str(missing), "--values") == (
+        3,
+        "",
+        f"error: File not found: {missing}\n",
+    )
+
+
+def test_directory_where_a_file_is_expected_exit_5(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    d = tmp_path / "dir"
+    d.mkdir()
+    code, _, err = run("diff", str(pair[0]), str(d), "--values")
+    assert code == 5 and err == f"error: cannot compare a file ({pair[0]}) with a directory ({d})\n"
+
+
+def test_unreadable_file_exit_7(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """A real permission failure: as root, the CLI runs without CAP_DAC_OVERRIDE (setpriv)."""
+    bad = tmp_path / "locked.bin"
+    bad.write_bytes(pair[0].read_bytes())
+    bad.chmod(0)
+    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
+    cmd = [*prefix, sys.executable, "-m", "apr", "diff", str(pair[0]), str(bad), "--values"]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert (r.returncode, r.stdout) == (7, "")
+    assert r.stderr == f"error: cannot read {bad}: Permission denied\n"
+
+
+def test_trace_directories_table_json_and_check(tmp_path: Path) -> None:
+    fault = StageId(Stage.FFN_UP, 2)
+    a, b = write_trace(tmp_path / "a"), write_trace(tmp_path / "b", fault=fault)
+    code, out, _ = run("diff", str(a), str(b), "--values")
+    assert code == 0
+    marked = [line for line in out.splitlines() if line.startswith(">>")]
+    assert len(marked) == 1 and marked[0].split()[1:3] == ["2", "ffn_up"]
+    assert "First divergence: blk.2.ffn_up" in out
+    code, out, _ = run("diff", str(a), str(b), "--values", "--json", "--check")
+    doc = json.loads(out)
+    assert code == 1 and doc["schema"] == "apr-trace-diff-v1"
+    assert (doc["first_divergence"]["layer"], doc["first_divergence"]["stage"]) == (2, "ffn_up")
+    assert [s["id"] for s in doc["stages"]][:2] == ["blk.0.embedding", "blk.0.attn_norm"]
+    code, out, _ = run("diff", str(a), str(a), "--values", "--json", "--check")
+    assert code == 0 and json.loads(out)["first_divergence"] is None
+
+
+def test_min_cos_changes_the_rule(tmp_path: Path) -> None:
+    a, b = write_trace(tmp_path / "a"), write_trace(tmp_path / "b", noise=1e-2)
+    assert run("diff", str(a), str(b), "--values", "--check")[0] == 0
+    code, out, _ = run("diff", str(a), str(b), "--values", "--check", "--min-cos", "0.99999999")
+    assert code == 1 and "rule: a stage diverges when cosine < 0.99999999" in out
