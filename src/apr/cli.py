@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -19,10 +19,17 @@ import click
 from apr import __version__
 from apr.diff.compare import Tolerance, diff_stage_files, diff_traces
 from apr.errors import AprError, ExitCode, MismatchError
+from apr.formats import detect_format, open_checkpoint
+from apr.formats.summary import skeleton, summarize
+from apr.report import inspect as inspect_report
 from apr.report import json as jsonr
+from apr.report import payload as payload_report
 from apr.report import text
+from apr.trace.layout import default_output_dir
+from apr.trace.payload import run_payload
 from apr.trace.plan import DEFAULT_LAYERS, TracePlan
 from apr.trace.reader import read_trace
+from apr.trace.run import TraceOptions, prepare_trace
 from apr.trace.stages import STAGE_ORDER
 
 INTERNAL_ERROR: Final = 70
@@ -127,6 +134,21 @@ def stages(as_json: bool) -> None:
     emit("\n".join(lines) + "\nalias: layer_output = post_ffn_residual\n")
 
 
+class Progress:
+    """`layer 3/30` on stderr, only on a terminal and never with --quiet or --json."""
+
+    def __init__(self, total: int, label: str) -> None:
+        ctx = _ctx()
+        self.on = sys.stderr.isatty() and not ctx.quiet and not ctx.json
+        self.total, self.label = total, label
+
+    def __call__(self, i: int) -> None:
+        if self.on:
+            end = "\n" if i + 1 == self.total else ""
+            click.echo(f"\r{self.label} {i + 1}/{self.total}", err=True, nl=False)
+            click.echo(end, err=True, nl=False)
+
+
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path, readable=False))
 @click.option(
@@ -148,6 +170,29 @@ def stages(as_json: bool) -> None:
     help="Layer range for --save-tensor, END exclusive.",
 )
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Text to run through the model.")
+@click.option(
+    "--precision",
+    type=click.Choice(["f32", "f64"]),
+    default="f32",
+    show_default=True,
+    help="Compute precision of the reference engine (f64: high-precision reference).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["reference", "transformers", "llama.cpp"]),
+    default="reference",
+    show_default=True,
+    help="Who runs the forward pass (transformers / llama.cpp: optional extras).",
+)
+@click.option(
+    "--lm-head-all", is_flag=True, help="Save lm_head logits for every position, not only the last."
+)
+@click.option(
+    "--payload", is_flag=True, help="Trace the prompt through the model and report per-layer statistics."
+)
+@click.option(
+    "--layer", "layer_filter", help="Without --save-tensor/--payload: filter layers by name substring."
+)
 @json_option
 def trace(
     file: Path,
@@ -155,16 +200,58 @@ def trace(
     save_tensor_dir: Path | None,
     save_tensor_layers: str,
     prompt: str,
+    precision: str,
+    engine: str,
+    lm_head_all: bool,
+    payload: bool,
+    layer_filter: str | None,
     as_json: bool,
 ) -> None:
-    """Run the forward pass on FILE and save the selected stage tensors.
+    """Run the forward pass on FILE (.gguf, .apr, HF folder) and save the selected stage tensors.
 
     \b
+    Files are aprender's APRT format: <dir>/layer-N/<stage>.bin and <dir>/<stage>.bin, plus a
+    manifest.json with the run's model, tokens, engine, shapes and layouts.
     Example:  apr trace model.gguf --save-tensor all --save-tensor-layers 0..4
     """
-    if save_tensor is not None:
-        TracePlan.from_cli(save_tensor, save_tensor_layers)  # plan errors come before any model I/O
-    raise AprError("tracing is not available yet: the forward pass has not been implemented")
+    as_json = as_json or _ctx().json
+    options = TraceOptions(engine, precision, lm_head_all)
+    if save_tensor is None:
+        _trace_report(file, prompt, options, payload, layer_filter, as_json)
+        return
+    plan = TracePlan.from_cli(save_tensor, save_tensor_layers)  # plan errors come before any model I/O
+    out_dir = save_tensor_dir or default_output_dir(file)
+    fmt = detect_format(file)
+    if not as_json:
+        emit(text.render_trace_header(fmt.name, file, save_tensor, save_tensor_layers, out_dir))
+    prepared = prepare_trace(file, prompt)
+    if not as_json:
+        emit(text.render_prompt(prompt, prepared.token_ids))
+    progress = Progress(prepared.ckpt.config.n_layers, "layer")
+    outcome = prepared.run(plan, out_dir, replace(options, on_layer=progress))
+    if as_json:
+        click.echo(jsonr.dumps(jsonr.trace_outcome_doc(outcome)))
+    else:
+        emit(text.render_trace_outcome(outcome))
+
+
+def _trace_report(
+    file: Path, prompt: str, options: TraceOptions, payload: bool, layer_filter: str | None, as_json: bool
+) -> None:
+    """`apr trace --payload` (activation statistics) or the metadata-only layer skeleton."""
+    if payload:
+        prepared = prepare_trace(file, prompt)
+        report = run_payload(
+            prepared, replace(options, on_layer=Progress(prepared.ckpt.config.n_layers, "layer"))
+        )
+        click.echo(jsonr.dumps(payload_report.to_doc(report))) if as_json else emit(
+            payload_report.render_text(report)
+        )
+        return
+    sk = skeleton(open_checkpoint(file), layer_filter)
+    click.echo(jsonr.dumps(inspect_report.skeleton_doc(sk))) if as_json else emit(
+        inspect_report.render_skeleton(sk)
+    )
 
 
 @cli.command()
@@ -222,6 +309,23 @@ def diff(
     )
     if check and not Tolerance.from_options(min_cos, max_rel).passes(single.metrics):
         sys.exit(int(ExitCode.DIVERGED))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path, readable=False))
+@click.option("--no-tensors", is_flag=True, help="Omit the tensor table.")
+@json_option
+def inspect(model: Path, no_tensors: bool, as_json: bool) -> None:
+    """Show a model's format, architecture, config, tokenizer and tensor table (no tensor data read).
+
+    \b
+    Example:  apr inspect SmolLM2-135M-Instruct.Q4_1.gguf --json
+    """
+    summary = summarize(open_checkpoint(model))
+    if as_json or _ctx().json:
+        click.echo(jsonr.dumps(inspect_report.inspect_doc(summary)))
+    else:
+        emit(inspect_report.render_inspect(summary, tensors=not no_tensors))
 
 
 def main() -> None:

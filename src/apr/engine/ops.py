@@ -74,7 +74,8 @@ def attend(probs: Array, v: Array, n_rep: int) -> Array:
     """Σ_j p_ij · v_j per head, heads concatenated. probs: (H,T,T), v: (T,Hkv,Dh) → (T, H·Dh)."""
     v_rep = np.repeat(v, n_rep, axis=1)  # (T, H, Dh)
     out = np.einsum("hts,shd->thd", probs, v_rep, optimize=True)  # (T, H, Dh)
-    return out.reshape(out.shape[0], -1)  # (T, H·Dh)
+    flat: Array = out.reshape(out.shape[0], -1)  # (T, H·Dh)
+    return flat
 
 
 def upper_zeroed(scores: Array) -> Array:

@@ -7,6 +7,7 @@ from typing import Any, Final
 
 from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
 from apr.report.numfmt import json_float
+from apr.trace.run import TraceOutcome
 
 STAGE_DIFF_SCHEMA: Final = "apr-stage-diff-v1"
 TRACE_DIFF_SCHEMA: Final = "apr-trace-diff-v1"
@@ -80,4 +81,25 @@ def trace_diff_doc(d: TraceDiff) -> dict[str, Any]:
         "only_in_a": [str(s) for s in d.only_in_a],
         "only_in_b": [str(s) for s in d.only_in_b],
         "notes": list(d.notes),
+    }
+
+
+def trace_outcome_doc(o: TraceOutcome) -> dict[str, Any]:
+    r = o.result
+    return {
+        "schema": "apr-trace-run-v1",
+        "model": o.run.model_path,
+        "format": o.run.model_format,
+        "engine": o.run.engine,
+        "precision": o.run.precision,
+        "prompt": o.run.prompt,
+        "token_ids": list(o.run.token_ids),
+        "out_dir": str(r.out_dir),
+        "files": [
+            {"path": str(f.path), "stage": f.sid.stage.value, "layer": f.sid.layer, "bytes": f.bytes}
+            for f in r.files
+        ],
+        "removed_stale": [str(p) for p in r.removed_stale],
+        "not_captured": [{"stage": s, "reason": why} for s, why in r.not_captured],
+        "manifest": str(r.manifest_path) if r.manifest_path else None,
     }

@@ -6,10 +6,13 @@ Pure functions: a result in, a string out, no statistics computed here.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
 from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
 from apr.report.numfmt import rust_exp, rust_fixed, short
+from apr.trace.run import TraceOutcome
 
 BOX_WIDTH: Final = 80
 
@@ -88,4 +91,42 @@ def render_trace_diff(d: TraceDiff) -> str:
         if ids:
             out.append(f"{label} ({len(ids)}): " + ", ".join(str(s) for s in ids))
     out.extend(f"note: {n}" for n in d.notes)
+    return "\n".join(out) + "\n"
+
+
+def render_trace_header(format_name: str, model: Path, stages: str, layers: str, out_dir: Path) -> str:
+    """aprender's header block of `apr trace --save-tensor` (spec §1.5)."""
+    return (
+        f"=== apr trace --save-tensor ({format_name.upper()}) ===\n"
+        f"Model:        {model}\n"
+        f"Stages:       {stages}\n"
+        f"Layers:       {layers}\n"
+        f"Output dir:   {out_dir}\n\n"
+    )
+
+
+def render_prompt(prompt: str, token_ids: Sequence[int]) -> str:
+    ids = ", ".join(str(t) for t in token_ids)
+    return f'Test prompt:  "{prompt}"\nToken ids:    [{ids}] ({len(token_ids)} tokens)\n\n'
+
+
+def render_trace_outcome(o: TraceOutcome) -> str:
+    r = o.result
+    out = [f"Removed {len(r.removed_stale)} stale stage file(s) of an earlier run in {r.out_dir}"] * bool(
+        r.removed_stale
+    )
+    out.append(f"Wrote {len(r.files)} stage tensor file(s):")
+    out.extend(f"  {f.path} ({f.bytes} bytes)" for f in r.files)
+    if r.not_captured:
+        out.append(f"Not captured ({len(r.not_captured)}):")
+        out.extend(f"  {sid}: {why}" for sid, why in r.not_captured)
+    if r.manifest_path is not None:
+        out.append(f"Manifest:     {r.manifest_path}")
+    cfg = o.run.config
+    n_logits = cfg.vocab_size if o.engine.logits is None else int(o.engine.logits.size)
+    out.append("")
+    out.append(
+        f"Forward pass succeeded — {cfg.n_layers} layer activations, {n_logits} logits "
+        f"({o.run.engine} engine, {o.run.precision})"
+    )
     return "\n".join(out) + "\n"

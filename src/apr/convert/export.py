@@ -1,0 +1,150 @@
+"""`apr export MODEL -o DIR --format safetensors`: an HF folder that transformers loads offline.
+
+Writes config.json, tokenizer.json (+ tokenizer_config.json) and model.safetensors. Tensors are streamed one
+at a time (the safetensors header is computed from shapes first), so exporting never holds the model in
+memory. Quantized tensors are dequantized exactly (gguf-compatible dequantizers); Q/K rows stored in
+GGUF-interleaved order are permuted back to HF order; a tied lm_head is not written (tie_word_embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from apr.atomicfile import atomic_output, write_bytes_atomic
+from apr.errors import ValidationError
+from apr.formats import names
+from apr.formats.base import Checkpoint
+from apr.formats.config import ModelConfig, QKLayout, interleaved_to_hf
+from apr.formats.tokenizer import build_tokenizer
+
+HF_ARCH: Final = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+DTYPES: Final[dict[str, tuple[str, npt.DTypeLike]]] = {"f32": ("F32", "<f4"), "f16": ("F16", "<f2")}
+HEADER_ALIGN: Final = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    out_dir: Path
+    files: list[Path]
+    tensors: int
+    permuted: list[str]  # tensors whose Q/K rows were put back in HF order
+
+
+def hf_config(cfg: ModelConfig, bos: int | None, eos: int | None) -> dict[str, Any]:
+    return {
+        "architectures": [HF_ARCH[cfg.architecture]],
+        "model_type": cfg.architecture,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position,
+        "vocab_size": cfg.vocab_size,
+        "tie_word_embeddings": cfg.tied_embeddings,
+        "attention_bias": cfg.qkv_bias,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "torch_dtype": "float32",
+    }
+
+
+def _qk_heads(cfg: ModelConfig, name: str) -> int | None:
+    """Heads to un-permute for attn_q / attn_k weights and biases of an interleaved checkpoint."""
+    if cfg.qk_layout is not QKLayout.INTERLEAVED:
+        return None
+    suffix = name.split(".", 2)[-1] if name.startswith("blk.") else ""
+    heads = {"attn_q.weight": cfg.n_heads, "attn_q.bias": cfg.n_heads, "attn_k.weight": cfg.n_kv_heads}
+    heads["attn_k.bias"] = cfg.n_kv_heads
+    return heads.get(suffix)
+
+
+def _tensor_plan(ckpt: Checkpoint) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(canonical, HF name, shape) of every tensor to write, in file order."""
+    cfg = ckpt.config
+    plan = []
+    for t in ckpt.tensors():
+        if t.name == names.OUTPUT and cfg.tied_embeddings:
+            continue
+        hf = names.hf_from_canonical(t.name)
+        if hf == t.name:
+            raise ValidationError(f"tensor {t.name} has no Hugging Face name; cannot export it")
+        plan.append((t.name, hf, t.shape))
+    return sorted(plan, key=lambda p: p[1])
+
+
+def _write_safetensors(
+    path: Path, plan: list[tuple[str, str, tuple[int, ...]]], read: Callable[[str], npt.NDArray[Any]], dt: str
+) -> None:
+    st_dtype, np_dtype = DTYPES[dt]
+    itemsize = np.dtype(np_dtype).itemsize
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for _, hf, shape in plan:
+        n = int(np.prod(shape, dtype=np.int64)) * itemsize
+        header[hf] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % HEADER_ALIGN)
+    with atomic_output(path) as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for canon, _, shape in plan:
+            f.write(np.ascontiguousarray(read(canon).reshape(shape), dtype=np_dtype).tobytes())
+
+
+def export_safetensors(ckpt: Checkpoint, out_dir: Path, dtype: str = "f32") -> ExportResult:
+    """Write an HF folder for `ckpt` into `out_dir` (created; existing files of the same names replaced)."""
+    if ckpt.config.architecture not in HF_ARCH:
+        raise ValidationError(f"cannot export architecture {ckpt.config.architecture!r} to Hugging Face")
+    if dtype not in DTYPES:
+        raise ValidationError(f"unknown export dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    cfg = ckpt.config
+    spec = ckpt.tokenizer_spec()
+    permuted: list[str] = []
+
+    def read(name: str) -> npt.NDArray[Any]:
+        x = ckpt.read(name)
+        heads = _qk_heads(cfg, name)
+        if heads is not None:
+            permuted.append(name)
+            return interleaved_to_hf(x, heads, axis=0)
+        return x
+
+    plan = _tensor_plan(ckpt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = [out_dir / "model.safetensors"]
+    _write_safetensors(files[0], plan, read, dtype)
+    bos, eos = (spec.bos_id, spec.eos_id) if spec else (None, None)
+    files.append(out_dir / "config.json")
+    write_bytes_atomic(files[-1], (json.dumps(hf_config(cfg, bos, eos), indent=2) + "\n").encode())
+    if spec is not None:
+        files += _write_tokenizer(spec, out_dir)
+    return ExportResult(out_dir, files, len(plan), permuted)
+
+
+def _write_tokenizer(spec: Any, out_dir: Path) -> list[Path]:
+    tok = build_tokenizer(spec)
+    tj, tc = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
+    write_bytes_atomic(tj, tok.backend.to_str().encode())
+    vocab = tok.backend.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    conf: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": spec.add_bos}
+    for key, tid in (("bos_token", spec.bos_id), ("eos_token", spec.eos_id)):
+        if tid is not None and tid in by_id:
+            conf[key] = by_id[tid]
+    if spec.chat_template:
+        conf["chat_template"] = spec.chat_template
+    write_bytes_atomic(tc, (json.dumps(conf, indent=2, ensure_ascii=False) + "\n").encode())
+    return [tj, tc]

@@ -1,0 +1,115 @@
+"""`apr import MODEL.gguf -o MODEL.apr`: aprender's GGUF → APR import (spec §8), exact by default.
+
+- Names: Qwen2/Qwen3 tensors get HF names (`qwen2_map_name`), LLaMA keeps GGUF names, as aprender does.
+- Types: F32, F16, BF16, Q4_K and Q6_K bytes pass through unchanged. Any other type is stored as the F32 of
+  its exact dequantized values (aprender refuses these), unless `quantize` asks for Q4_K / Q6_K / Q8_0 —
+  then every 2-D weight whose rows fit the block size is (re)quantized; norms and biases stay F32.
+- Tied embeddings: with no output.weight, the embedding is copied as lm_head.weight (tied_embeddings).
+- Completeness gate (GH-279): every layer needs its norms and projections (+ biases / q,k norms by arch).
+Tensors are read and written one at a time; the result says which tensors were converted and how.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+
+from apr.errors import FormatError, ValidationError
+from apr.formats import names, open_checkpoint
+from apr.formats.aprmeta import HF_ARCHITECTURE
+from apr.formats.aprwrite import AprTensor, metadata_for, write_apr
+from apr.formats.base import Checkpoint, TensorInfo
+from apr.quant import quantize
+from apr.quant.types import QUANT_LAYOUT, QuantType
+
+PASSTHROUGH: Final = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16, QuantType.Q4_K, QuantType.Q6_K})
+QUANTIZE_TARGETS: Final = {"q4_k": QuantType.Q4_K, "q6_k": QuantType.Q6_K, "q8_0": QuantType.Q8_0}
+HF_NAMED_ARCHS: Final = frozenset({"qwen2", "qwen3"})
+LM_HEAD_NAME: Final = "lm_head.weight"
+REQUIRED: Final = ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                   "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")  # fmt: skip
+REQUIRED_BY_ARCH: Final[dict[str, tuple[str, ...]]] = {
+    "qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
+    "qwen3": ("attn_q_norm.weight", "attn_k_norm.weight"),
+}
+
+
+@dataclass
+class ImportResult:
+    out: Path
+    tensors: int = 0
+    passthrough: list[str] = field(default_factory=list)
+    converted: list[tuple[str, str, str]] = field(default_factory=list)  # (name, from type, to type)
+    tied_lm_head: bool = False
+
+
+def check_complete(ckpt: Checkpoint) -> None:
+    have = {t.name for t in ckpt.tensors()}
+    need = REQUIRED + REQUIRED_BY_ARCH.get(ckpt.config.architecture, ())
+    for i in range(ckpt.config.n_layers):
+        missing = [s for s in need if names.blk(i, s) not in have]
+        if missing:
+            raise ValidationError(f"{ckpt.path}: layer {i} lacks {', '.join(missing)} (incomplete model)")
+    if names.TOKEN_EMBD not in have:
+        raise ValidationError(f"{ckpt.path}: no {names.TOKEN_EMBD} (incomplete model)")
+
+
+def _stored_name(canonical: str, arch: str) -> str:
+    return names.hf_from_canonical(canonical) if arch in HF_NAMED_ARCHS else canonical
+
+
+def _target(t: TensorInfo, want: QuantType | None) -> QuantType:
+    """The type `t` is stored as: passthrough, requantized, or F32 of its exact values."""
+    if want is not None and len(t.shape) == 2 and t.shape[1] % QUANT_LAYOUT[want].block_size == 0:
+        return want
+    return t.qtype if t.qtype in PASSTHROUGH else QuantType.F32
+
+
+def _producer(ckpt: Checkpoint, t: TensorInfo, to: QuantType) -> Callable[[], object]:
+    if to == t.qtype:
+        return lambda: ckpt.raw(t.name)
+    if to == QuantType.F32:
+        return lambda: np.ascontiguousarray(ckpt.read(t.name), dtype="<f4")
+    return lambda: quantize(ckpt.read(t.name), to)
+
+
+def import_gguf(src: Path, out: Path, quantize_to: str | None = None) -> ImportResult:
+    """Convert a GGUF (or any readable checkpoint) to .apr v2. See the module docstring for the rules."""
+    ckpt = open_checkpoint(src)
+    if ckpt.format_name != "gguf":
+        raise FormatError(f"{src}: apr import reads GGUF files; this is {ckpt.format_name}")
+    want = None
+    if quantize_to is not None:
+        if quantize_to.lower() not in QUANTIZE_TARGETS:
+            raise ValidationError(f"--quantize {quantize_to}: choose from {', '.join(QUANTIZE_TARGETS)}")
+        want = QUANTIZE_TARGETS[quantize_to.lower()]
+    cfg = ckpt.config
+    if cfg.architecture not in HF_ARCHITECTURE:
+        raise ValidationError(f"{src}: architecture {cfg.architecture} cannot be imported")
+    check_complete(ckpt)
+    result = ImportResult(out)
+    tensors: list[AprTensor] = []
+    sources = list(ckpt.tensors())
+    if names.OUTPUT not in {t.name for t in sources}:
+        result.tied_lm_head = True
+    for t in sources:
+        to = _target(t, want)
+        stored = _stored_name(t.name, cfg.architecture)
+        tensors.append(AprTensor(stored, to, t.shape, _producer(ckpt, t, to)))  # type: ignore[arg-type]
+        if to == t.qtype:
+            result.passthrough.append(t.name)
+        else:
+            result.converted.append((t.name, t.qtype.name, to.name))
+    if result.tied_lm_head:
+        emb = ckpt.info(names.TOKEN_EMBD)
+        to = _target(emb, want)
+        tensors.append(AprTensor(LM_HEAD_NAME, to, emb.shape, _producer(ckpt, emb, to)))  # type: ignore[arg-type]
+    shapes = {x.name: x.shape for x in tensors}
+    meta = metadata_for(cfg, ckpt.tokenizer_spec(), shapes=shapes)
+    write_apr(out, tensors, meta)
+    result.tensors = len(tensors)
+    return result

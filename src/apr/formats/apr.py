@@ -1,0 +1,208 @@
+"""`.apr` v2 model files (aprender's container, spec §7) as a Checkpoint.
+
+Opening reads the 64-byte header, the JSON metadata and the tensor index, checks all of them strictly
+(formats/aprcodec.py has the byte layout and every rule), and builds the ModelConfig; no tensor data is
+touched. The footer CRC covers every byte of the file, so checking it means reading all of it: open
+does not (for a 7B file that is gigabytes of I/O before the first layer is traced, and aprender itself
+never checks it); `check_footer()` / `verify()` do, and `open_apr(path, verify=True)` does both.
+
+Tensors appear under canonical names (aprender stores HF names for Qwen2 imports and GGUF names for
+LLaMA imports); `TensorInfo.source_name` is the stored name. Each read maps just that tensor's bytes
+(`raw`, `read_rows`) and unmaps them when the result is dropped, or reads them into a private buffer
+(`read`), so a trace of a 7B file keeps only the tensors in use resident. Every dtype is decoded by
+`apr.quant.dequantize`; this module only strips the padding of K-quant rows that are not a whole
+number of super-blocks (GH-202).
+
+Q/K row layout (`ModelConfig.qk_layout`) follows the file's `rope_type`: 0 (NORM) = llama.cpp-
+interleaved rows, which is what aprender writes for a LLaMA GGUF (it keeps the GGUF rows as stored);
+2 (NEOX) = HF rows, as for Qwen2 (whose GGUF rows are not permuted). Without `rope_type`, aprender's
+`infer_rope_type(architecture)` decides, as in realizar.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from apr.errors import AprIOError, FormatError, NotFoundError, ValidationError
+from apr.formats.aprcodec import (
+    LEGACY_MAGICS,
+    MAGIC,
+    PACKING,
+    AprHeader,
+    FooterCheck,
+    check_footer,
+    read_container,
+)
+from apr.formats.aprmeta import (
+    config_from_metadata,
+    decode_metadata,
+    summary,
+    tokenizer_from_metadata,
+)
+from apr.formats.base import F32Array, Format, TensorInfo, TokenizerSpec
+from apr.formats.names import canonical_from_any
+from apr.quant import dequantize
+from apr.quant.types import QuantType
+
+U8Array = npt.NDArray[np.uint8]
+
+
+def decode(raw: U8Array, qtype: QuantType, shape: tuple[int, ...]) -> F32Array:
+    """Stored bytes of an .apr tensor → float32 of `shape`; K-quant rows drop their padding."""
+    if math.prod(shape) == 0:
+        return np.zeros(shape, np.float32)  # aprender writes empty APR_Q8 as 0 bytes, not 4
+    packing = PACKING[qtype]
+    cols = shape[-1] if shape else 1
+    padded = packing.row_bytes(cols) // packing.block_bytes * packing.block
+    if not packing.per_row or padded == cols:
+        return dequantize(raw, qtype, shape)
+    out = dequantize(raw, qtype, (*shape[:-1], padded))
+    return np.ascontiguousarray(out[..., :cols]).reshape(shape)
+
+
+class AprCheckpoint:
+    """An opened .apr file: cheap to open; tensor bytes are touched only by `raw`/`read`/`read_rows`."""
+
+    format_name = "apr"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._closed = False
+        where = str(path)
+        try:
+            with path.open("rb") as f:
+                self.file_size = os.fstat(f.fileno()).st_size
+                self.header: AprHeader
+                self.header, raw_meta, entries = read_container(f, self.file_size, where)
+        except OSError as e:
+            raise AprIOError(f"cannot read {path}: {e.strerror or e}") from None
+        self.full_metadata, self.warnings = decode_metadata(raw_meta, where)
+        self.metadata: dict[str, Any] = summary(self.full_metadata)
+        self._infos: dict[str, TensorInfo] = {}
+        for entry in entries:
+            name, stored = canonical_from_any(entry.name), entry.name
+            if name in self._infos:
+                other = self._infos[name].source_name
+                raise FormatError(f"{where}: tensors '{other}' and '{stored}' both name '{name}'")
+            offset = self.header.data_offset + entry.offset
+            self._infos[name] = TensorInfo(name, entry.qtype, entry.shape, offset, entry.size, stored)
+        shapes = {name: info.shape for name, info in self._infos.items()}
+        self.config = config_from_metadata(self.full_metadata, shapes, where)
+
+    def tensors(self) -> Sequence[TensorInfo]:
+        return tuple(self._infos.values())
+
+    def __enter__(self) -> AprCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self, name: str) -> TensorInfo:
+        """By canonical name (a stored HF name is accepted too)."""
+        info = self._infos.get(name) or self._infos.get(canonical_from_any(name))
+        if info is None:
+            close = difflib.get_close_matches(name, self._infos, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise NotFoundError(f"{self.path}: no tensor named '{name}'{hint}")
+        return info
+
+    def raw(self, name: str) -> U8Array:
+        """The stored bytes, memory-mapped; the mapping lives as long as the returned array."""
+        info = self._open_info(name)
+        if info.nbytes == 0:
+            return np.zeros(0, np.uint8)
+        return np.asarray(np.memmap(self.path, np.uint8, "r", info.offset, (info.nbytes,)))
+
+    def read(self, name: str) -> F32Array:
+        """The whole tensor as a private float32 array (read with one pread, not mapped)."""
+        info = self._open_info(name)
+        buf = np.empty(info.nbytes, np.uint8)
+        with self.path.open("rb") as f:
+            f.seek(info.offset)
+            if (got := f.readinto(buf.data)) != info.nbytes:
+                raise FormatError(
+                    f"{self.path}: tensor '{info.name}': file ends {info.nbytes - got} bytes "
+                    f"short of its data (truncated since it was opened?)"
+                )
+        return decode(buf, info.qtype, info.shape)
+
+    def read_rows(self, name: str, rows: npt.NDArray[np.int64] | slice) -> F32Array:
+        """Rows of a 2-D tensor; maps the tensor but touches only the selected rows' bytes."""
+        info = self._open_info(name)
+        if len(info.shape) != 2:
+            raise ValidationError(
+                f"{self.path}: read_rows needs a 2-D tensor; '{name}' has shape {info.shape}"
+            )
+        n_rows, cols = info.shape
+        idx = np.arange(n_rows)[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        packing = PACKING[info.qtype]
+        if len(idx) == 0 or not packing.rows_addressable(cols):
+            return self.read(name)[idx]
+        raw, row_bytes = self.raw(name), packing.row_bytes(cols)
+        picked = raw[packing.prefix :].reshape(n_rows, row_bytes)[idx]  # copies only these rows
+        blob = np.concatenate([raw[: packing.prefix], picked.reshape(-1)])
+        padded = row_bytes // packing.block_bytes * packing.block
+        return np.ascontiguousarray(decode(blob, info.qtype, (len(idx), padded))[:, :cols])
+
+    def _open_info(self, name: str) -> TensorInfo:
+        if self._closed:
+            raise AprIOError(f"{self.path}: the checkpoint is closed")
+        return self.info(name)
+
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        return tokenizer_from_metadata(self.full_metadata, str(self.path))
+
+    def check_footer(self) -> FooterCheck:
+        """Stored vs computed footer CRC32 (reads the whole file once)."""
+        try:
+            with self.path.open("rb") as f:
+                return check_footer(f, self.file_size)
+        except OSError as e:
+            raise AprIOError(f"cannot read {self.path}: {e.strerror or e}") from None
+
+    def verify(self) -> None:
+        """Raise FormatError unless the footer CRC32 matches every byte before it."""
+        if not (check := self.check_footer()).ok:
+            raise FormatError(
+                f"{self.path}: footer checksum mismatch: stored 0x{check.stored:08x}, computed "
+                f"0x{check.computed:08x} over bytes [0, {self.file_size - 4}) (the file is corrupt)"
+            )
+
+    def close(self) -> None:
+        """No descriptor is held (each read opens the file, each mapped array owns its mapping)."""
+        self._closed = True
+
+
+def sniff(head: bytes, path: Path) -> bool:
+    return head[:4] == MAGIC or head[:4] in LEGACY_MAGICS  # legacy ones fail in open, with a hint
+
+
+def open_apr(path: Path, *, verify: bool = False) -> AprCheckpoint:
+    """Open an .apr v2 file; with `verify`, also check the footer CRC (reads the whole file).
+
+    >>> ckpt = open_apr(Path("qwen2-0.5b.apr"))   # doctest: +SKIP
+    >>> ckpt.config.architecture, ckpt.read_rows("token_embd.weight", np.array([9707])).shape
+    ('qwen2', (1, 896))
+    """
+    ckpt = AprCheckpoint(path)
+    if verify:
+        ckpt.verify()
+    return ckpt
+
+
+FORMAT = Format(
+    "apr",
+    (".apr",),
+    sniff,
+    open_apr,
+    notes=("the footer CRC is checked by verify()/check_footer(), not when opening",),
+)

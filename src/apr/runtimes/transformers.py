@@ -1,0 +1,378 @@
+"""The transformers oracle: one eager forward pass of a LLaMA / Qwen2 / Qwen3 model, tapped stage by stage.
+
+Where each stage comes from (all from the model's own computation, nothing re-derived in numpy):
+- module forward hooks: embed_tokens, input_layernorm, q/k/v_proj, o_proj, post_attention_layernorm,
+  gate/up/down_proj, act_fn, the decoder layer, model.norm, lm_head; forward pre-hooks for the inputs of
+  o_proj (`attention`), post_attention_layernorm (`post_attn_residual`) and down_proj (`ffn_swigl`).
+- an attention function registered in transformers' AttentionInterface as "apr_eager": it receives Q and K
+  after q_norm and RoPE (`q_post_rope`, `k_post_rope`) and calls the model's own `eager_attention_forward`,
+  whose softmax input (scores·scale + causal mask) is caught with a TorchFunctionMode; `attn_scores` is
+  that input with the above-diagonal part set to 0.0, `attn_softmax` is eager's returned probabilities.
+- one exception: with a q/k/v bias, HF adds the bias inside the projection (addmm), so the pre-bias
+  `qkv_matmul` is x·Wᵀ recomputed by torch from the projection's own input and weight (said in `notes`).
+
+transformers is imported on first use; without it, `FeatureDisabledError`. Never downloads
+(`local_files_only=True`); a .gguf path is loaded with `gguf_file=` (needs accelerate).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import sys
+import types
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from apr.errors import (
+    FeatureDisabledError,
+    InferenceError,
+    ModelLoadError,
+    NotFoundError,
+    ValidationError,
+)
+from apr.formats.config import QKLayout
+from apr.runtimes.base import (
+    ENGINE_TRANSFORMERS,
+    Array,
+    ForwardOrderTap,
+    RuntimeRun,
+    check_token_ids,
+    missing_stages,
+    model_stages,
+)
+from apr.trace.stages import Stage, StageId, Tap
+
+SUPPORTED_ARCHITECTURES: Final = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+DTYPES: Final = ("float32", "float64")
+ATTN_IMPLEMENTATION: Final = "apr_eager"
+
+_OUT: Final = "out"  # hook the module's output
+_IN: Final = "in"  # hook the module's first positional input
+
+# (submodule of a decoder layer, which side, stage); "" is the decoder layer itself.
+LAYER_HOOKS: Final[tuple[tuple[str, str, Stage], ...]] = (
+    ("input_layernorm", _OUT, Stage.ATTN_NORM),
+    ("self_attn.o_proj", _IN, Stage.ATTENTION),
+    ("self_attn.o_proj", _OUT, Stage.ATTN_OUT),
+    ("post_attention_layernorm", _IN, Stage.POST_ATTN_RESIDUAL),
+    ("post_attention_layernorm", _OUT, Stage.FFN_NORM),
+    ("mlp.gate_proj", _OUT, Stage.FFN_GATE),
+    ("mlp.up_proj", _OUT, Stage.FFN_UP),
+    ("mlp.act_fn", _OUT, Stage.FFN_SILU),
+    ("mlp.down_proj", _IN, Stage.FFN_SWIGL),
+    ("mlp.down_proj", _OUT, Stage.FFN_OUT),
+    ("", _OUT, Stage.POST_FFN_RESIDUAL),
+)
+MODEL_HOOKS: Final[tuple[tuple[str, str, StageId], ...]] = (
+    ("model.embed_tokens", _OUT, StageId(Stage.EMBEDDING, 0)),
+    ("model.norm", _OUT, StageId(Stage.FINAL_NORM)),
+    ("lm_head", _OUT, StageId(Stage.LM_HEAD)),
+)
+QKV_PROJECTIONS: Final = ("q_proj", "k_proj", "v_proj")
+
+
+def run_transformers(
+    model_path: Path, token_ids: Sequence[int], tap: Tap, *, dtype: str = "float32"
+) -> RuntimeRun:
+    """Run `token_ids` through transformers (eager attention, no KV cache) and tap every stage.
+
+    Args:
+        model_path: a Hugging Face folder (config.json + safetensors) or a .gguf file.
+        token_ids: the prompt, already tokenized; one prefill pass over all of it.
+        tap: called as `tap(StageId, float32 array)` for every stage, in forward order.
+        dtype: "float32", or "float64": the model is cast after loading and the float32 islands transformers
+            keeps for half precision (RMSNorm, RoPE angles, eager softmax) are lifted to float64, so the
+            run is a true float64 reference; taps then get float64 arrays.
+
+    Example:
+        >>> run = run_transformers(Path("smollm2.gguf"), [1780, 314, 216], tap)  # doctest: +SKIP
+        >>> run.qk_layout, run.unavailable
+        (<QKLayout.HF: 'hf'>, ())
+    """
+    torch, transformers = _import_transformers()
+    if dtype not in DTYPES:
+        raise ValidationError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    model = _load(transformers, torch, Path(model_path), getattr(torch, dtype))
+    ids = check_token_ids(token_ids, int(model.config.vocab_size))
+    qkv_bias = any(getattr(model.model.layers[0].self_attn, p).bias is not None for p in QKV_PROJECTIONS)
+    ordered = ForwardOrderTap(tap, ENGINE_TRANSFORMERS)
+    exact64 = dtype == "float64"
+    capture = _Capture(ordered, torch, qkv_bias, exact64)
+    if exact64:
+        _lift_float32_islands(model, torch)
+    with _hooks(model, capture), torch.no_grad():
+        token = _ACTIVE.set(capture)
+        try:
+            model(input_ids=torch.tensor([ids]), use_cache=False)
+        finally:
+            _ACTIVE.reset(token)
+    ordered.close()
+    n_layers = len(model.model.layers)
+    unavailable = missing_stages(model_stages(qkv_bias=qkv_bias), ordered.seen, n_layers, ENGINE_TRANSFORMERS)
+    return RuntimeRun(
+        engine=ENGINE_TRANSFORMERS,
+        engine_version=f"transformers {transformers.__version__} / torch {torch.__version__}",
+        token_ids=ids,
+        qk_layout=QKLayout.HF,
+        unavailable=unavailable,
+        notes=_notes(qkv_bias, dtype, unavailable),
+        settings={
+            "architecture": type(model).__name__,
+            "dtype": dtype,
+            "attn_implementation": f"{ATTN_IMPLEMENTATION} (the model's eager_attention_forward)",
+            "use_cache": "false",
+            "device": "cpu",
+            "torch_threads": str(torch.get_num_threads()),
+        },
+    )
+
+
+def _notes(qkv_bias: bool, dtype: str, unavailable: tuple[Stage, ...]) -> tuple[str, ...]:
+    notes = [
+        "q_post_rope/k_post_rope: the query/key handed to the attention function (after q_norm and "
+        "apply_rotary_pos_emb)",
+        "attn_scores: the softmax input of eager_attention_forward (QKᵀ·scaling + causal mask) with the "
+        "above-diagonal entries set to 0.0",
+    ]
+    if qkv_bias:
+        notes.append(
+            "qkv_matmul: x·Wᵀ recomputed by torch from each projection's input and weight (HF fuses the "
+            "bias into the projection); qkv_bias is the projections' own output"
+        )
+    else:
+        notes.append("qkv_bias: not applicable, the model has no q/k/v bias")
+    if dtype == "float64":
+        notes.append(
+            "float64: RMSNorm, RoPE angles and the eager softmax run in float64 (transformers computes "
+            "them in float32 even in a float64 model; lifted so the run is a true float64 reference)"
+        )
+    notes.extend(f"{s}: no hook produced it" for s in unavailable)
+    return tuple(notes)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def _import_transformers() -> tuple[Any, Any]:
+    try:
+        torch = importlib.import_module("torch")
+        transformers = importlib.import_module("transformers")
+    except ImportError:
+        raise FeatureDisabledError("--engine transformers", "transformers") from None
+    _register_attention(transformers)
+    return torch, transformers
+
+
+def _register_attention(transformers: Any) -> None:
+    """Make "apr_eager" a valid attn_implementation (idempotent; uses eager's causal mask)."""
+    modeling_utils = importlib.import_module("transformers.modeling_utils")
+    masking_utils = importlib.import_module("transformers.masking_utils")
+    modeling_utils.AttentionInterface.register(ATTN_IMPLEMENTATION, _capturing_attention)
+    masking_utils.AttentionMaskInterface.register(ATTN_IMPLEMENTATION, masking_utils.eager_mask)
+
+
+def _load(transformers: Any, torch: Any, path: Path, dtype: Any) -> Any:
+    if not path.exists():
+        raise NotFoundError(f"model not found: {path}")
+    kwargs: dict[str, Any] = {
+        "dtype": torch.float32,
+        "attn_implementation": ATTN_IMPLEMENTATION,
+        "local_files_only": True,
+    }
+    source = path
+    if path.is_file():
+        source, kwargs["gguf_file"] = path.parent, path.name
+    with _quiet(transformers):
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+        except Exception as e:  # transformers raises anything from OSError to KeyError here
+            raise ModelLoadError(f"transformers could not load {path}: {_first_line(e)}") from None
+    name = type(model).__name__
+    if name not in SUPPORTED_ARCHITECTURES:
+        supported = ", ".join(SUPPORTED_ARCHITECTURES)
+        raise ModelLoadError(f"transformers runtime supports {supported}; {path} is a {name}")
+    return model.to(dtype).eval()
+
+
+@contextlib.contextmanager
+def _quiet(transformers: Any) -> Iterator[None]:
+    """No progress bars or warnings from transformers while loading (the library never prints).
+
+    The GGUF loader draws its own `tqdm` bar, which no transformers switch turns off: stderr is redirected.
+    """
+    logging = transformers.utils.logging
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# -- capture ---------------------------------------------------------------------------------------
+
+
+class _Capture:
+    """Turns hook payloads (batch-1 torch tensors) into canonical float32 arrays for the ordered tap."""
+
+    def __init__(self, tap: ForwardOrderTap, torch: Any, qkv_bias: bool, exact64: bool = False) -> None:
+        self.tap = tap
+        self.torch = torch
+        self.qkv_bias = qkv_bias
+        self.exact64 = exact64
+        self._qkv: dict[int, dict[str, tuple[Array, Array]]] = {}
+
+    def array(self, t: Any) -> Array:
+        if self.exact64:
+            return np.array(t.detach().to(self.torch.float64).cpu().numpy(), dtype=np.float64)
+        return np.array(t.detach().to(self.torch.float32).cpu().numpy(), dtype=np.float32)
+
+    def emit(self, sid: StageId, t: Any) -> None:
+        self.tap(sid, self.array(t[0]))  # drop the batch axis
+
+    def projection(self, layer: int, name: str, module: Any, x: Any, out: Any) -> None:
+        """One of q/k/v_proj ran; once all three have, emit [Q|K|V] (and the biased version)."""
+        biased = self.array(out[0])
+        if module.bias is None:
+            plain = biased
+        else:
+            plain = self.array(self.torch.nn.functional.linear(x[0], module.weight))
+        parts = self._qkv.setdefault(layer, {})
+        parts[name] = (plain, biased)
+        if len(parts) < len(QKV_PROJECTIONS):
+            return
+        ordered = [parts.pop(p) for p in QKV_PROJECTIONS]
+        self.tap(StageId(Stage.QKV_MATMUL, layer), np.concatenate([p[0] for p in ordered], axis=-1))
+        if self.qkv_bias:
+            self.tap(StageId(Stage.QKV_BIAS, layer), np.concatenate([p[1] for p in ordered], -1))
+
+    def attention(self, layer: int, query: Any, key: Any, scores: Any, probs: Any) -> None:
+        """Post-rope Q (1,H,S,Dh) and K (1,Hkv,S,Dh); softmax input and output (1,H,S,S)."""
+        for stage, t in ((Stage.Q_POST_ROPE, query), (Stage.K_POST_ROPE, key)):
+            heads = self.array(t[0])  # (heads, S, Dh)
+            self.tap(StageId(stage, layer), heads.transpose(1, 0, 2).reshape(heads.shape[1], -1))
+        self.tap(StageId(Stage.ATTN_SCORES, layer), np.tril(self.array(scores[0])))
+        self.tap(StageId(Stage.ATTN_SOFTMAX, layer), self.array(probs[0]))
+
+
+_ACTIVE: ContextVar[_Capture | None] = ContextVar("apr_transformers_capture", default=None)
+
+
+def _capturing_attention(module: Any, query: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
+    """The "apr_eager" attention function: the model's own eager attention, observed."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    capture = _ACTIVE.get()
+    if capture is None:
+        return eager(module, query, key, *args, **kwargs)
+    probe = _softmax_probe(capture.torch, capture.exact64)
+    with probe:
+        out, probs = eager(module, query, key, *args, **kwargs)
+    if len(probe.inputs) != 1:
+        raise InferenceError(f"eager attention ran {len(probe.inputs)} softmaxes, expected 1")
+    capture.attention(module.layer_idx, query, key, probe.inputs[0], probs)
+    return out, probs
+
+
+def _softmax_probe(torch: Any, exact64: bool = False) -> Any:
+    """A TorchFunctionMode that records the input of every softmax call made inside it.
+
+    With `exact64`, a softmax asked to run in float32 on a float64 input runs in float64 instead.
+    """
+    mode: Any = importlib.import_module("torch.overrides").TorchFunctionMode
+    softmaxes = (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax)
+
+    class SoftmaxProbe(mode):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.inputs: list[Any] = []
+
+        def __torch_function__(
+            self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None
+        ) -> Any:
+            kwargs = dict(kwargs or {})
+            if func in softmaxes:
+                self.inputs.append(args[0])
+                if exact64 and args[0].dtype == torch.float64 and kwargs.get("dtype") == torch.float32:
+                    kwargs["dtype"] = torch.float64
+            return func(*args, **kwargs)
+
+    return SoftmaxProbe()
+
+
+def _lift_float32_islands(model: Any, torch: Any) -> None:
+    """Make RMSNorm and the rotary embedding compute in the model's float64 (per instance, this run only)."""
+
+    def rms_norm(self: Any, x: Any) -> Any:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+    def rotary(self: Any, x: Any, position_ids: Any) -> Any:
+        dim = self.inv_freq.shape[0] * 2
+        inv = 1.0 / (self.apr_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        freqs = position_ids[..., None].to(torch.float64) * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(rms_norm, module)
+    rope = model.model.rotary_emb
+    params = getattr(model.config, "rope_parameters", None) or {}
+    if getattr(rope, "rope_type", "default") != "default":
+        raise ValidationError(f"float64 oracle supports default RoPE only, not {rope.rope_type!r}")
+    rope.apr_theta = float(params.get("rope_theta") or model.config.rope_theta)
+    rope.forward = types.MethodType(rotary, rope)
+
+
+@contextlib.contextmanager
+def _hooks(model: Any, capture: _Capture) -> Iterator[None]:
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        for sub, side, stage in LAYER_HOOKS:
+            handles.append(_hook(layer.get_submodule(sub), side, StageId(stage, i), capture))
+        for p in QKV_PROJECTIONS:
+            proj = getattr(layer.self_attn, p)
+            handles.append(proj.register_forward_hook(_projection_hook(capture, i, p)))
+    for sub, side, sid in MODEL_HOOKS:
+        handles.append(_hook(model.get_submodule(sub), side, sid, capture))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hook(module: Any, side: str, sid: StageId, capture: _Capture) -> Any:
+    if side == _IN:
+
+        def pre(_m: Any, args: tuple[Any, ...]) -> None:
+            capture.emit(sid, args[0])
+
+        return module.register_forward_pre_hook(pre)
+
+    def post(_m: Any, _args: tuple[Any, ...], out: Any) -> None:
+        capture.emit(sid, out[0] if isinstance(out, tuple) else out)
+
+    return module.register_forward_hook(post)
+
+
+def _projection_hook(capture: _Capture, layer: int, name: str) -> Callable[..., None]:
+    def post(module: Any, args: tuple[Any, ...], out: Any) -> None:
+        capture.projection(layer, name, module, args[0], out)
+
+    return post

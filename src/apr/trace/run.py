@@ -1,0 +1,190 @@
+"""Run a forward pass on a model and capture it: tokenizer, engine choice, plan check, writer, manifest.
+
+`prepare_trace` opens the model and tokenizes the prompt (cheap); `PreparedTrace.run` runs the chosen engine
+with a tap. Engines are a table: the reference numpy engine (default), transformers and llama.cpp (optional
+extras, imported only when chosen). Every engine reports how it ran (`EngineRun`); the writer records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from apr import __version__
+from apr.engine.llama import forward
+from apr.engine.weights import Weights
+from apr.errors import FormatError, ValidationError
+from apr.formats import open_checkpoint
+from apr.formats.base import Checkpoint
+from apr.formats.config import QKLayout
+from apr.formats.tokenizer import Tokenizer, build_tokenizer
+from apr.trace.manifest import RunInfo
+from apr.trace.plan import TracePlan
+from apr.trace.stages import Tap
+from apr.trace.writer import TraceResult, TraceWriter
+
+PRECISIONS: Final[dict[str, type[np.floating[Any]]]] = {"f32": np.float32, "f64": np.float64}
+HASH_CHUNK: Final = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class TraceOptions:
+    engine: str = "reference"
+    precision: str = "f32"
+    lm_head_all: bool = False
+    n_threads: int = 2
+    on_layer: Callable[[int], None] | None = None  # progress callback (reference engine)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRun:
+    engine: str
+    version: str
+    qk_layout: QKLayout
+    settings: dict[str, str] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    logits: npt.NDArray[Any] | None = None
+
+
+EngineFn = Callable[[Path, Checkpoint, tuple[int, ...], Tap, TraceOptions], EngineRun]
+
+
+def _reference(path: Path, ckpt: Checkpoint, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
+    w = Weights(ckpt, PRECISIONS[opt.precision])
+    logits = forward(w, ckpt.config, ids, tap, lm_head_all=opt.lm_head_all, on_layer=opt.on_layer)
+    return EngineRun(
+        "reference",
+        f"apr {__version__} / numpy {np.__version__}",
+        ckpt.config.qk_layout,
+        {"rope_pairing": ckpt.config.qk_layout.rope_pairing},
+        logits=logits,
+    )
+
+
+_RUNTIMES: Final = {
+    "transformers": ("apr.runtimes.transformers", "run_transformers"),
+    "llama.cpp": ("apr.runtimes.llamacpp", "run_llamacpp"),
+}
+
+
+def _runtime(name: str) -> EngineFn:
+    def run(path: Path, ckpt: Checkpoint, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
+        module, fn = _RUNTIMES[name]
+        runner = getattr(importlib.import_module(module), fn)  # optional extras: imported only when chosen
+        kwargs: dict[str, Any] = (
+            {"dtype": {"f32": "float32", "f64": "float64"}[opt.precision]}
+            if name == "transformers"
+            else {"n_threads": opt.n_threads}
+        )
+        if name == "llama.cpp" and opt.precision != "f32":
+            raise ValidationError("--engine llama.cpp computes in f32 only; drop --precision f64")
+        r = runner(path, ids, tap, **kwargs)
+        why = {s.value: _reason(s.value, r.notes, name) for s in r.unavailable}
+        return EngineRun(r.engine, r.engine_version, r.qk_layout, dict(r.settings), why, tuple(r.notes))
+
+    return run
+
+
+def _reason(stage: str, notes: tuple[str, ...], engine: str) -> str:
+    return next((n for n in notes if stage in n), f"{engine} does not expose it")
+
+
+ENGINES: Final[dict[str, EngineFn]] = {
+    "reference": _reference,
+    "transformers": _runtime("transformers"),
+    "llama.cpp": _runtime("llama.cpp"),
+}
+
+
+def engine_fn(opt: TraceOptions) -> EngineFn:
+    if opt.engine not in ENGINES:
+        raise ValidationError(f"unknown engine {opt.engine!r} (choose from {', '.join(ENGINES)})")
+    if opt.precision not in PRECISIONS:
+        raise ValidationError(f"unknown precision {opt.precision!r} (choose from {', '.join(PRECISIONS)})")
+    return ENGINES[opt.engine]
+
+
+def fingerprint(path: Path) -> tuple[str, int]:
+    """sha256 and size of a model file; for a folder, of its files (name + content) in name order."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    h, total = hashlib.sha256(), 0
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(HASH_CHUNK):
+                h.update(chunk)
+                total += len(chunk)
+    return h.hexdigest(), total
+
+
+@dataclass
+class PreparedTrace:
+    path: Path
+    ckpt: Checkpoint
+    tokenizer: Tokenizer
+    prompt: str
+    token_ids: tuple[int, ...]
+
+    def run_info(self, eng: EngineRun, opt: TraceOptions, sha: str = "", size: int = 0) -> RunInfo:
+        return RunInfo(
+            model_path=str(self.path),
+            model_format=self.ckpt.format_name,
+            model_sha256=sha,
+            model_bytes=size,
+            config=self.ckpt.config,
+            prompt=self.prompt,
+            token_ids=self.token_ids,
+            engine=eng.engine,
+            engine_version=eng.version,
+            precision=opt.precision,
+            settings=eng.settings,
+            qk_layout=eng.qk_layout,
+            lm_head_positions="all" if opt.lm_head_all else "last",
+            notes=eng.notes,
+            unavailable=eng.unavailable,
+        )
+
+    def run(self, plan: TracePlan, out_dir: Path, opt: TraceOptions) -> TraceOutcome:
+        """Run the engine once, writing the plan's stages to `out_dir` (atomically, with a manifest)."""
+        cfg = self.ckpt.config
+        plan = plan.for_model(cfg.n_layers, cfg.moe)
+        run_engine = engine_fn(opt)
+        base = EngineRun(opt.engine, "", cfg.qk_layout)
+        writer = TraceWriter(out_dir, plan, self.run_info(base, opt))
+        with writer:
+            eng = run_engine(self.path, self.ckpt, self.token_ids, writer, opt)
+            # the manifest records how the engine actually ran, and which model bytes it ran on
+            writer.run = self.run_info(eng, opt, *fingerprint(self.path))
+        return TraceOutcome(writer.result, writer.run, eng)
+
+
+@dataclass(frozen=True, slots=True)
+class TraceOutcome:
+    result: TraceResult
+    run: RunInfo
+    engine: EngineRun
+
+
+def prepare_trace(path: Path, prompt: str) -> PreparedTrace:
+    """Open the model lazily and tokenize the prompt with the model's own tokenizer."""
+    ckpt = open_checkpoint(path)
+    spec = ckpt.tokenizer_spec()
+    if spec is None:
+        raise FormatError(
+            f"{path}: the model has no tokenizer; cannot trace without proper tokenization "
+            "(re-import with: apr import <source>.gguf -o <output>.apr)"
+        )
+    tok = build_tokenizer(spec)
+    ids = tuple(tok.encode(prompt))
+    if not ids:
+        raise ValidationError(f"the prompt {prompt!r} encodes to no tokens")
+    return PreparedTrace(path, ckpt, tok, prompt, ids)
