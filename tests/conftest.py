@@ -17,3 +17,31 @@ def smollm2_gguf() -> Path:
 def smollm2_f32_gguf() -> Path:
     """SmolLM2 with every tensor dequantized to F32 by gguf-py (independent of apr)."""
     return models.smollm2_f32_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 exported by `apr export` to an HF folder (f32 safetensors, Q/K rows in HF order)."""
+    from apr.convert.export import export_safetensors
+    from apr.formats import open_checkpoint
+
+    out = tmp_path_factory.mktemp("smollm2-hf")
+    export_safetensors(open_checkpoint(smollm2_gguf), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_apr(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 imported by `apr import` to .apr v2."""
+    from apr.convert.importer import import_gguf
+
+    out = tmp_path_factory.mktemp("smollm2-apr") / "smollm2.apr"
+    import_gguf(smollm2_gguf, out)
+    return out
+
+
+@pytest.fixture(scope="session", params=["qwen2", "qwen3"])
+def tiny_hf(request: pytest.FixtureRequest, smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen2 (QKV bias) or Qwen3 (q/k norm) made by transformers from a fixed seed."""
+    arch = str(request.param)
+    return models.tiny_hf_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), smollm2_hf / "tokenizer.json")

@@ -17,6 +17,8 @@ from typing import Any, Final, TypeVar
 import click
 
 from apr import __version__
+from apr.convert.export import export_safetensors
+from apr.convert.importer import import_gguf
 from apr.diff.compare import Tolerance, diff_stage_files, diff_traces
 from apr.errors import AprError, ExitCode, MismatchError
 from apr.formats import detect_format, open_checkpoint
@@ -326,6 +328,56 @@ def inspect(model: Path, no_tensors: bool, as_json: bool) -> None:
         click.echo(jsonr.dumps(inspect_report.inspect_doc(summary)))
     else:
         emit(inspect_report.render_inspect(summary, tensors=not no_tensors))
+
+
+@cli.command("import")
+@click.argument("source", type=click.Path(path_type=Path, readable=False))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path, readable=False),
+    help="Output .apr file (default: SOURCE with the suffix .apr).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["q4_k", "q6_k", "q8_0"], case_sensitive=False),
+    help="Requantize 2-D weights (default: keep F32/F16/BF16/Q4_K/Q6_K bytes, store others as exact F32).",
+)
+@json_option
+def import_(source: Path, output: Path | None, quantize: str | None, as_json: bool) -> None:
+    """Convert a GGUF model to aprender's .apr v2 (names, config, tokenizer, tied embeddings).
+
+    \b
+    Example:  apr import SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2.apr
+    """
+    out = output or source.with_suffix(".apr")
+    result = import_gguf(source, out, quantize)
+    if as_json or _ctx().json:
+        click.echo(jsonr.dumps(jsonr.import_doc(result)))
+    else:
+        emit(text.render_import(result))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path, readable=False))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path, readable=False), required=True, help="Output folder."
+)
+@click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
+@click.option("--dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True)
+@json_option
+def export(model: Path, output: Path, fmt: str, dtype: str, as_json: bool) -> None:
+    """Write MODEL (.gguf, .apr) as a Hugging Face folder that transformers loads offline.
+
+    \b
+    Q/K rows stored in GGUF order are put back in HF order; quantized tensors are dequantized exactly.
+    Example:  apr export smollm2.gguf -o smollm2-hf/
+    """
+    result = export_safetensors(open_checkpoint(model), output, dtype)
+    if as_json or _ctx().json:
+        click.echo(jsonr.dumps(jsonr.export_doc(result)))
+    else:
+        emit(text.render_export(result))
 
 
 def main() -> None:

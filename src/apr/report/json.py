@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+from apr.convert.export import ExportResult
+from apr.convert.importer import ImportResult
 from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
 from apr.report.numfmt import json_float
 from apr.trace.run import TraceOutcome
@@ -102,4 +104,25 @@ def trace_outcome_doc(o: TraceOutcome) -> dict[str, Any]:
         "removed_stale": [str(p) for p in r.removed_stale],
         "not_captured": [{"stage": s, "reason": why} for s, why in r.not_captured],
         "manifest": str(r.manifest_path) if r.manifest_path else None,
+    }
+
+
+def import_doc(r: ImportResult) -> dict[str, Any]:
+    return {
+        "schema": "apr-import-v1",
+        "output": str(r.out),
+        "tensors": r.tensors,
+        "passthrough": r.passthrough,
+        "converted": [{"name": n, "from": a, "to": b} for n, a, b in r.converted],
+        "tied_lm_head": r.tied_lm_head,
+    }
+
+
+def export_doc(r: ExportResult) -> dict[str, Any]:
+    return {
+        "schema": "apr-export-v1",
+        "output": str(r.out_dir),
+        "files": [str(f) for f in r.files],
+        "tensors": r.tensors,
+        "qk_permuted": r.permuted,
     }

@@ -6,10 +6,13 @@ Pure functions: a result in, a string out, no statistics computed here.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
+from apr.convert.export import ExportResult
+from apr.convert.importer import ImportResult
 from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
 from apr.report.numfmt import rust_exp, rust_fixed, short
 from apr.trace.run import TraceOutcome
@@ -129,4 +132,27 @@ def render_trace_outcome(o: TraceOutcome) -> str:
         f"Forward pass succeeded — {cfg.n_layers} layer activations, {n_logits} logits "
         f"({o.run.engine} engine, {o.run.precision})"
     )
+    return "\n".join(out) + "\n"
+
+
+def render_import(r: ImportResult) -> str:
+    out = [f"Wrote {r.out} ({r.tensors} tensors)"]
+    out.append(f"  {len(r.passthrough)} tensors stored byte for byte")
+    if r.converted:
+        kinds = Counter((a, b) for _, a, b in r.converted)
+        out.append(
+            f"  {len(r.converted)} tensors converted: "
+            + ", ".join(f"{a}→{b} ×{n}" for (a, b), n in kinds.items())
+        )
+        out += [f"    {name}: {a} → {b}" for name, a, b in r.converted]
+    if r.tied_lm_head:
+        out.append("  lm_head.weight: copied from the embedding (tied_embeddings)")
+    return "\n".join(out) + "\n"
+
+
+def render_export(r: ExportResult) -> str:
+    out = [f"Wrote {r.out_dir} ({r.tensors} tensors)"]
+    out += [f"  {f.name}" for f in r.files]
+    if r.permuted:
+        out.append(f"  {len(r.permuted)} Q/K tensors put back in Hugging Face row order")
     return "\n".join(out) + "\n"

@@ -1,0 +1,173 @@
+"""`apr trace` end to end on the real SmolLM2 GGUF: output, layout, manifest, stale files, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from apr.cli import cli
+from apr.trace import format as aprt
+from apr.trace.plan import TracePlan
+from apr.trace.stages import Stage, StageId
+from apr.trace.writer import TraceWriter
+from tests.fixtures.traces import run_info
+
+IDS = [1780, 314, 216, 34, 27, 34, 47]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_save_tensor_output_matches_aprender(smollm2_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    code, stdout, stderr = run("trace", str(smollm2_gguf), "--save-tensor", "embedding,lm_head",
+                               "--save-tensor-dir", str(out))  # fmt: skip
+    assert (code, stderr) == (0, "")
+    assert stdout.startswith(
+        "=== apr trace --save-tensor (GGUF) ===\n"
+        f"Model:        {smollm2_gguf}\nStages:       embedding,lm_head\nLayers:       0..1\n"
+        f"Output dir:   {out}\n\n"
+        'Test prompt:  "What is 2+2?"\n'
+        "Token ids:    [1780, 314, 216, 34, 27, 34, 47] (7 tokens)\n\n"
+        "Wrote 2 stage tensor file(s):\n"
+        f"  {out}/layer-0/embedding.bin ({12 + 4 * 7 * 576} bytes)\n"
+        f"  {out}/lm_head.bin ({12 + 4 * 49152} bytes)\n"
+    )
+    assert "Forward pass succeeded — 30 layer activations, 49152 logits" in stdout
+    assert (out / "lm_head.bin").read_bytes()[:12] == bytes.fromhex("41505254ffffffff") + (49152).to_bytes(4, "little")
+
+
+def test_all_stages_layers_and_manifest(smollm2_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    code, stdout, _ = run("trace", str(smollm2_gguf), "--save-tensor", "ALL", "--save-tensor-layers", "28..30",
+                          "--save-tensor-dir", str(out), "--lm-head-all")  # fmt: skip
+    assert code == 0
+    assert "Wrote 34 stage tensor file(s):" in stdout  # 2 layers × 16 + final_norm + lm_head (no embedding)
+    assert "blk.28.qkv_bias: the model has no QKV bias" in stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["schema"] == "apr-trace-manifest-v1" and m["token_ids"] == IDS
+    assert m["model"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert m["qk_layout"] == "gguf-interleaved" and m["engine"]["name"] == "reference"
+    files = {f["path"]: f for f in m["files"]}
+    assert files["layer-28/attn_scores.bin"]["shape"] == [9, 7, 7]
+    assert files["layer-28/attn_scores.bin"]["dims"] == ["head", "query", "key"]
+    assert files["lm_head.bin"]["shape"] == [7, 49152]
+    for rel, f in files.items():
+        data = (out / rel).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f["sha256"]
+        assert aprt.decode_header(data).count == int(np.prod(f["shape"]))
+    scores = np.fromfile(out / "layer-29/attn_scores.bin", "<f4", offset=12).reshape(9, 7, 7)
+    probs = np.fromfile(out / "layer-29/attn_softmax.bin", "<f4", offset=12).reshape(9, 7, 7)
+    assert np.all(np.triu(scores, 1) == 0) and np.all(np.triu(probs, 1) == 0)
+    assert np.allclose(probs.sum(-1), 1, atol=1e-6)
+
+
+def test_two_runs_are_byte_identical(smollm2_gguf: Path, tmp_path: Path) -> None:
+    def digest(d: Path) -> dict[str, str]:
+        return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+                if p.is_file()}  # fmt: skip
+
+    for name in ("a", "b"):
+        assert run("trace", str(smollm2_gguf), "--save-tensor", "all", "--save-tensor-layers", "0..30",
+                   "--save-tensor-dir", str(tmp_path / name))[0] == 0  # fmt: skip
+    a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
+    assert len(a) == 1 + 30 * 16 + 2 + 1 and a == b  # + manifest.json
+
+
+def test_default_output_dir_is_beside_the_model(smollm2_gguf: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m.gguf"
+    model.symlink_to(smollm2_gguf)
+    assert run("trace", str(model), "--save-tensor", "final_norm")[0] == 0
+    assert (tmp_path / "m-trace" / "final_norm.bin").is_file()
+
+
+def test_stale_files_are_removed_and_reported(smollm2_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    aprt.write_aprt(out / "layer-7" / "ffn_up.bin", 7, np.ones(3, np.float32))
+    (out / "notes.txt").write_text("mine")
+    code, stdout, _ = run("trace", str(smollm2_gguf), "--save-tensor", "ffn_up", "--save-tensor-dir", str(out))
+    assert code == 0 and "Removed 1 stale stage file(s) of an earlier run" in stdout
+    assert not (out / "layer-7" / "ffn_up.bin").exists() and (out / "notes.txt").read_text() == "mine"
+    assert "Wrote 1 stage tensor file(s):" in stdout
+
+
+def test_foreign_file_named_like_a_stage_is_refused(smollm2_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    (out / "layer-0").mkdir(parents=True)
+    (out / "layer-0" / "ffn_up.bin").write_bytes(b"not a trace")
+    code, stdout, stderr = run("trace", str(smollm2_gguf), "--save-tensor", "ffn_up", "--save-tensor-dir", str(out))
+    assert code == 5 and "is named like a stage file but is not an APRT file; refusing" in stderr
+    assert (out / "layer-0" / "ffn_up.bin").read_bytes() == b"not a trace"
+
+
+def test_a_failed_run_leaves_none_of_its_files(tmp_path: Path) -> None:
+    plan = TracePlan.from_cli("embedding,attn_norm", "0..2")
+    with pytest.raises(RuntimeError), TraceWriter(tmp_path, plan, run_info()) as w:
+        w(StageId(Stage.EMBEDDING, 0), np.ones((3, 8), np.float32))
+        w(StageId(Stage.ATTN_NORM, 0), np.ones((3, 8), np.float32))
+        assert (tmp_path / "layer-0" / "embedding.bin").is_file()
+        raise RuntimeError("engine failed at layer 1")
+    assert list(tmp_path.rglob("*.bin")) == [] and not (tmp_path / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--save-tensor", "moe_router"], 5, "stage moe_router exists only in mixture-of-experts models"),
+        (["--save-tensor", "ffn_up", "--save-tensor-layers", "29..31"], 5,
+         "layer range 29..31 is outside the model's 30 layers (valid: 0..30)"),
+        (["--save-tensor", "bogus"], 5, 'unknown save-tensor stage "bogus"'),
+        (["--save-tensor", "ffn_up", "--save-tensor-layers", "1-2"], 5, "expected `START..END`"),
+    ],
+)  # fmt: skip
+def test_plan_errors(smollm2_gguf: Path, tmp_path: Path, args: list[str], code: int, message: str) -> None:
+    got, stdout, stderr = run("trace", str(smollm2_gguf), "--save-tensor-dir", str(tmp_path / "t"), *args)
+    assert got == code and message in stderr and stderr.count("\n") == 1 and stderr.startswith("error: ")
+    assert not (tmp_path / "t").exists()
+
+
+def test_plan_errors_come_before_the_model_is_opened(tmp_path: Path) -> None:
+    code, _, stderr = run("trace", str(tmp_path / "missing.gguf"), "--save-tensor", "bogus")
+    assert code == 5 and "unknown save-tensor stage" in stderr
+    code, _, stderr = run("trace", str(tmp_path / "missing.gguf"), "--save-tensor", "embedding")
+    assert (code, stderr) == (3, f"error: File not found: {tmp_path / 'missing.gguf'}\n")
+
+
+def test_not_a_model_exit_4(tmp_path: Path) -> None:
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 20)
+    code, _, stderr = run("trace", str(bad), "--save-tensor", "embedding")
+    assert code == 4 and stderr.startswith("error: ") and stderr.count("\n") == 1
+
+
+def test_payload_json_has_aprenders_keys(smollm2_gguf: Path) -> None:
+    code, stdout, _ = run("trace", str(smollm2_gguf), "--payload", "--json")
+    doc = json.loads(stdout)
+    assert code == 0 and list(doc) == [
+        "format", "architecture", "num_layers", "hidden_dim", "vocab_size", "num_heads", "num_kv_heads",
+        "prompt", "encoded_tokens", "embedding", "layers", "final_norm", "logits_stats", "logits",
+    ]  # fmt: skip
+    assert doc["encoded_tokens"] == IDS and len(doc["layers"]) == 30
+    assert set(doc["layers"][0]) >= {"layer_idx", "attn_norm", "qkv", "attn_out", "ffn_norm", "ffn_out", "output"}
+    assert doc["embedding"]["count"] == 7 * 576 and len(doc["logits"]["top_k"]) == 5
+
+
+def test_payload_text_and_skeleton(smollm2_apr: Path) -> None:
+    code, stdout, _ = run("trace", str(smollm2_apr), "--payload")
+    assert code == 0 and "LAYER-BY-LAYER ACTIVATIONS:" in stdout and "Top 5 predictions:" in stdout
+    code, stdout, _ = run("trace", str(smollm2_apr), "--json", "--layer", "block_2")
+    doc = json.loads(stdout)
+    assert doc["stats_source"] == "metadata-only" and [x["name"] for x in doc["layers"]] == [
+        "transformer_block_2", "transformer_block_20", "transformer_block_21", "transformer_block_22",
+        "transformer_block_23", "transformer_block_24", "transformer_block_25", "transformer_block_26",
+        "transformer_block_27", "transformer_block_28", "transformer_block_29",
+    ]  # fmt: skip
+    code, stdout, _ = run("trace", str(smollm2_apr), "--json", "--layer", "nothing")
+    assert 'layer filter "nothing" matched 0 of 32 layers' in json.loads(stdout)["notes"]
