@@ -41,7 +41,9 @@ def smollm2_apr(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(scope="session", params=["qwen2", "qwen3"])
-def tiny_hf(request: pytest.FixtureRequest, smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_hf(
+    request: pytest.FixtureRequest, smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """A tiny random Qwen2 (QKV bias) or Qwen3 (q/k norm) made by transformers from a fixed seed."""
     arch = str(request.param)
     return models.tiny_hf_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), smollm2_hf / "tokenizer.json")

@@ -27,8 +27,9 @@ def run(*args: str) -> tuple[int, str, str]:
 
 def test_save_tensor_output_matches_aprender(smollm2_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "t"
-    code, stdout, stderr = run("trace", str(smollm2_gguf), "--save-tensor", "embedding,lm_head",
-                               "--save-tensor-dir", str(out))  # fmt: skip
+    code, stdout, stderr = run(
+        "trace", str(smollm2_gguf), "--save-tensor", "embedding,lm_head", "--save-tensor-dir", str(out)
+    )
     assert (code, stderr) == (0, "")
     assert stdout.startswith(
         "=== apr trace --save-tensor (GGUF) ===\n"
@@ -41,13 +42,24 @@ def test_save_tensor_output_matches_aprender(smollm2_gguf: Path, tmp_path: Path)
         f"  {out}/lm_head.bin ({12 + 4 * 49152} bytes)\n"
     )
     assert "Forward pass succeeded — 30 layer activations, 49152 logits" in stdout
-    assert (out / "lm_head.bin").read_bytes()[:12] == bytes.fromhex("41505254ffffffff") + (49152).to_bytes(4, "little")
+    assert (out / "lm_head.bin").read_bytes()[:12] == bytes.fromhex("41505254ffffffff") + (49152).to_bytes(
+        4, "little"
+    )
 
 
 def test_all_stages_layers_and_manifest(smollm2_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "t"
-    code, stdout, _ = run("trace", str(smollm2_gguf), "--save-tensor", "ALL", "--save-tensor-layers", "28..30",
-                          "--save-tensor-dir", str(out), "--lm-head-all")  # fmt: skip
+    code, stdout, _ = run(
+        "trace",
+        str(smollm2_gguf),
+        "--save-tensor",
+        "ALL",
+        "--save-tensor-layers",
+        "28..30",
+        "--save-tensor-dir",
+        str(out),
+        "--lm-head-all",
+    )
     assert code == 0
     assert "Wrote 34 stage tensor file(s):" in stdout  # 2 layers × 16 + final_norm + lm_head (no embedding)
     assert "blk.28.qkv_bias: the model has no QKV bias" in stdout
@@ -71,12 +83,26 @@ def test_all_stages_layers_and_manifest(smollm2_gguf: Path, tmp_path: Path) -> N
 
 def test_two_runs_are_byte_identical(smollm2_gguf: Path, tmp_path: Path) -> None:
     def digest(d: Path) -> dict[str, str]:
-        return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-                if p.is_file()}  # fmt: skip
+        return {
+            p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(d.rglob("*"))
+            if p.is_file()
+        }
 
     for name in ("a", "b"):
-        assert run("trace", str(smollm2_gguf), "--save-tensor", "all", "--save-tensor-layers", "0..30",
-                   "--save-tensor-dir", str(tmp_path / name))[0] == 0  # fmt: skip
+        assert (
+            run(
+                "trace",
+                str(smollm2_gguf),
+                "--save-tensor",
+                "all",
+                "--save-tensor-layers",
+                "0..30",
+                "--save-tensor-dir",
+                str(tmp_path / name),
+            )[0]
+            == 0
+        )
     a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
     assert len(a) == 1 + 30 * 16 + 2 + 1 and a == b  # + manifest.json
 
@@ -92,7 +118,9 @@ def test_stale_files_are_removed_and_reported(smollm2_gguf: Path, tmp_path: Path
     out = tmp_path / "t"
     aprt.write_aprt(out / "layer-7" / "ffn_up.bin", 7, np.ones(3, np.float32))
     (out / "notes.txt").write_text("mine")
-    code, stdout, _ = run("trace", str(smollm2_gguf), "--save-tensor", "ffn_up", "--save-tensor-dir", str(out))
+    code, stdout, _ = run(
+        "trace", str(smollm2_gguf), "--save-tensor", "ffn_up", "--save-tensor-dir", str(out)
+    )
     assert code == 0 and "Removed 1 stale stage file(s) of an earlier run" in stdout
     assert not (out / "layer-7" / "ffn_up.bin").exists() and (out / "notes.txt").read_text() == "mine"
     assert "Wrote 1 stage tensor file(s):" in stdout
@@ -102,7 +130,9 @@ def test_foreign_file_named_like_a_stage_is_refused(smollm2_gguf: Path, tmp_path
     out = tmp_path / "t"
     (out / "layer-0").mkdir(parents=True)
     (out / "layer-0" / "ffn_up.bin").write_bytes(b"not a trace")
-    code, stdout, stderr = run("trace", str(smollm2_gguf), "--save-tensor", "ffn_up", "--save-tensor-dir", str(out))
+    code, _, stderr = run(
+        "trace", str(smollm2_gguf), "--save-tensor", "ffn_up", "--save-tensor-dir", str(out)
+    )
     assert code == 5 and "is named like a stage file but is not an APRT file; refusing" in stderr
     assert (out / "layer-0" / "ffn_up.bin").read_bytes() == b"not a trace"
 
@@ -121,14 +151,17 @@ def test_a_failed_run_leaves_none_of_its_files(tmp_path: Path) -> None:
     ("args", "code", "message"),
     [
         (["--save-tensor", "moe_router"], 5, "stage moe_router exists only in mixture-of-experts models"),
-        (["--save-tensor", "ffn_up", "--save-tensor-layers", "29..31"], 5,
-         "layer range 29..31 is outside the model's 30 layers (valid: 0..30)"),
+        (
+            ["--save-tensor", "ffn_up", "--save-tensor-layers", "29..31"],
+            5,
+            "layer range 29..31 is outside the model's 30 layers (valid: 0..30)",
+        ),
         (["--save-tensor", "bogus"], 5, 'unknown save-tensor stage "bogus"'),
         (["--save-tensor", "ffn_up", "--save-tensor-layers", "1-2"], 5, "expected `START..END`"),
     ],
-)  # fmt: skip
+)
 def test_plan_errors(smollm2_gguf: Path, tmp_path: Path, args: list[str], code: int, message: str) -> None:
-    got, stdout, stderr = run("trace", str(smollm2_gguf), "--save-tensor-dir", str(tmp_path / "t"), *args)
+    got, _, stderr = run("trace", str(smollm2_gguf), "--save-tensor-dir", str(tmp_path / "t"), *args)
     assert got == code and message in stderr and stderr.count("\n") == 1 and stderr.startswith("error: ")
     assert not (tmp_path / "t").exists()
 
@@ -151,11 +184,31 @@ def test_payload_json_has_aprenders_keys(smollm2_gguf: Path) -> None:
     code, stdout, _ = run("trace", str(smollm2_gguf), "--payload", "--json")
     doc = json.loads(stdout)
     assert code == 0 and list(doc) == [
-        "format", "architecture", "num_layers", "hidden_dim", "vocab_size", "num_heads", "num_kv_heads",
-        "prompt", "encoded_tokens", "embedding", "layers", "final_norm", "logits_stats", "logits",
-    ]  # fmt: skip
+        "format",
+        "architecture",
+        "num_layers",
+        "hidden_dim",
+        "vocab_size",
+        "num_heads",
+        "num_kv_heads",
+        "prompt",
+        "encoded_tokens",
+        "embedding",
+        "layers",
+        "final_norm",
+        "logits_stats",
+        "logits",
+    ]
     assert doc["encoded_tokens"] == IDS and len(doc["layers"]) == 30
-    assert set(doc["layers"][0]) >= {"layer_idx", "attn_norm", "qkv", "attn_out", "ffn_norm", "ffn_out", "output"}
+    assert set(doc["layers"][0]) >= {
+        "layer_idx",
+        "attn_norm",
+        "qkv",
+        "attn_out",
+        "ffn_norm",
+        "ffn_out",
+        "output",
+    }
     assert doc["embedding"]["count"] == 7 * 576 and len(doc["logits"]["top_k"]) == 5
 
 
@@ -165,9 +218,17 @@ def test_payload_text_and_skeleton(smollm2_apr: Path) -> None:
     code, stdout, _ = run("trace", str(smollm2_apr), "--json", "--layer", "block_2")
     doc = json.loads(stdout)
     assert doc["stats_source"] == "metadata-only" and [x["name"] for x in doc["layers"]] == [
-        "transformer_block_2", "transformer_block_20", "transformer_block_21", "transformer_block_22",
-        "transformer_block_23", "transformer_block_24", "transformer_block_25", "transformer_block_26",
-        "transformer_block_27", "transformer_block_28", "transformer_block_29",
-    ]  # fmt: skip
+        "transformer_block_2",
+        "transformer_block_20",
+        "transformer_block_21",
+        "transformer_block_22",
+        "transformer_block_23",
+        "transformer_block_24",
+        "transformer_block_25",
+        "transformer_block_26",
+        "transformer_block_27",
+        "transformer_block_28",
+        "transformer_block_29",
+    ]
     code, stdout, _ = run("trace", str(smollm2_apr), "--json", "--layer", "nothing")
     assert 'layer filter "nothing" matched 0 of 32 layers' in json.loads(stdout)["notes"]

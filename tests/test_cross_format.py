@@ -34,7 +34,7 @@ def test_imported_apr_dequantizes_to_exactly_the_ggufs_values(smollm2_gguf: Path
     g, a = open_checkpoint(smollm2_gguf), open_checkpoint(smollm2_apr)
     assert g.config == a.config
     names = [t.name for t in g.tensors()]
-    assert sorted(names + ["output.weight"]) == sorted(t.name for t in a.tensors())  # + the tied lm_head
+    assert sorted([*names, "output.weight"]) == sorted(t.name for t in a.tensors())  # + the tied lm_head
     for name in names:
         assert np.array_equal(g.read(name).view(np.uint32), a.read(name).view(np.uint32)), name
     assert np.array_equal(a.read("output.weight"), g.read("token_embd.weight"))
@@ -44,7 +44,9 @@ def test_gguf_and_imported_apr_traces_are_byte_identical(
     smollm2_gguf: Path, smollm2_apr: Path, tmp_path: Path
 ) -> None:
     dg, da = trace(smollm2_gguf, tmp_path / "g"), trace(smollm2_apr, tmp_path / "a")
-    assert len(digests(dg)) == 1 + 30 * 16 + 2  # embedding, 16 per-layer stages (no qkv_bias), final_norm, lm_head
+    assert (
+        len(digests(dg)) == 1 + 30 * 16 + 2
+    )  # embedding, 16 per-layer stages (no qkv_bias), final_norm, lm_head
     assert digests(dg) == digests(da)
 
 
@@ -58,11 +60,15 @@ def test_gguf_and_exported_safetensors_agree_within_f32_rounding(
     d = diff_traces(tg, th, Tolerance(min_cos=0.99999, max_rel=1e-4))
     worst = max(d.rows, key=lambda r: r.metrics.rel_l2)
     print(f"gguf vs safetensors: worst {worst.sid} rel L2 {worst.metrics.rel_l2:.2e}")
-    assert len(d.rows) == 1 + 30 * 16 + 2  # embedding, 16 per-layer stages (no qkv_bias), final_norm, lm_head and d.first_divergence is None
+    assert (
+        len(d.rows) == 1 + 30 * 16 + 2
+    )  # embedding, 16 per-layer stages (no qkv_bias), final_norm, lm_head and d.first_divergence is None
     assert "Q/K layouts differ" in d.notes[0]
 
 
-def test_qk_stages_really_differ_in_layout_before_alignment(smollm2_gguf: Path, smollm2_hf: Path, tmp_path: Path) -> None:
+def test_qk_stages_really_differ_in_layout_before_alignment(
+    smollm2_gguf: Path, smollm2_hf: Path, tmp_path: Path
+) -> None:
     """Guard for the test above: without un-permuting, q_post_rope of the two traces does not match."""
     plan = TracePlan.from_cli("q_post_rope")
     for model, out in ((smollm2_gguf, tmp_path / "g"), (smollm2_hf, tmp_path / "h")):

@@ -17,12 +17,18 @@ from typing import Any, Final, TypeVar
 import click
 
 from apr import __version__
+from apr.atomicfile import write_bytes_atomic
 from apr.convert.export import export_safetensors
 from apr.convert.importer import import_gguf
+from apr.diff.bisect import SideSpec
+from apr.diff.bisect import bisect as run_bisect
 from apr.diff.compare import Tolerance, diff_stage_files, diff_traces
+from apr.diff.growth import ToleranceModel
 from apr.errors import AprError, ExitCode, MismatchError
 from apr.formats import detect_format, open_checkpoint
 from apr.formats.summary import skeleton, summarize
+from apr.report import bisect as bisect_report
+from apr.report import html as html_report
 from apr.report import inspect as inspect_report
 from apr.report import json as jsonr
 from apr.report import payload as payload_report
@@ -328,6 +334,75 @@ def inspect(model: Path, no_tensors: bool, as_json: bool) -> None:
         click.echo(jsonr.dumps(inspect_report.inspect_doc(summary)))
     else:
         emit(inspect_report.render_inspect(summary, tensors=not no_tensors))
+
+
+ENGINES_CHOICE = click.Choice(["reference", "transformers", "llama.cpp"])
+
+
+@cli.command("bisect")
+@click.argument("a", type=click.Path(path_type=Path, readable=False))
+@click.argument("b", type=click.Path(path_type=Path, readable=False))
+@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Text to run through both sides.")
+@click.option("--engine-a", type=ENGINES_CHOICE, default="reference", show_default=True, help="Who runs A.")
+@click.option("--engine-b", type=ENGINES_CHOICE, default="reference", show_default=True, help="Who runs B.")
+@click.option(
+    "--isolate", is_flag=True, help="Re-run each layer of B on A's input to it: own vs inherited error."
+)
+@click.option(
+    "--growth",
+    type=float,
+    default=8.0,
+    show_default=True,
+    help="Error growth a stage may show over its inputs before it counts as a jump.",
+)
+@click.option(
+    "--floor", type=float, default=1e-4, show_default=True, help="Relative error any stage may add."
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path, readable=False),
+    help="Also write a self-contained HTML report with per-layer charts.",
+)
+@click.option(
+    "--keep",
+    type=click.Path(path_type=Path, readable=False),
+    help="Keep the two traces in this directory (default: a temporary one).",
+)
+@json_option
+def bisect_cmd(
+    a: Path,
+    b: Path,
+    prompt: str,
+    engine_a: str,
+    engine_b: str,
+    isolate: bool,
+    growth: float,
+    floor: float,
+    report_path: Path | None,
+    keep: Path | None,
+    as_json: bool,
+) -> None:
+    """Find the first stage where B parts ways with A (models in any format, or trace directories).
+
+    \b
+    Both sides run on the same token ids; each stage's relative error is compared with the error its
+    inputs already carry: a stage that adds more than growth × input error + its weights' expected
+    quantization error is the first divergence. Exit 1 when one is found, 0 when none.
+    Example:  apr bisect model-f32.gguf model-q4_k.gguf --engine-b llama.cpp --report report.html
+    """
+    model = ToleranceModel(floor=floor, growth=growth)
+    result = run_bisect(
+        SideSpec(a, engine_a), SideSpec(b, engine_b), prompt, model=model, isolate=isolate, keep=keep
+    )
+    if report_path is not None:
+        write_bytes_atomic(report_path, html_report.render(result).encode("utf-8"))
+    if as_json or _ctx().json:
+        click.echo(jsonr.dumps(bisect_report.to_doc(result)))
+    else:
+        emit(bisect_report.render_text(result))
+    if result.growth.first_jump is not None:
+        sys.exit(int(ExitCode.DIVERGED))
 
 
 @cli.command("import")

@@ -40,8 +40,12 @@ def worst_stage(ours: Recorder, theirs: Recorder) -> tuple[float, StageId]:
     return max(((rel_err(ours.arrays[s], theirs.arrays[s]), s) for s in common), key=lambda e: e[0])
 
 
-@pytest.mark.parametrize(("precision", "dtype", "tol"), [("float32", np.float32, 1e-4), ("float64", np.float64, 1e-10)])
-def test_smollm2_every_stage_matches_transformers(smollm2_hf: Path, precision: str, dtype: type, tol: float) -> None:
+@pytest.mark.parametrize(
+    ("precision", "dtype", "tol"), [("float32", np.float32, 1e-4), ("float64", np.float64, 1e-10)]
+)
+def test_smollm2_every_stage_matches_transformers(
+    smollm2_hf: Path, precision: str, dtype: type, tol: float
+) -> None:
     theirs = Recorder()
     run_transformers(smollm2_hf, PROMPT_IDS, theirs, dtype=precision)
     ours = reference(smollm2_hf, PROMPT_IDS, dtype)
@@ -53,7 +57,9 @@ def test_smollm2_every_stage_matches_transformers(smollm2_hf: Path, precision: s
     assert np.array_equal(ours.arrays[lm].argmax(-1), theirs.arrays[lm].argmax(-1))
 
 
-@pytest.mark.parametrize(("precision", "dtype", "tol"), [("float32", np.float32, 1e-4), ("float64", np.float64, 1e-10)])
+@pytest.mark.parametrize(
+    ("precision", "dtype", "tol"), [("float32", np.float32, 1e-4), ("float64", np.float64, 1e-10)]
+)
 def test_tiny_qwen_models_match_transformers(tiny_hf: Path, precision: str, dtype: type, tol: float) -> None:
     ids = (504, 3575, 282, 4649, 314)
     theirs = Recorder()

@@ -10,6 +10,7 @@ Without manifests (aprender's traces) nothing is known about layouts, and only e
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -46,32 +47,40 @@ def _to_hf(stage: Stage, x: F32, cfg: ModelConfig) -> F32:
 _LAYOUT_FIXES: Final[dict[Stage, Callable[[Stage, F32, ModelConfig], F32]]] = {s: _to_hf for s in QK_STAGES}
 
 
-def _layout(t: Trace) -> QKLayout | None:
-    return t.manifest.run.qk_layout if t.manifest else None
+@dataclass(frozen=True, slots=True)
+class Side:
+    """What is known about one side's tensors: its Q/K layout and config (None for aprender traces)."""
+
+    layout: QKLayout | None = None
+    config: ModelConfig | None = None
+
+    @classmethod
+    def of(cls, t: Trace) -> Side:
+        return cls(t.manifest.run.qk_layout, t.manifest.run.config) if t.manifest else cls()
 
 
-def load_aligned(a: Trace, b: Trace, sid: StageId) -> tuple[F32, F32]:
-    """Both sides of one stage, in the same layout and shape, flattened."""
-    x, y = a.load(sid), b.load(sid)
-    la, lb = _layout(a), _layout(b)
-    if la != lb and la is not None and lb is not None and sid.stage in _LAYOUT_FIXES:
-        if la is QKLayout.INTERLEAVED:
-            x = _LAYOUT_FIXES[sid.stage](sid.stage, x, _config(a))
-        else:
-            y = _LAYOUT_FIXES[sid.stage](sid.stage, y, _config(b))
+def align(
+    sid: StageId, x: F32, sx: Side, y: F32, sy: Side, where: tuple[object, object] = ("A", "B")
+) -> tuple[F32, F32]:
+    """Both sides of one stage in the same layout and shape, flattened."""
+    if sx.layout != sy.layout and sx.layout and sy.layout and sid.stage in _LAYOUT_FIXES:
+        if sx.layout is QKLayout.INTERLEAVED and sx.config is not None:
+            x = _LAYOUT_FIXES[sid.stage](sid.stage, x, sx.config)
+        elif sy.config is not None:
+            y = _LAYOUT_FIXES[sid.stage](sid.stage, y, sy.config)
     if sid.stage is Stage.LM_HEAD and x.size != y.size:
         x, y = _last_position(x, y)
     if x.size != y.size:
         raise MismatchError(
-            f"{sid}: cannot align {a.path} ({_shape(x)}) with {b.path} ({_shape(y)}): "
+            f"{sid}: cannot align {where[0]} ({_shape(x)}) with {where[1]} ({_shape(y)}): "
             "different sizes (different prompts or models?)"
         )
     return x.reshape(-1), y.reshape(-1)
 
 
-def _config(t: Trace) -> ModelConfig:
-    assert t.manifest is not None
-    return t.manifest.run.config
+def load_aligned(a: Trace, b: Trace, sid: StageId) -> tuple[F32, F32]:
+    """Both sides of one stage of two traces, aligned (see `align`)."""
+    return align(sid, a.load(sid), Side.of(a), b.load(sid), Side.of(b), (a.path, b.path))
 
 
 def _shape(x: F32) -> str:

@@ -1,0 +1,65 @@
+"""Tensor element types → float32 and back: `dequantize`, `quantize`, and the types each supports.
+
+    x = np.linspace(-1, 1, 512, dtype=np.float32).reshape(2, 256)
+    raw = quantize(x, QuantType.Q6_K)              # (2, 210) uint8: one super-block per row
+    y = dequantize(raw, QuantType.Q6_K, (2, 256))  # float32 (2, 256), |y - x| < 0.014
+
+`dequantize` is bit-identical to ggml's `dequantize_row_*` (and gguf-py's `dequantize`) for every GGML
+type it supports; `quantize` is byte-identical to ggml's reference quantizers (`quantize_row_*_ref`) on
+finite input. The per-type code lives in `blocks.py` (plain types, 32-element blocks, apr's own),
+`kquants.py` (K-quants) and `quantize.py`; each registers itself under its `QuantType`, and the
+functions here are dict lookups plus argument checks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from apr.errors import FormatError, UnsupportedQuantError
+from apr.quant import kquants as _kquants  # noqa: F401  (registers the K-quant dequantizers)
+from apr.quant.blocks import DEQUANTIZERS, Dequantizer
+from apr.quant.quantize import QUANTIZERS
+from apr.quant.quantize import quantize as quantize
+from apr.quant.types import QuantType
+
+__all__ = ["DEQUANT_TYPES", "QUANT_TYPES", "QuantType", "dequantize", "quantize"]
+
+DEQUANT_TYPES: Final[frozenset[QuantType]] = frozenset(DEQUANTIZERS)
+QUANT_TYPES: Final[frozenset[QuantType]] = frozenset(QUANTIZERS)
+
+
+def dequantize(
+    raw: npt.NDArray[np.uint8], qtype: QuantType, shape: tuple[int, ...]
+) -> npt.NDArray[np.float32]:
+    """The float32 array of `shape` stored as `raw` (whole rows, row-major) in `qtype`.
+
+    For F32 the result is a view of `raw` (zero-copy; read-only if `raw` is). Raises
+    UnsupportedQuantError for a type without a dequantizer and FormatError when `raw` does not hold
+    exactly the bytes of `shape` or a row is not a whole number of blocks.
+    """
+    codec = _dequantizer(qtype)
+    n = math.prod(shape)
+    cols = shape[-1] if shape else 1
+    if cols % codec.row_multiple:
+        raise FormatError(
+            f"{qtype.name} rows of {cols} elements are not a whole number of "
+            f"{codec.row_multiple}-element blocks"
+        )
+    flat = np.asarray(raw).reshape(-1).view(np.uint8)
+    expected = codec.nbytes(n)
+    if flat.size != expected:
+        raise FormatError(
+            f"{qtype.name} tensor of shape {list(shape)} needs {expected} bytes, got {flat.size}"
+        )
+    return codec.decode(flat, n).reshape(shape)
+
+
+def _dequantizer(qtype: QuantType) -> Dequantizer:
+    codec = DEQUANTIZERS.get(qtype)
+    if codec is None:
+        raise UnsupportedQuantError(f"no dequantizer for {qtype.name} ({int(qtype)})")
+    return codec

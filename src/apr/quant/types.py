@@ -31,12 +31,28 @@ class QuantType(IntEnum):
     Q5_K = 13
     Q6_K = 14
     Q8_K = 15
+    # more GGML ids, so every GGUF tensor type has a member (formats/gguf_parse.py sizes those
+    # missing from QUANT_LAYOUT; a type without a dequantizer raises UnsupportedQuantError on read)
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
     I8 = 24
     I16 = 25
     I32 = 26
     I64 = 27
     F64 = 28
+    IQ1_M = 29
     BF16 = 30
+    TQ1_0 = 34
+    TQ2_0 = 35
+    MXFP4 = 39
+    NVFP4 = 40
+    Q1_0 = 41
     # apr-only (no GGML id): see formats/apr.py
     APR_Q4 = 128
     APR_Q8 = 129

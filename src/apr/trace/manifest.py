@@ -3,7 +3,8 @@
 Written last (atomically) by the same writer that writes the stage files, so a directory with a manifest is a
 complete trace of one run and lists exactly that run's files. Schema `apr-trace-manifest-v1`:
 
-    {"schema", "apr_version", "model": {path, format, sha256, bytes}, "config": ModelConfig fields,
+    {"schema", "apr_version", "model": {path, format, sha256, bytes, tensor_types},
+     "config": ModelConfig fields,
      "prompt", "token_ids", "engine": {name, version, precision, settings}, "qk_layout",
      "lm_head_positions": "last"|"all", "plan": {stages, layers}, "not_captured": [{stage, reason}],
      "notes": [...], "files": [{path, stage, layer, shape, dims, bytes, sha256}]}
@@ -107,6 +108,7 @@ class RunInfo:
     lm_head_positions: str = "last"
     notes: tuple[str, ...] = ()
     unavailable: dict[str, str] = field(default_factory=dict)  # stage -> why this engine lacks it
+    tensor_types: dict[str, str] = field(default_factory=dict)  # canonical weight name -> stored type
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,7 @@ class Manifest:
                 "format": r.model_format,
                 "sha256": r.model_sha256,
                 "bytes": r.model_bytes,
+                "tensor_types": r.tensor_types,
             },
             "config": r.config.to_dict(),
             "prompt": r.prompt,
@@ -173,6 +176,7 @@ class Manifest:
                 lm_head_positions=d["lm_head_positions"],
                 notes=tuple(d["notes"]),
                 unavailable=dict(d.get("unavailable", {})),
+                tensor_types=dict(m.get("tensor_types", {})),
             )
             files = tuple(FileEntry.from_json(f) for f in d["files"])
             not_captured = tuple((n["stage"], n["reason"]) for n in d["not_captured"])

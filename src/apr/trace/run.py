@@ -151,6 +151,7 @@ class PreparedTrace:
             lm_head_positions="all" if opt.lm_head_all else "last",
             notes=eng.notes,
             unavailable=eng.unavailable,
+            tensor_types={t.name: t.qtype.name for t in self.ckpt.tensors()},
         )
 
     def run(self, plan: TracePlan, out_dir: Path, opt: TraceOptions) -> TraceOutcome:

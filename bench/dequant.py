@@ -1,0 +1,148 @@
+"""Dequantization throughput: apr.quant.dequantize vs gguf-py's gguf.quants.dequantize, same bytes, same run.
+
+    .venv/bin/python bench/dequant.py [--mb 8] [--repeat 5]
+
+For each type: ≥ `mb` MB of random blocks (rows of 4096 elements) whose f16 scale fields are replaced by
+finite, normal values (so neither side spends its time in NaN/denormal arithmetic), the best of
+`repeat` timed runs for each implementation, alternating, and MB/s of *input* bytes. `rows()` returns
+the table for bench/run.py; gguf-py is optional (its columns are then empty).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from apr.quant import DEQUANT_TYPES, QuantType, dequantize
+from apr.quant.types import QUANT_LAYOUT
+
+ROW: Final = 4096  # elements per row: 16 K-quant super-blocks, 128 legacy blocks
+# Byte offsets of the f16 scale fields in each block (ggml-common.h); made finite before timing.
+F16_FIELDS: Final[dict[QuantType, tuple[int, ...]]] = {
+    QuantType.Q4_0: (0,),
+    QuantType.Q4_1: (0, 2),
+    QuantType.Q5_0: (0,),
+    QuantType.Q5_1: (0, 2),
+    QuantType.Q8_0: (0,),
+    QuantType.Q2_K: (80, 82),
+    QuantType.Q3_K: (108,),
+    QuantType.Q4_K: (0, 2),
+    QuantType.Q5_K: (0, 2),
+    QuantType.Q6_K: (208,),
+    QuantType.APR_Q4: (0,),
+}
+# Element types are benchmarked on finite values of their own kind.
+FLOAT_TYPES: Final = {QuantType.F16: "<f2", QuantType.F32: "<f4", QuantType.F64: "<f8"}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    qtype: str
+    mbytes: float  # input size
+    apr_mbs: float
+    gguf_mbs: float | None  # None: gguf-py has no dequantizer for this type (or is not installed)
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.gguf_mbs is None else self.apr_mbs / self.gguf_mbs
+
+
+def sample(qtype: QuantType, mb: float, rng: np.random.Generator) -> npt.NDArray[np.uint8]:
+    """(rows, row bytes) of plausible stored data for `qtype`, at least `mb` MB."""
+    if qtype is QuantType.APR_Q8:
+        n = int(mb * 1e6)
+        raw = rng.integers(0, 256, n + 4, dtype=np.uint8)
+        raw[:4] = np.array([0.01], "<f4").view(np.uint8)
+        return raw
+    layout = QUANT_LAYOUT[qtype]
+    row_bytes = ROW // layout.block_size * layout.type_size
+    n_rows = -(-int(mb * 1e6) // row_bytes)
+    if qtype in FLOAT_TYPES:
+        values = rng.standard_normal((n_rows, ROW)).astype(FLOAT_TYPES[qtype])
+        return values.view(np.uint8)
+    raw = rng.integers(0, 256, (n_rows, row_bytes), dtype=np.uint8)
+    blocks = raw.reshape(-1, layout.type_size)
+    for at in F16_FIELDS.get(qtype, ()):
+        scale = (rng.random(len(blocks)) * 0.02 + 1e-3).astype("<f2")
+        blocks[:, at : at + 2] = scale.reshape(-1, 1).view(np.uint8)
+    return raw
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _gguf_dequantizer(qtype: QuantType) -> Callable[[npt.NDArray[np.uint8]], object] | None:
+    """gguf-py's dequantize for `qtype`, or None where it has none (or gguf is not installed)."""
+    try:
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize as gguf_dequantize
+    except ImportError:
+        return None
+    gtype = GGMLQuantizationType.__members__.get(qtype.name)
+    if gtype is None:
+        return None
+    try:
+        gguf_dequantize(sample(qtype, 1e-3, np.random.default_rng(0)), gtype)
+    except NotImplementedError:
+        return None
+    return lambda raw: gguf_dequantize(raw, gtype)
+
+
+def bench_type(qtype: QuantType, mb: float, repeat: int, seed: int = 0) -> Row:
+    """Best-of-`repeat` MB/s for apr and gguf-py on the same ≥ `mb` MB, runs alternating."""
+    raw = sample(qtype, mb, np.random.default_rng(seed))
+    shape = _shape(qtype, raw)
+    sides: list[Callable[[], object]] = [lambda: dequantize(raw, qtype, shape)]
+    theirs = _gguf_dequantizer(qtype)
+    if theirs is not None:
+        sides.append(lambda: theirs(raw))
+    best = [float("inf")] * len(sides)
+    with np.errstate(all="ignore"):
+        for side in sides:
+            side()  # warm-up
+        for _ in range(repeat):  # alternate, so both see the same machine load
+            best = [min(b, _seconds(side)) for b, side in zip(best, sides, strict=True)]
+    mbytes = raw.nbytes / 1e6
+    return Row(qtype.name, mbytes, mbytes / best[0], mbytes / best[1] if theirs else None)
+
+
+def _shape(qtype: QuantType, raw: npt.NDArray[np.uint8]) -> tuple[int, ...]:
+    if qtype is QuantType.APR_Q8:
+        return (raw.size - 4,)
+    return (len(raw), ROW)
+
+
+def rows(mb: float = 8.0, repeat: int = 5) -> list[Row]:
+    """The benchmark table, one row per dequantizable type (ordered by type id)."""
+    return [bench_type(q, mb, repeat) for q in sorted(DEQUANT_TYPES)]
+
+
+def render(table: list[Row]) -> str:
+    lines = [f"{'type':8} {'MB':>6} {'apr MB/s':>10} {'gguf MB/s':>10} {'ratio':>7}"]
+    for r in table:
+        gguf = "—" if r.gguf_mbs is None else f"{r.gguf_mbs:10.0f}"
+        ratio = "—" if r.ratio is None else f"{r.ratio:6.2f}×"
+        lines.append(f"{r.qtype:8} {r.mbytes:6.1f} {r.apr_mbs:10.0f} {gguf:>10} {ratio:>7}")
+    lines.append("F32 is a zero-copy view on both sides: its times are per-call overhead, a few µs.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--mb", type=float, default=8.0, help="input MB per type (default 8)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per side (default 5)")
+    args = parser.parse_args()
+    print(render(rows(args.mb, args.repeat)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""`apr bisect A B`: trace two models (or take existing traces) on the same tokens, compare every stage in
+forward order, and say where they part ways and whether that stage makes the error or inherits it.
+
+A is the reference (relative errors are ‖a−b‖/‖b‖ as in `apr diff`; KL is KL(A‖B)). Each side is a model
+(any format, any engine) or a trace directory. Models are traced with every stage of every layer and
+all-position logits into a work directory. Tokenizers must agree on the prompt (or a trace's recorded
+tokens): comparing different inputs element-wise means nothing. `isolate` re-runs each layer of B (reference
+engine, B's weights) on A's captured input to that layer, so each stage's own error can be shown next to the
+error it inherited.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from apr.diff.align import Side, align
+from apr.diff.compare import StageDiff, Tolerance, TraceDiff, diff_traces
+from apr.diff.growth import GrowthReport, GrowthRow, ToleranceModel, analyze
+from apr.diff.logits import LogitAgreement, compare_logits
+from apr.diff.metrics import compare
+from apr.engine.llama import block
+from apr.engine.weights import Weights
+from apr.errors import MismatchError, ValidationError
+from apr.trace.layout import MANIFEST_NAME, stage_files
+from apr.trace.manifest import Manifest
+from apr.trace.plan import TracePlan
+from apr.trace.reader import Trace, read_trace
+from apr.trace.run import PreparedTrace, TraceOptions, prepare_trace
+from apr.trace.stages import Stage, StageId
+
+ACTIVATION_QUANT_ENGINES = frozenset({"llama.cpp"})
+
+
+@dataclass(frozen=True, slots=True)
+class SideSpec:
+    path: Path
+    engine: str = "reference"
+
+
+@dataclass(frozen=True, slots=True)
+class IsolatedRow:
+    sid: StageId
+    error: float  # B's layer on A's input, against A
+    total: float  # the full-run error of the stage
+
+    @property
+    def inherited(self) -> float:
+        return max(self.total - self.error, 0.0)
+
+
+@dataclass
+class BisectResult:
+    a: SideSpec
+    b: SideSpec
+    manifests: tuple[Manifest | None, Manifest | None]  # how each side ran (None: an aprender trace)
+    diff: TraceDiff
+    growth: GrowthReport
+    logits: LogitAgreement | None
+    token_ids: tuple[int, ...]
+    isolated: list[IsolatedRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def is_trace_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / MANIFEST_NAME).is_file() or bool(stage_files(path)))
+
+
+def _check_tokens(a: PreparedTrace | Trace, b: PreparedTrace | Trace, pa: Path, pb: Path) -> tuple[int, ...]:
+    ids = [x.token_ids if isinstance(x, PreparedTrace) else _trace_ids(x) for x in (a, b)]
+    if ids[0] != ids[1]:
+        raise MismatchError(
+            f"the two sides tokenize the prompt differently ({pa}: {list(ids[0])}, {pb}: {list(ids[1])}); "
+            "stage tensors of different token sequences cannot be compared element-wise"
+        )
+    return ids[0]
+
+
+def _trace_ids(t: Trace) -> tuple[int, ...]:
+    if t.manifest is None:
+        raise ValidationError(f"{t.path} has no manifest.json (not written by apr): its tokens are unknown")
+    return t.manifest.run.token_ids
+
+
+def _prepare(spec: SideSpec, prompt: str) -> PreparedTrace | Trace:
+    return read_trace(spec.path) if is_trace_dir(spec.path) else prepare_trace(spec.path, prompt)
+
+
+def _prompt_of(other: PreparedTrace | Trace, prompt: str) -> str:
+    """A model traced against an existing trace runs on that trace's prompt."""
+    if isinstance(other, Trace) and other.manifest is not None:
+        return other.manifest.run.prompt
+    return prompt
+
+
+@contextmanager
+def _workdir(keep: Path | None) -> Iterator[Path]:
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix="apr-bisect-") as d:
+        yield Path(d)
+
+
+def _materialize(x: PreparedTrace | Trace, spec: SideSpec, out: Path, opt: TraceOptions) -> Trace:
+    if isinstance(x, Trace):
+        return x
+    n = x.ckpt.config.n_layers
+    x.run(
+        TracePlan.from_cli("all", f"0..{n}"), out, TraceOptions(spec.engine, opt.precision, lm_head_all=True)
+    )
+    return read_trace(out)
+
+
+def bisect(
+    a: SideSpec,
+    b: SideSpec,
+    prompt: str,
+    *,
+    model: ToleranceModel | None = None,
+    cosine: Tolerance | None = None,
+    isolate: bool = False,
+    keep: Path | None = None,
+    precision: str = "f32",
+) -> BisectResult:
+    """Compare A (reference) and B stage by stage; see the module docstring."""
+    pa, pb = _prepare(a, prompt), _prepare(b, prompt)
+    if isinstance(pa, Trace) and isinstance(pb, PreparedTrace):
+        pb = prepare_trace(b.path, _prompt_of(pa, prompt))
+    if isinstance(pb, Trace) and isinstance(pa, PreparedTrace):
+        pa = prepare_trace(a.path, _prompt_of(pb, prompt))
+    ids = _check_tokens(pa, pb, a.path, b.path)
+    if isolate and isinstance(pb, Trace):
+        raise ValidationError("--isolate re-runs B's layers, so B must be a model, not a trace directory")
+    opt = TraceOptions(precision=precision)
+    with _workdir(keep) as work:
+        ta = _materialize(pa, a, work / "a", opt)
+        tb = _materialize(pb, b, work / "b", opt)
+        diff = diff_traces(ta, tb, cosine)
+        types = tuple(t.manifest.run.tensor_types if t.manifest else {} for t in (ta, tb))
+        engines = [t.manifest.run.engine if t.manifest else "" for t in (ta, tb)]
+        quantizes = (engines[0] in ACTIVATION_QUANT_ENGINES, engines[1] in ACTIVATION_QUANT_ENGINES)
+        tm = replace(model or ToleranceModel(), activation_quant=quantizes)
+        growth = analyze(diff, tm, (types[0], types[1]))
+        result = BisectResult(a, b, (ta.manifest, tb.manifest), diff, growth, _logits(ta, tb), ids)
+        if isolate:
+            assert isinstance(pb, PreparedTrace)
+            result.isolated = isolate_layers(ta, pb, diff)
+    return result
+
+
+def _logits(a: Trace, b: Trace) -> LogitAgreement | None:
+    sid = StageId(Stage.LM_HEAD)
+    if sid not in a.entries or sid not in b.entries:
+        return None
+    x, y = a.load(sid), b.load(sid)
+    if x.shape != y.shape:  # one side kept the last position only
+        x, y = x.reshape(-1, x.shape[-1])[-1:], y.reshape(-1, y.shape[-1])[-1:]
+    return compare_logits(np.asarray(x), np.asarray(y))
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.items: dict[StageId, Any] = {}
+
+    def __call__(self, sid: StageId, value: Any, /) -> None:
+        self.items[sid] = np.asarray(value)
+
+
+def isolate_layers(a: Trace, b: PreparedTrace, diff: TraceDiff) -> list[IsolatedRow]:
+    """Run each layer of B (reference engine) on A's input to that layer; compare with A's stages."""
+    cfg = b.ckpt.config
+    w = Weights(b.ckpt)
+    total = {r.sid: r.metrics.rel_l2 for r in diff.rows}
+    side_a, side_b = Side.of(a), Side(cfg.qk_layout, cfg)
+    rows: list[IsolatedRow] = []
+    for i in range(cfg.n_layers):
+        src = StageId(Stage.POST_FFN_RESIDUAL, i - 1) if i else StageId(Stage.EMBEDDING, 0)
+        if src not in a.entries:
+            raise ValidationError(f"--isolate needs A's input to layer {i} ({src}), which A's trace lacks")
+        x = np.asarray(a.load(src), dtype=np.float32).reshape(len(_trace_ids(a)), cfg.hidden_size)
+        got = _Collect()
+        block(w, cfg, i, x, got)
+        for sid, value in got.items.items():
+            if sid in a.entries:
+                ya, yb = align(sid, a.load(sid), side_a, value, side_b)
+                rows.append(IsolatedRow(sid, compare(ya, yb).rel_l2, total.get(sid, float("nan"))))
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRow:
+    layer: int
+    output: GrowthRow | None  # the layer output (post_ffn_residual)
+    worst: GrowthRow  # the stage of this layer with the largest error
+    jumps: int
+
+
+def layer_summary(r: BisectResult) -> list[LayerRow]:
+    """One row per decoder layer: its output error, its worst stage, how many of its stages jump."""
+    by_layer: dict[int, list[GrowthRow]] = {}
+    for row in r.growth.rows:
+        if row.diff.sid.layer is not None:
+            by_layer.setdefault(row.diff.sid.layer, []).append(row)
+    out = []
+    for layer, rows in sorted(by_layer.items()):
+        output = next((x for x in rows if x.diff.sid.stage is Stage.POST_FFN_RESIDUAL), None)
+        worst = max(rows, key=lambda x: x.error)
+        out.append(LayerRow(layer, output, worst, sum(x.jump for x in rows)))
+    return out
+
+
+def first_beyond_cosine(r: BisectResult) -> StageDiff | None:
+    """aprender's rule of thumb (cosine < 0.999 by default), for information next to the growth verdict."""
+    return r.diff.first_divergence

@@ -1,0 +1,100 @@
+"""SmolLM2 GGUFs in more quant types, made by llama.cpp's own quantizer from the F32 fixture.
+
+`quantized_gguf("Q4_K_M")` runs `llama_model_quantize(src, out, ftype=LLAMA_FTYPE_MOSTLY_Q4_K_M)` once
+(0.5–2.5 s) and caches the file in $APR_CACHE/fixtures, keyed by the model and the llama-cpp-python
+version. `src` is the F32 fixture without its tokenizer metadata (`tensors_only_f32_gguf`, built once):
+GGUFReader then opens the results in milliseconds instead of ~5 s. Tensor types per file (576 columns
+is not a multiple of 256, so only ffn_down can hold a K-quant; spec/oracles.md §1):
+
+    Q4_K_M  Q4_K Q6_K Q5_0 Q8_0     Q5_K_M  Q5_K Q6_K Q5_1 Q8_0     Q3_K_M  Q4_K Q5_K Q4_0 Q5_0 Q5_1 Q8_0
+    Q2_K    Q3_K Q4_0 Q8_0          Q2_K_PURE  Q2_K Q4_0            Q6_K    Q6_K Q8_0
+    Q4_0, Q5_1, F16, BF16: that type (+ one Q8_0 token_embd for Q4_0/Q5_1); F32 norms in every file
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from tests.fixtures import models
+
+# name → (llama_ftype suffix, pure: every tensor the file type's own type where the shape allows)
+FILE_TYPES: Final[dict[str, tuple[str, bool]]] = {
+    "Q4_K_M": ("Q4_K_M", False),
+    "Q5_K_M": ("Q5_K_M", False),
+    "Q3_K_M": ("Q3_K_M", False),
+    "Q2_K": ("Q2_K", False),
+    "Q2_K_PURE": ("Q2_K", True),
+    "Q6_K": ("Q6_K", False),
+    "Q4_0": ("Q4_0", False),
+    "Q5_1": ("Q5_1", False),
+    "F16": ("F16", False),
+    "BF16": ("BF16", False),
+}
+
+
+def _tag() -> str:
+    import llama_cpp
+
+    return f"{models.SMOLLM2_GGUF_SHA256[:12]}-llamacpp{llama_cpp.__version__}"
+
+
+def _atomic(out: Path, build: Callable[[Path], None]) -> Path:
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    try:
+        build(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def tensors_only_f32_gguf() -> Path:
+    """The F32 fixture minus `tokenizer.*` keys (GGUFReader parses those element by element)."""
+    name = f"smollm2-f32-notok-{models.SMOLLM2_GGUF_SHA256[:12]}.gguf"
+    out = Path(models.cache_dir()) / "fixtures" / name
+    if out.is_file():
+        return out
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    def build(tmp: Path) -> None:
+        src = GGUFReader(models.smollm2_f32_gguf())
+        w = GGUFWriter(tmp, arch="llama")
+        for key, field in src.fields.items():
+            if key.startswith(("GGUF.", "tokenizer.")) or key == "general.architecture":
+                continue
+            sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+        for t in src.tensors:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    return _atomic(out, build)
+
+
+def quantized_gguf(name: str) -> Path:
+    """SmolLM2 (no tokenizer) quantized by llama.cpp as FILE_TYPES[name] (needs llama-cpp-python)."""
+    import llama_cpp
+
+    ftype, pure = FILE_TYPES[name]
+    out = Path(models.cache_dir()) / "fixtures" / f"smollm2-{name.lower()}-{_tag()}.gguf"
+    if out.is_file():
+        return out
+    source = tensors_only_f32_gguf()
+
+    def build(tmp: Path) -> None:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+        params.pure = pure
+        params.nthread = os.cpu_count() or 1
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if status != 0:
+            raise RuntimeError(f"llama_model_quantize({name}) failed with status {status}")
+
+    return _atomic(out, build)
