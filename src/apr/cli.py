@@ -19,7 +19,7 @@ import click
 from apr import __version__
 from apr.atomicfile import write_bytes_atomic
 from apr.convert.export import export_safetensors
-from apr.convert.importer import import_gguf
+from apr.convert.importer import convert_apr, import_gguf
 from apr.diff.bisect import SideSpec
 from apr.diff.bisect import bisect as run_bisect
 from apr.diff.compare import Tolerance, diff_stage_files, diff_traces
@@ -427,6 +427,31 @@ def import_(source: Path, output: Path | None, quantize: str | None, as_json: bo
     """
     out = output or source.with_suffix(".apr")
     result = import_gguf(source, out, quantize)
+    if as_json or _ctx().json:
+        click.echo(jsonr.dumps(jsonr.import_doc(result)))
+    else:
+        emit(text.render_import(result))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path, readable=False))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path, readable=False), required=True, help="Output .apr file."
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["q4_k", "q6_k", "q8_0"], case_sensitive=False),
+    required=True,
+    help="Quantize every 2-D weight whose rows fit the block size (norms and biases stay F32).",
+)
+@json_option
+def convert(file: Path, output: Path, quantize: str, as_json: bool) -> None:
+    """Requantize an .apr model into a new .apr file (APR → APR).
+
+    \b
+    Example:  apr convert smollm2.apr -o smollm2-q4k.apr --quantize q4_k
+    """
+    result = convert_apr(file, output, quantize)
     if as_json or _ctx().json:
         click.echo(jsonr.dumps(jsonr.import_doc(result)))
     else:

@@ -566,12 +566,12 @@ def test_warnings_name_realizars_duplicate_field_trap(tmp_path: Path) -> None:
 
 
 WRITE_ERRORS: dict[str, tuple[list[AprTensor], dict[str, object], type[Exception], str]] = {
-    "q8_0": (
-        [AprTensor("t", QuantType.Q8_0, (32,), bytes(34))],
+    "q4_0": (
+        [AprTensor("t", QuantType.Q4_0, (32,), bytes(18))],
         {},
         UnsupportedQuantError,
-        "tensor 't' is Q8_0, which .apr cannot hold (dtype code 8 is GGML Q8_0 to realizar but "
-        "legacy APR_Q4 to aprender); requantize it to Q4_K or Q6_K, or store F16",
+        "tensor 't' is Q4_0, which .apr cannot hold (aprender has no dtype code for it); "
+        "requantize it to Q4_K or Q6_K, or store F16",
     ),
     "alias": (
         [],
@@ -714,3 +714,22 @@ def test_an_empty_tensor_may_share_an_offset(tmp_path: Path) -> None:
     entries = [_entry("a", 0, [4], 0, 16), _entry("z", 0, [0], 0, 0)]
     ck = _open(tmp_path, _container(META, entries, _pad(A4)))
     assert ck.read("z").shape == (0,) and ck.raw("z").size == 0
+
+
+def test_q8_0_is_written_as_code_8_and_read_back_by_size(tmp_path: Path) -> None:
+    """realizar reads dtype code 8 as GGML Q8_0 when the size fits; so does our reader."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from apr.quant import quantize
+
+    values = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    blocks = quantize(values, QuantType.Q8_0)
+    path = tmp_path / "q.apr"
+    write_apr(path, [AprTensor("w", QuantType.Q8_0, (4, 64), blocks)], CFG_FULL)
+    raw = path.read_bytes()
+    index = int.from_bytes(raw[24:32], "little")
+    assert raw[index + 2 + 1] == 8  # name_len u16, name "w", then the dtype code
+    ck = open_apr(path)
+    assert ck.info("w").qtype == QuantType.Q8_0
+    expected = gguf_dequantize(blocks, gguf.GGMLQuantizationType.Q8_0).reshape(4, 64)
+    assert np.array_equal(ck.read("w"), expected)

@@ -1,4 +1,6 @@
-"""`apr import MODEL.gguf -o MODEL.apr`: aprender's GGUF → APR import (spec §8), exact by default.
+"""`apr import MODEL.gguf -o MODEL.apr` (aprender's GGUF → APR import, spec §8) and `apr convert` (APR → APR).
+
+Exact by default.
 
 - Names: Qwen2/Qwen3 tensors get HF names (`qwen2_map_name`), LLaMA keeps GGUF names, as aprender does.
 - Types: F32, F16, BF16, Q4_K and Q6_K bytes pass through unchanged. Any other type is stored as the F32 of
@@ -77,39 +79,57 @@ def _producer(ckpt: Checkpoint, t: TensorInfo, to: QuantType) -> Callable[[], ob
     return lambda: quantize(ckpt.read(t.name), to)
 
 
-def import_gguf(src: Path, out: Path, quantize_to: str | None = None) -> ImportResult:
-    """Convert a GGUF (or any readable checkpoint) to .apr v2. See the module docstring for the rules."""
+def _quant_target(quantize_to: str | None) -> QuantType | None:
+    if quantize_to is None:
+        return None
+    if quantize_to.lower() not in QUANTIZE_TARGETS:
+        raise ValidationError(f"--quantize {quantize_to}: choose from {', '.join(QUANTIZE_TARGETS)}")
+    return QUANTIZE_TARGETS[quantize_to.lower()]
+
+
+def _open_as(src: Path, fmt: str, command: str) -> Checkpoint:
     ckpt = open_checkpoint(src)
-    if ckpt.format_name != "gguf":
-        raise FormatError(f"{src}: apr import reads GGUF files; this is {ckpt.format_name}")
-    want = None
-    if quantize_to is not None:
-        if quantize_to.lower() not in QUANTIZE_TARGETS:
-            raise ValidationError(f"--quantize {quantize_to}: choose from {', '.join(QUANTIZE_TARGETS)}")
-        want = QUANTIZE_TARGETS[quantize_to.lower()]
-    cfg = ckpt.config
-    if cfg.architecture not in HF_ARCHITECTURE:
-        raise ValidationError(f"{src}: architecture {cfg.architecture} cannot be imported")
+    if ckpt.format_name != fmt:
+        raise FormatError(f"{src}: apr {command} reads {fmt} files; this is {ckpt.format_name}")
+    if ckpt.config.architecture not in HF_ARCHITECTURE:
+        raise ValidationError(f"{src}: architecture {ckpt.config.architecture} cannot be converted to .apr")
     check_complete(ckpt)
+    return ckpt
+
+
+def import_gguf(src: Path, out: Path, quantize_to: str | None = None) -> ImportResult:
+    """Convert a GGUF to .apr v2 with aprender's names (see the module docstring for the rules)."""
+    ckpt = _open_as(src, "gguf", "import")
+    arch = ckpt.config.architecture
+    return write_converted(ckpt, out, _quant_target(quantize_to), lambda t: _stored_name(t.name, arch))
+
+
+def convert_apr(src: Path, out: Path, quantize_to: str | None = None) -> ImportResult:
+    """`apr convert`: .apr → .apr, tensors (re)quantized as asked, names kept as stored."""
+    ckpt = _open_as(src, "apr", "convert")
+    return write_converted(ckpt, out, _quant_target(quantize_to), lambda t: t.source_name or t.name)
+
+
+def write_converted(
+    ckpt: Checkpoint, out: Path, want: QuantType | None, stored: Callable[[TensorInfo], str]
+) -> ImportResult:
+    """Write `ckpt` as .apr v2: each tensor passed through, requantized to `want`, or stored as exact F32."""
     result = ImportResult(out)
     tensors: list[AprTensor] = []
     sources = list(ckpt.tensors())
-    if names.OUTPUT not in {t.name for t in sources}:
-        result.tied_lm_head = True
     for t in sources:
         to = _target(t, want)
-        stored = _stored_name(t.name, cfg.architecture)
-        tensors.append(AprTensor(stored, to, t.shape, _producer(ckpt, t, to)))  # type: ignore[arg-type]
+        tensors.append(AprTensor(stored(t), to, t.shape, _producer(ckpt, t, to)))  # type: ignore[arg-type]
         if to == t.qtype:
             result.passthrough.append(t.name)
         else:
             result.converted.append((t.name, t.qtype.name, to.name))
-    if result.tied_lm_head:
+    if names.OUTPUT not in {t.name for t in sources}:
+        result.tied_lm_head = True
         emb = ckpt.info(names.TOKEN_EMBD)
         to = _target(emb, want)
         tensors.append(AprTensor(LM_HEAD_NAME, to, emb.shape, _producer(ckpt, emb, to)))  # type: ignore[arg-type]
-    shapes = {x.name: x.shape for x in tensors}
-    meta = metadata_for(cfg, ckpt.tokenizer_spec(), shapes=shapes)
+    meta = metadata_for(ckpt.config, ckpt.tokenizer_spec(), shapes={x.name: x.shape for x in tensors})
     write_apr(out, tensors, meta)
     result.tensors = len(tensors)
     return result

@@ -91,9 +91,12 @@ DTYPE_CODES: Final[dict[int, QuantType]] = {
     128: QuantType.APR_Q4,
     129: QuantType.APR_Q8,
 }
-CODE_OF: Final[dict[QuantType, int]] = {q: c for c, q in DTYPE_CODES.items()}
+# Q8_0 is written as code 8, which realizar (aprender's inference loader) reads as GGML Q8_0 when the size
+# fits; aprender's own format crate reads 8 as its legacy APR_Q4. The sizes always differ (34 vs 18 bytes
+# per 32), so our reader resolves code 8 by size and never guesses. `apr import --quantize q8_0` uses it.
+CODE_OF: Final[dict[QuantType, int]] = {q: c for c, q in DTYPE_CODES.items()} | {QuantType.Q8_0: 8}
 # Codes resolved by size, first match wins: aprender reads 8 as APR_Q4 and 9 as APR_Q8 (their ids
-# before GH-438); realizar reads 8 as GGML Q8_0 when the size fits. We never write either code.
+# before GH-438); realizar reads 8 as GGML Q8_0 when the size fits. We never write 9.
 LEGACY_CODES: Final[dict[int, tuple[QuantType, ...]]] = {
     8: (QuantType.APR_Q4, QuantType.Q8_0),
     9: (QuantType.APR_Q8,),

@@ -58,7 +58,6 @@ NUMPY_QTYPE: Final[dict[np.dtype[Any], QuantType]] = {
 }
 _ZEROS: Final = bytes(64)
 _UNWRITABLE: Final[dict[QuantType, str]] = {
-    QuantType.Q8_0: "dtype code 8 is GGML Q8_0 to realizar but legacy APR_Q4 to aprender",
     QuantType.Q8_1: "dtype code 9 is GGML Q8_1 to realizar but legacy APR_Q8 to aprender",
 }
 
