@@ -62,7 +62,7 @@ def test_all_stages_layers_and_manifest(smollm2_gguf: Path, tmp_path: Path) -> N
     )
     assert code == 0
     assert "Wrote 34 stage tensor file(s):" in stdout  # 2 layers × 16 + final_norm + lm_head (no embedding)
-    assert "blk.28.qkv_bias: the model has no QKV bias" in stdout
+    assert "  qkv_bias at layer(s) 28..30: the model has no QKV bias\n" in stdout
     m = json.loads((out / "manifest.json").read_text())
     assert m["schema"] == "apr-trace-manifest-v1" and m["token_ids"] == IDS
     assert m["model"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

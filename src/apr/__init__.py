@@ -11,8 +11,6 @@ Public API (the CLI is a thin layer over these):
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from apr.diff.compare import (
     StageDiff,
     StageFileDiff,
@@ -27,6 +25,7 @@ from apr.formats import open_checkpoint
 from apr.trace.plan import TracePlan
 from apr.trace.reader import Trace, read_trace
 from apr.trace.stages import STAGE_ORDER, Stage, StageId
+from apr.version import __version__
 
 __all__ = [
     "STAGE_ORDER",

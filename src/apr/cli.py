@@ -16,7 +16,7 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from apr import __version__
+from apr.version import __version__
 from apr.atomicfile import write_bytes_atomic
 from apr.convert.export import export_safetensors
 from apr.convert.importer import convert_apr, import_gguf

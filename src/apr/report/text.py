@@ -16,6 +16,7 @@ from apr.convert.importer import ImportResult
 from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
 from apr.report.numfmt import rust_exp, rust_fixed, short
 from apr.trace.run import TraceOutcome
+from apr.trace.stages import StageId
 
 BOX_WIDTH: Final = 80
 
@@ -113,6 +114,29 @@ def render_prompt(prompt: str, token_ids: Sequence[int]) -> str:
     return f'Test prompt:  "{prompt}"\nToken ids:    [{ids}] ({len(token_ids)} tokens)\n\n'
 
 
+def _layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] → "0..3, 5" (START..END, END exclusive, like --save-tensor-layers)."""
+    spans: list[list[int]] = []
+    for i in sorted(layers):
+        if spans and i == spans[-1][1]:
+            spans[-1][1] = i + 1
+        else:
+            spans.append([i, i + 1])
+    return ", ".join(f"{a}" if b == a + 1 else f"{a}..{b}" for a, b in spans)
+
+
+def _group_missing(missing: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One line per (stage, reason): "qkv_bias at layers 0..30" instead of thirty lines."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for text_id, why in missing:
+        sid = StageId.parse(text_id)
+        groups.setdefault((sid.stage.value, why), []).extend([] if sid.layer is None else [sid.layer])
+    return [
+        (f"{stage} at layer(s) {_layer_ranges(layers)}" if layers else stage, why)
+        for (stage, why), layers in groups.items()
+    ]
+
+
 def render_trace_outcome(o: TraceOutcome) -> str:
     r = o.result
     out = [f"Removed {len(r.removed_stale)} stale stage file(s) of an earlier run in {r.out_dir}"] * bool(
@@ -122,7 +146,7 @@ def render_trace_outcome(o: TraceOutcome) -> str:
     out.extend(f"  {f.path} ({f.bytes} bytes)" for f in r.files)
     if r.not_captured:
         out.append(f"Not captured ({len(r.not_captured)}):")
-        out.extend(f"  {sid}: {why}" for sid, why in r.not_captured)
+        out.extend(f"  {what}: {why}" for what, why in _group_missing(r.not_captured))
     if r.manifest_path is not None:
         out.append(f"Manifest:     {r.manifest_path}")
     cfg = o.run.config

@@ -22,6 +22,7 @@ from typing import Any, Final
 from apr.errors import TraceFormatError
 from apr.formats.config import ModelConfig, QKLayout
 from apr.trace.stages import Stage, StageId
+from apr.version import __version__
 
 SCHEMA: Final = "apr-trace-manifest-v1"
 
@@ -123,7 +124,7 @@ class Manifest:
         r = self.run
         doc: dict[str, Any] = {
             "schema": SCHEMA,
-            "apr_version": _apr_version(),
+            "apr_version": __version__,
             "model": {
                 "path": r.model_path,
                 "format": r.model_format,
@@ -187,12 +188,6 @@ class Manifest:
             raise TraceFormatError(
                 f"{source}: malformed trace manifest ({type(exc).__name__}: {exc})"
             ) from None
-
-
-def _apr_version() -> str:
-    from apr import __version__
-
-    return __version__
 
 
 def read_manifest(path: Path) -> Manifest:

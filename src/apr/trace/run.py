@@ -17,7 +17,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from apr import __version__
+from apr.version import __version__
 from apr.engine.llama import forward
 from apr.engine.weights import Weights
 from apr.errors import FormatError, ValidationError
