@@ -16,7 +16,6 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from apr.version import __version__
 from apr.atomicfile import write_bytes_atomic
 from apr.convert.export import export_safetensors
 from apr.convert.importer import convert_apr, import_gguf
@@ -39,6 +38,7 @@ from apr.trace.plan import DEFAULT_LAYERS, TracePlan
 from apr.trace.reader import read_trace
 from apr.trace.run import TraceOptions, prepare_trace
 from apr.trace.stages import STAGE_ORDER
+from apr.version import __version__
 
 INTERNAL_ERROR: Final = 70
 DEFAULT_PROMPT: Final = "What is 2+2?"
@@ -322,14 +322,17 @@ def diff(
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path, readable=False))
 @click.option("--no-tensors", is_flag=True, help="Omit the tensor table.")
+@click.option(
+    "--verify", is_flag=True, help="Also verify whole-file checksums (.apr footer CRC; reads the file)."
+)
 @json_option
-def inspect(model: Path, no_tensors: bool, as_json: bool) -> None:
+def inspect(model: Path, no_tensors: bool, verify: bool, as_json: bool) -> None:
     """Show a model's format, architecture, config, tokenizer and tensor table (no tensor data read).
 
     \b
     Example:  apr inspect SmolLM2-135M-Instruct.Q4_1.gguf --json
     """
-    summary = summarize(open_checkpoint(model))
+    summary = summarize(open_checkpoint(model), verify)
     if as_json or _ctx().json:
         click.echo(jsonr.dumps(inspect_report.inspect_doc(summary)))
     else:

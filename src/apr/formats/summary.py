@@ -39,9 +39,22 @@ class CheckpointSummary:
     qtypes: dict[str, int]  # quant type name -> tensor count
     tokenizer: TokenizerSummary | None
     metadata: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    integrity: str | None = None  # result of --verify (whole-file checksums), None when not asked
 
 
-def summarize(ckpt: Checkpoint) -> CheckpointSummary:
+def _integrity(ckpt: Checkpoint) -> str:
+    """Checksums a format keeps beyond its header (today: the .apr footer CRC32); reads the whole file."""
+    check = getattr(ckpt, "check_footer", None)
+    if check is None:
+        return f"{ckpt.format_name} files carry no whole-file checksum"
+    f = check()
+    if f.ok:
+        return f"footer CRC32 {f.stored:08x} verified"
+    return f"footer CRC32 MISMATCH: stored {f.stored:08x}, computed {f.computed:08x} (the file is corrupt)"
+
+
+def summarize(ckpt: Checkpoint, verify: bool = False) -> CheckpointSummary:
     tensors = list(ckpt.tensors())
     spec = ckpt.tokenizer_spec()
     tok = None
@@ -61,6 +74,8 @@ def summarize(ckpt: Checkpoint) -> CheckpointSummary:
         qtypes=dict(Counter(t.qtype.name for t in tensors)),
         tokenizer=tok,
         metadata=ckpt.metadata,
+        warnings=list(getattr(ckpt, "warnings", ())),
+        integrity=_integrity(ckpt) if verify else None,
     )
 
 

@@ -34,6 +34,8 @@ def render_inspect(s: CheckpointSummary, tensors: bool = True) -> str:
             f"Tokenizer:    {t.model} (pre {t.pre}), {t.vocab_size} tokens, {t.merges} merges, "
             f"{t.special_tokens} special; bos {t.bos_id}, eos {t.eos_id}, add_bos {t.add_bos}"
         )
+    out += [f"Integrity:    {s.integrity}"] * (s.integrity is not None)
+    out += [f"warning: {w}" for w in s.warnings]
     if tensors:
         width = max((len(x.name) for x in s.tensors), default=4)
         out += ["", f"{'name':<{width}}  {'type':<7} {'shape':<14} {'bytes':>12}"]
@@ -55,6 +57,8 @@ def inspect_doc(s: CheckpointSummary) -> dict[str, Any]:
         "types": s.qtypes,
         "tokenizer": asdict(s.tokenizer) if s.tokenizer else None,
         "metadata": s.metadata,
+        "warnings": s.warnings,
+        "integrity": s.integrity,
         "tensors": [
             {
                 "name": x.name,

@@ -17,7 +17,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.version import __version__
 from apr.engine.llama import forward
 from apr.engine.weights import Weights
 from apr.errors import FormatError, ValidationError
@@ -29,6 +28,7 @@ from apr.trace.manifest import RunInfo
 from apr.trace.plan import TracePlan
 from apr.trace.stages import Tap
 from apr.trace.writer import TraceResult, TraceWriter
+from apr.version import __version__
 
 PRECISIONS: Final[dict[str, type[np.floating[Any]]]] = {"f32": np.float32, "f64": np.float64}
 HASH_CHUNK: Final = 8 << 20

@@ -1,0 +1,97 @@
+"""`apr inspect`, `apr import`, `apr convert`, `apr export` through the CLI, on the three formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from apr.cli import cli
+from apr.formats import open_checkpoint
+from apr.quant.types import QuantType
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    r = CliRunner().invoke(cli, list(args))
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("fixture", ["smollm2_gguf", "smollm2_apr", "smollm2_hf"])
+def test_inspect_every_format(request: pytest.FixtureRequest, fixture: str) -> None:
+    path = request.getfixturevalue(fixture)
+    code, out, _ = run("inspect", str(path), "--json")
+    doc = json.loads(out)
+    assert (
+        code == 0
+        and doc["format"]
+        == {"smollm2_gguf": "gguf", "smollm2_apr": "apr", "smollm2_hf": "safetensors"}[fixture]
+    )
+    assert doc["config"]["n_layers"] == 30 and doc["config"]["vocab_size"] == 49152
+    names = {t["name"]: t for t in doc["tensors"]}
+    assert names["blk.0.attn_k.weight"]["shape"] == [192, 576]
+    assert doc["tokenizer"] is not None
+    code, out, _ = run("inspect", str(path))
+    assert code == 0 and "Architecture: llama" in out and "blk.29.ffn_down.weight" in out
+
+
+def test_inspect_verify_finds_a_corrupt_apr_footer(smollm2_apr: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.apr"
+    data = bytearray(smollm2_apr.read_bytes())
+    data[-100] ^= 0xFF  # a data byte: the header CRC still verifies, the footer CRC does not
+    bad.write_bytes(bytes(data))
+    code, out, _ = run("inspect", str(bad), "--verify", "--no-tensors")
+    assert code == 0 and "footer CRC32 MISMATCH" in out
+    code, out, _ = run("inspect", str(smollm2_apr), "--verify", "--no-tensors")
+    assert "verified" in out
+
+
+def test_import_reports_what_it_converted(smollm2_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.apr"
+    code, stdout, _ = run("import", str(smollm2_gguf), "-o", str(out), "--json")
+    doc = json.loads(stdout)
+    assert code == 0 and doc["tensors"] == 273 and doc["tied_lm_head"] is True
+    assert {(c["from"], c["to"]) for c in doc["converted"]} == {("Q4_1", "F32"), ("Q8_0", "F32")}
+    assert len(doc["passthrough"]) == 61  # the F32 norms, byte for byte
+
+
+def test_import_quantize_q8_0_and_convert_q4_k(smollm2_gguf: Path, tmp_path: Path) -> None:
+    q8 = tmp_path / "q8.apr"
+    assert run("import", str(smollm2_gguf), "-o", str(q8), "--quantize", "q8_0")[0] == 0
+    ck = open_checkpoint(q8)
+    assert ck.info("blk.0.attn_q.weight").qtype is QuantType.Q8_0
+    assert ck.info("blk.0.attn_norm.weight").qtype is QuantType.F32
+    q4 = tmp_path / "q4.apr"
+    code, out, _ = run("convert", str(q8), "-o", str(q4), "--quantize", "q4_k")
+    assert code == 0 and "Q8_0→Q4_K ×30" in out  # only ffn_down rows (1536) are whole 256-blocks
+    ck4 = open_checkpoint(q4)
+    assert ck4.info("blk.0.ffn_down.weight").qtype is QuantType.Q4_K
+    w8, w4 = ck.read("blk.0.ffn_down.weight"), ck4.read("blk.0.ffn_down.weight")
+    assert np.linalg.norm(w4 - w8) / np.linalg.norm(w8) < 0.1
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["import", "{hf}", "-o", "{tmp}/x.apr"], 4, "apr import reads gguf files; this is safetensors"),
+        (["convert", "{gguf}", "-o", "{tmp}/x.apr", "--quantize", "q4_k"], 4, "apr convert reads apr files"),
+        (["inspect", "{tmp}/missing.gguf"], 3, "File not found"),
+        (["export", "{tmp}/missing.gguf", "-o", "{tmp}/hf"], 3, "File not found"),
+    ],
+)
+def test_errors(
+    smollm2_gguf: Path, smollm2_hf: Path, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    argv = [a.format(hf=smollm2_hf, gguf=smollm2_gguf, tmp=tmp_path) for a in args]
+    got, out, err = run(*argv)
+    assert (got, out) == (code, "") and message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "x.apr").exists()
+
+
+def test_not_a_model(tmp_path: Path) -> None:
+    junk = tmp_path / "notes.txt"
+    junk.write_text("hello")
+    code, _, err = run("inspect", str(junk))
+    assert code == 4 and "not a model file this tool can read" in err
