@@ -1,6 +1,6 @@
 """Print docs/cli.md: the `--help` of `apr` and of every command (tests/test_docs.py keeps it in sync).
 
-    python scripts/gen_cli_docs.py > docs/cli.md
+python scripts/gen_cli_docs.py > docs/cli.md
 """
 
 from __future__ import annotations
