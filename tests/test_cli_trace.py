@@ -232,3 +232,37 @@ def test_payload_text_and_skeleton(smollm2_apr: Path) -> None:
     ]
     code, stdout, _ = run("trace", str(smollm2_apr), "--json", "--layer", "nothing")
     assert 'layer filter "nothing" matched 0 of 32 layers' in json.loads(stdout)["notes"]
+
+
+@pytest.mark.parametrize(("engine", "extra"), [("transformers", "transformers"), ("llama.cpp", "llamacpp")])
+def test_missing_extra_names_it_and_exits_9(
+    smollm2_gguf: Path, tmp_path: Path, engine: str, extra: str
+) -> None:
+    """A real process where the extra's package cannot be imported (a shadowing package that raises)."""
+    import os
+    import subprocess
+    import sys
+
+    for pkg in ("torch", "transformers", "llama_cpp"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    env = os.environ | {"PYTHONPATH": str(tmp_path)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "apr",
+        "trace",
+        str(smollm2_gguf),
+        "--engine",
+        engine,
+        "--save-tensor",
+        "lm_head",
+        "--save-tensor-dir",
+        str(tmp_path / "t"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert r.returncode == 9
+    assert r.stderr.endswith(
+        f"error: --engine {engine} needs the optional extra: pip install 'apr[{extra}]'\n"
+    )
+    assert not (tmp_path / "t").exists()

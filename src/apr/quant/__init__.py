@@ -26,7 +26,7 @@ from apr.quant.quantize import QUANTIZERS
 from apr.quant.quantize import quantize as quantize
 from apr.quant.types import QuantType
 
-__all__ = ["DEQUANT_TYPES", "QUANT_TYPES", "QuantType", "dequantize", "quantize"]
+__all__ = ["DEQUANT_TYPES", "QUANT_TYPES", "QuantType", "dequantize", "quantize", "row_nbytes"]
 
 DEQUANT_TYPES: Final[frozenset[QuantType]] = frozenset(DEQUANTIZERS)
 QUANT_TYPES: Final[frozenset[QuantType]] = frozenset(QUANTIZERS)
@@ -56,6 +56,20 @@ def dequantize(
             f"{qtype.name} tensor of shape {list(shape)} needs {expected} bytes, got {flat.size}"
         )
     return codec.decode(flat, n).reshape(shape)
+
+
+def row_nbytes(qtype: QuantType, cols: int) -> int | None:
+    """Stored bytes of one row of `cols` elements, when a 2-D tensor of `qtype` stores its rows whole and
+    back to back (so row r is bytes [r·n, (r+1)·n)); None when it does not (a partial block, blocks or a
+    header running across rows) or `qtype` has no dequantizer."""
+    codec = DEQUANTIZERS.get(qtype)
+    if codec is None or cols <= 0 or cols % codec.row_multiple:
+        return None
+    try:
+        one = codec.nbytes(cols)
+        return one if codec.nbytes(2 * cols) == 2 * one else None
+    except ValueError:  # cols is not a whole number of the type's blocks
+        return None
 
 
 def _dequantizer(qtype: QuantType) -> Dequantizer:

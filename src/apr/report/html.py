@@ -18,23 +18,26 @@ from apr.trace.stages import Stage
 
 MAIN_STAGES: Final = (Stage.ATTN_OUT, Stage.FFN_OUT, Stage.POST_FFN_RESIDUAL)
 COLORS: Final = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")
-W, H, PAD = 720, 260, 48
+W, H, PAD, LEGEND = 760, 260, 48, 110
 CSS: Final = (
     "body{font-family:sans-serif;max-width:780px;margin:2em auto}td,th{padding:2px 8px;text-align:right}"
 )
-SQNR_CAP: Final = 160.0  # identical tensors (infinite SQNR) are drawn here
-MIN_GAP: Final = 1e-12  # 1 − cosine of identical tensors is drawn here
+IDENTICAL_MARGIN: Final = 10.0  # identical stages (SQNR ∞, 1 − cos = 0) are drawn this far past the data
 
 
 def _series(r: BisectResult, value: str) -> dict[str, list[tuple[int, float]]]:
-    out: dict[str, list[tuple[int, float]]] = {s.value: [] for s in MAIN_STAGES}
+    """Per main stage, (layer, y) points; identical stages are drawn just beyond the finite values."""
+    raw: dict[str, list[tuple[int, float]]] = {s.value: [] for s in MAIN_STAGES}
     for row in r.growth.rows:
         sid, m = row.diff.sid, row.diff.metrics
         if sid.stage in MAIN_STAGES and sid.layer is not None:
-            y = min(m.sqnr_db, SQNR_CAP) if value == "sqnr" else math.log10(max(1.0 - m.cosine, MIN_GAP))
-            if math.isfinite(y):
-                out[sid.stage.value].append((sid.layer, y))
-    return out
+            gap = 1.0 - m.cosine
+            y = m.sqnr_db if value == "sqnr" else (math.log10(gap) if gap > 0 else -math.inf)
+            if not math.isnan(y):
+                raw[sid.stage.value].append((sid.layer, y))
+    finite = [y for s in raw.values() for _, y in s if math.isfinite(y)] or [0.0]
+    top = max(finite) + IDENTICAL_MARGIN if value == "sqnr" else min(finite) - 1.0
+    return {k: [(x, y if math.isfinite(y) else top) for x, y in s] for k, s in raw.items()}
 
 
 def _chart(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, mark: int | None) -> str:
@@ -46,14 +49,14 @@ def _chart(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, 
     y0, y1 = (y0 - 1, y1 + 1) if y0 == y1 else (y0, y1)
 
     def sx(x: float) -> float:
-        return PAD + (x - x0) / (x1 - x0) * (W - 2 * PAD)
+        return PAD + (x - x0) / (x1 - x0) * (W - PAD - LEGEND)
 
     def sy(y: float) -> float:
         return H - PAD + (y - y0) / (y1 - y0) * (2 * PAD - H)
 
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" role="img">',
              f'<text x="{W / 2}" y="18" text-anchor="middle" font-weight="bold">{html.escape(title)}</text>',
-             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - PAD}" y2="{H - PAD}" stroke="#888"/>',
+             f'<line x1="{PAD}" y1="{H - PAD}" x2="{W - LEGEND}" y2="{H - PAD}" stroke="#888"/>',
              f'<line x1="{PAD}" y1="{PAD}" x2="{PAD}" y2="{H - PAD}" stroke="#888"/>',
              f'<text x="{W / 2}" y="{H - 10}" text-anchor="middle">layer</text>',
              f'<text x="12" y="{H / 2}" transform="rotate(-90 12 {H / 2})" text-anchor="middle">'
@@ -61,6 +64,10 @@ def _chart(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, 
     for y in (y0, (y0 + y1) / 2, y1):
         parts.append(
             f'<text x="{PAD - 4}" y="{sy(y) + 4:.1f}" text-anchor="end" font-size="10">{y:.3g}</text>'
+        )
+    for x in sorted({x0, (x0 + x1) // 2, x1}):
+        parts.append(
+            f'<text x="{sx(x):.1f}" y="{H - PAD + 14}" text-anchor="middle" font-size="10">{x}</text>'
         )
     if mark is not None:
         parts.append(f'<line x1="{sx(mark):.1f}" y1="{PAD}" x2="{sx(mark):.1f}" y2="{H - PAD}" '
@@ -70,7 +77,7 @@ def _chart(series: dict[str, list[tuple[int, float]]], title: str, ylabel: str, 
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in sorted(s))
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{path}"/>')
         parts.append(
-            f'<text x="{W - PAD + 4}" y="{PAD + 14 * k}" fill="{color}" font-size="11">{name}</text>'
+            f'<text x="{W - LEGEND + 8}" y="{PAD + 14 * k}" fill="{color}" font-size="11">{name}</text>'
         )
     parts.append("</svg>")
     return "\n".join(parts)
