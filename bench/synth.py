@@ -1,4 +1,4 @@
-"""Synthetic GGUF models of any size from a seed: real shapes, random but sane Q4_K_M weights, a real tokenizer.
+"""Synthetic GGUF models of any size from a seed: real shapes, random but sane Q4_K_M weights, real tokenizer.
 
     .venv/bin/python bench/synth.py --preset 7b -o ~/.cache/apr/bench/synth-7b-qwen2-s0.gguf
     .venv/bin/python bench/synth.py --preset tiny --layers 4 -o /tmp/tiny.gguf
@@ -18,7 +18,8 @@ read from the test fixture with apr's reader), padded to the vocab size with `[P
 UNUSED, as convert_hf_to_gguf pads Qwen vocabularies.
 
 Writing streams: the header and tensor index first (gguf.GGUFWriter), then each tensor's bytes in chunks
-of ~`CHUNK_BYTES`, so memory stays at one chunk whatever the model size. The same seed gives the same bytes.
+of ~`CHUNK_BYTES`, so memory stays at one chunk whatever the model size. The same seed gives the same bytes,
+and each tensor has its own random stream (seed, tensor index).
 A 7B file (4.4 GiB) takes about a minute to write here.
 """
 
@@ -263,7 +264,7 @@ def _write_data(
 
     pad()
     for index, t in enumerate(plan):
-        rng = np.random.default_rng([seed, index])  # per tensor: the bytes do not depend on chunking
+        rng = np.random.default_rng([seed, index])
         written = 0
         for chunk in tensor_chunks(t, rng, std):
             f.write(chunk.data)

@@ -1,21 +1,27 @@
 """Lazy weight access for the engine: canonical name → dequantized array, read when used, never cached.
 
 A forward pass touches each weight once, so nothing is kept: peak memory is one row block of a matrix per
-thread plus activations. `linear` multiplies a matrix in row blocks of ~`ROW_BLOCK_ELEMS` elements (1 MiB
-of f32, about the size of a core's L2): each block is dequantized straight from the file's bytes and
-multiplied while it is still in cache, so neither the f32 matrix nor a copy of its stored bytes ever exists
-whole; a 7B lm_head (152064 × 3584) is ~2000 such blocks. The embedding lookup reads only the prompt's rows.
+thread plus activations. `linear` multiplies a matrix in row blocks of ~`ROW_BLOCK_ELEMS` elements (4 MiB
+of f32): each block is dequantized straight from the file's bytes, mapped for that block only, and
+multiplied right away, so neither the f32 matrix nor its stored bytes are ever resident whole; a 7B lm_head
+(152064 × 3584) is ~500 such blocks. The embedding lookup reads only the prompt's rows.
 
-Row blocks run on `threads` threads (numpy and BLAS release the GIL). Each output element is one BLAS dot
-product over a block that depends only on the matrix's shape, so results are the same bits whatever the
-thread count, the file format or the quant type of the same values.
+Row blocks run on `threads` threads (numpy's heavy calls and BLAS release the GIL), with BLAS itself held to
+one thread (below). Each output element is one BLAS dot product over a block that depends only on the
+matrix's shape, so results are the same bits whatever the thread count, the file format or the quant type
+of the same values.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import os
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
@@ -27,13 +33,16 @@ from apr.formats.base import Checkpoint, TensorInfo
 from apr.quant import dequantize, row_nbytes
 
 Array = npt.NDArray[Any]
-ROW_BLOCK_ELEMS: Final = 1 << 18  # elements of one row block in `linear`: 1 MiB of f32
+# Elements of one row block in `linear`. BLAS packs all of x for every block, so blocks of a few long
+# rows (ffn_down: 18944 columns) would repeat that work; 1M elements measured best for 7B shapes.
+ROW_BLOCK_ELEMS: Final = 1 << 20
 MAX_THREADS: Final = 4  # numpy's per-call overhead holds the GIL; more threads stop paying
 
 
 def default_threads() -> int:
     """The CPUs this process may run on, at most MAX_THREADS."""
-    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0))))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cpus))
 
 
 class Weights:
@@ -42,7 +51,8 @@ class Weights:
     ) -> None:
         self.ckpt = ckpt
         self.dtype = np.dtype(dtype)
-        self.threads = threads or default_threads()
+        # our own threads only where BLAS can be held to one (below); elsewhere BLAS does the threading
+        self.threads = threads or (default_threads() if _openblas_libs() else 1)
         self._names = {t.name for t in ckpt.tensors()}
         self._pool: ThreadPoolExecutor | None = None
 
@@ -74,16 +84,16 @@ class Weights:
         self._need(name)
         info = self.ckpt.info(name)
         rows, cols = info.shape
-        step = max(1, ROW_BLOCK_ELEMS // cols)
+        step = max(1, min(ROW_BLOCK_ELEMS // cols, -(-rows // 2)))  # ≥ 2 blocks to share
         read = self._row_reader(info)
-        out = np.empty((x.shape[0], rows), dtype=self.dtype)  # (T, out)
+        out = np.empty((rows, x.shape[0]), dtype=self.dtype)  # (out, T): blocks of rows are contiguous
 
         def block(r0: int) -> None:
             w = read(r0, min(rows, r0 + step))  # (≤ step, in)
-            np.matmul(x, w.T, out=out[:, r0 : r0 + w.shape[0]])
+            np.matmul(w, x.T, out=out[r0 : r0 + w.shape[0]])
 
         self._each(block, range(0, rows, step))
-        return out
+        return np.ascontiguousarray(out.T)
 
     def _row_reader(self, info: TensorInfo) -> Callable[[int, int], Array]:
         """rows [r0, r1) of a matrix as `dtype`: dequantized from a slice of its mapped bytes when the
@@ -92,28 +102,79 @@ class Weights:
         size = row_nbytes(info.qtype, cols)
         if size is None or size * rows != info.nbytes:
             return lambda r0, r1: self.ckpt.read_rows(info.name, slice(r0, r1)).astype(self.dtype, copy=False)
-        raw = self.ckpt.raw(info.name).reshape(rows, size)  # mapped; unmapped when `linear` returns
 
         def read(r0: int, r1: int) -> Array:
-            return dequantize(raw[r0:r1], info.qtype, (r1 - r0, cols)).astype(self.dtype, copy=False)
+            raw = self.ckpt.raw(info.name)[r0 * size : r1 * size]  # mapped until the block is done with
+            return dequantize(raw, info.qtype, (r1 - r0, cols)).astype(self.dtype, copy=False)
 
         return read
 
     def _each(self, fn: Callable[[int], None], items: Iterable[int]) -> None:
         """fn(item) for every item, on `threads` threads that take the next item as they finish one."""
         shared = iter(items)  # next() on a range iterator is atomic under the GIL
+        failed = threading.Event()
 
         def work() -> None:
             for item in shared:
-                fn(item)
+                if failed.is_set():
+                    return
+                try:
+                    fn(item)
+                except BaseException:
+                    failed.set()  # the other threads stop at their next item
+                    raise
 
-        if self.threads == 1:
-            return work()
-        if self._pool is None:
+        if self.threads > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="apr-linear")
-        helpers = [self._pool.submit(work) for _ in range(self.threads - 1)]
-        try:
-            work()
-        finally:
-            for h in helpers:
-                h.result()  # waits for the helpers, and re-raises their first error
+        with single_threaded_blas():  # see below: also makes the bits independent of BLAS's threads
+            helpers = [self._pool.submit(work) for _ in range(self.threads - 1)] if self._pool else []
+            try:
+                work()
+            finally:
+                for h in helpers:
+                    h.result()  # waits for the helpers, and re-raises their first error
+
+
+# ---- BLAS threads -------------------------------------------------------------------------------
+# OpenBLAS runs each matmul on all cores, then spins waiting for the next one: beside our own threads
+# that made `linear` 2.5× slower on 2 cores. Its thread count also changes the bits of a product. So
+# `linear` holds every OpenBLAS the process has loaded (numpy's) to one thread, through OpenBLAS's C API
+# (as threadpoolctl does), and restores the count after. Without OpenBLAS or /proc this is a no-op.
+OPENBLAS_SYMBOLS: Final = tuple(
+    (f"{prefix}_get_num_threads{suffix}", f"{prefix}_set_num_threads{suffix}")
+    for prefix in ("openblas", "scipy_openblas")
+    for suffix in ("", "64_")
+)
+ThreadCount = tuple[Callable[[], int], Callable[[int], None]]
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    libs = _openblas_libs()
+    before = [get() for get, _ in libs]
+    for _, set_ in libs:
+        set_(1)
+    try:
+        yield
+    finally:
+        for (_, set_), n in zip(libs, before, strict=True):
+            set_(n)
+
+
+@functools.cache
+def _openblas_libs() -> tuple[ThreadCount, ...]:
+    """(get, set) of the thread count of each OpenBLAS loaded in this process."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return ()
+    fields = (line.split(maxsplit=5) for line in maps.splitlines())
+    paths = sorted({f[5] for f in fields if len(f) == 6 and "openblas" in Path(f[5]).name.lower()})
+    found = []
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for get, set_ in OPENBLAS_SYMBOLS:
+            if hasattr(lib, get) and hasattr(lib, set_):
+                found.append((getattr(lib, get), getattr(lib, set_)))
+                break
+    return tuple(found)
