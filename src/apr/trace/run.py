@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -161,10 +162,12 @@ class PreparedTrace:
         run_engine = engine_fn(opt)
         base = EngineRun(opt.engine, "", cfg.qk_layout)
         writer = TraceWriter(out_dir, plan, self.run_info(base, opt))
-        with writer:
+        # hashing the model (seconds for a 7B file) overlaps the forward pass: hashlib releases the GIL
+        with writer, ThreadPoolExecutor(1, thread_name_prefix="apr-sha256") as pool:
+            digest = pool.submit(fingerprint, self.path)
             eng = run_engine(self.path, self.ckpt, self.token_ids, writer, opt)
             # the manifest records how the engine actually ran, and which model bytes it ran on
-            writer.run = self.run_info(eng, opt, *fingerprint(self.path))
+            writer.run = self.run_info(eng, opt, *digest.result())
         return TraceOutcome(writer.result, writer.run, eng)
 
 
