@@ -24,10 +24,6 @@ def relative_path(sid: StageId) -> Path:
     return Path(name) if sid.layer is None else Path(LAYER_DIR.format(layer=sid.layer)) / name
 
 
-def stage_path(out_dir: Path, sid: StageId) -> Path:
-    return out_dir / relative_path(sid)
-
-
 def default_output_dir(model_path: Path) -> Path:
     """`a/foo/bar.apr` → `a/foo/bar-trace`; `model.apr` → `./model-trace`; `a/no_ext` → `a/no_ext-trace`."""
     return model_path.parent / f"{model_path.stem or 'trace'}-trace"
