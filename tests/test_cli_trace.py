@@ -122,6 +122,7 @@ def test_stale_files_are_removed_and_reported(smollm2_gguf: Path, tmp_path: Path
         "trace", str(smollm2_gguf), "--save-tensor", "ffn_up", "--save-tensor-dir", str(out)
     )
     assert code == 0 and "Removed 1 stale stage file(s) of an earlier run" in stdout
+    assert f"  {out / 'layer-7' / 'ffn_up.bin'}\n" in stdout
     assert not (out / "layer-7" / "ffn_up.bin").exists() and (out / "notes.txt").read_text() == "mine"
     assert "Wrote 1 stage tensor file(s):" in stdout
 
@@ -266,3 +267,41 @@ def test_missing_extra_names_it_and_exits_9(
         f"error: --engine {engine} needs the optional extra: pip install 'apr[{extra}]'\n"
     )
     assert not (tmp_path / "t").exists()
+
+
+def test_a_quant_type_apr_cannot_read_names_the_tensor_and_exits_4(tmp_path: Path) -> None:
+    """A real GGUF holding an IQ2_XXS tensor: inspect lists it, trace fails on it with exit 4."""
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    from tests.runtimes import write_tiny_gguf
+
+    src = write_tiny_gguf(tmp_path / "src.gguf", "llama")  # copy its metadata and tensors, change one type
+    from gguf import GGUFReader, GGUFValueType
+
+    r = GGUFReader(src)
+    w = GGUFWriter(tmp_path / "iq.gguf", arch="llama")
+    for key, field in r.fields.items():
+        if not key.startswith("GGUF.") and key != "general.architecture":
+            sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    for t in r.tensors:
+        if t.name == "blk.0.ffn_up.weight":  # 96 × 64 elements = 24 blocks of 256 IQ2_XXS elements (66 B)
+            w.add_tensor(t.name, np.zeros((24, 66), np.uint8), raw_dtype=GGMLQuantizationType.IQ2_XXS)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=GGMLQuantizationType.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    code, out, _ = run("inspect", str(tmp_path / "iq.gguf"))
+    assert code == 0 and "IQ2_XXS" in out
+    code, _, err = run(
+        "trace",
+        str(tmp_path / "iq.gguf"),
+        "--save-tensor",
+        "lm_head",
+        "--save-tensor-dir",
+        str(tmp_path / "t"),
+    )
+    assert code == 4 and err.count("\n") == 1
+    assert "tensor 'blk.0.ffn_up.weight' has type IQ2_XXS, which apr cannot dequantize" in err

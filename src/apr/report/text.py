@@ -19,6 +19,7 @@ from apr.trace.run import TraceOutcome
 from apr.trace.stages import StageId
 
 BOX_WIDTH: Final = 80
+STALE_SHOWN: Final = 5
 
 
 def _box_line(text: str) -> str:
@@ -139,9 +140,13 @@ def _group_missing(missing: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def render_trace_outcome(o: TraceOutcome) -> str:
     r = o.result
-    out = [f"Removed {len(r.removed_stale)} stale stage file(s) of an earlier run in {r.out_dir}"] * bool(
-        r.removed_stale
-    )
+    out = []
+    if r.removed_stale:
+        out.append(f"Removed {len(r.removed_stale)} stale stage file(s) of an earlier run in {r.out_dir}:")
+        out += [f"  {p}" for p in r.removed_stale[:STALE_SHOWN]]
+        out += [f"  … and {len(r.removed_stale) - STALE_SHOWN} more (--json lists all)"] * (
+            len(r.removed_stale) > STALE_SHOWN
+        )
     out.append(f"Wrote {len(r.files)} stage tensor file(s):")
     out.extend(f"  {f.path} ({f.bytes} bytes)" for f in r.files)
     if r.not_captured:
