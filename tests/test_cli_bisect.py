@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from apr.cli import cli
+from tests.fixtures.cli import run, trace_all
 
 CONSUMER = {
     "attn_q.weight": "qkv_matmul",
@@ -30,11 +29,6 @@ CONSUMER = {
 }
 NORMS = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "ffn_norm"}
 PROMPT_IDS = [1780, 314, 216, 34, 27, 34, 47]
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, list(args))
-    return r.exit_code, r.stdout, r.stderr
 
 
 def corrupt(src: Path, dst: Path, tensor: str, rows: slice | None = None, factor: float = 1.01) -> Path:
@@ -141,18 +135,7 @@ def test_runtime_traces_diff_clean_against_the_reference(
 ) -> None:
     ref, other = tmp_path / "ref", tmp_path / engine
     for eng, out in (("reference", ref), (engine, other)):
-        code, stdout, stderr = run(
-            "trace",
-            str(smollm2_f32_gguf),
-            "--engine",
-            eng,
-            "--save-tensor",
-            "all",
-            "--save-tensor-layers",
-            "0..30",
-            "--save-tensor-dir",
-            str(out),
-        )
+        code, stdout, stderr = trace_all(smollm2_f32_gguf, out, "--engine", eng)
         assert code == 0, stderr
     if engine == "llama.cpp":
         assert "ffn_silu at layer(s) 0..30: " in stdout  # said, not silently skipped
@@ -170,21 +153,7 @@ def test_tokenizer_disagreement_is_refused(smollm2_gguf: Path, tmp_path: Path) -
 
 
 def test_bisect_accepts_a_trace_directory(smollm2_gguf: Path, smollm2_apr: Path, tmp_path: Path) -> None:
-    assert (
-        run(
-            "trace",
-            str(smollm2_gguf),
-            "--save-tensor",
-            "all",
-            "--save-tensor-layers",
-            "0..30",
-            "--save-tensor-dir",
-            str(tmp_path / "t"),
-            "--prompt",
-            "The capital of France is",
-        )[0]
-        == 0
-    )
+    assert trace_all(smollm2_gguf, tmp_path / "t", "--prompt", "The capital of France is")[0] == 0
     code, doc = bisect_json(tmp_path / "t", smollm2_apr)
     assert code == 0 and doc["token_ids"] == [504, 3575, 282, 4649, 314]  # B ran on the trace's prompt
     assert all(s["identical"] for s in doc["stages"] if s["stage"] != "lm_head")

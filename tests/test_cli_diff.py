@@ -10,22 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from apr.cli import cli
 from apr.trace import format as aprt
 from apr.trace.stages import Stage, StageId
+from tests.fixtures.cli import run
 from tests.fixtures.traces import write_trace
 
 SPEC_KEYS = [
     "schema", "path_a", "path_b", "layer", "dim_product", "max_abs_diff", "max_abs_diff_index",
     "rms_diff", "cosine_sim", "top_diffs",
 ]  # fmt: skip
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, list(args))
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture

@@ -7,16 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from apr.cli import cli
 from apr.formats import open_checkpoint
 from apr.quant.types import QuantType
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, list(args))
-    return r.exit_code, r.stdout, r.stderr
+from tests.fixtures.cli import run
 
 
 @pytest.mark.parametrize("fixture", ["smollm2_gguf", "smollm2_apr", "smollm2_hf"])

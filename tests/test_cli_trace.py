@@ -8,21 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from apr.cli import cli
 from apr.trace import format as aprt
 from apr.trace.plan import TracePlan
 from apr.trace.stages import Stage, StageId
 from apr.trace.writer import TraceWriter
+from tests.fixtures.cli import run, trace_all
 from tests.fixtures.traces import run_info
 
 IDS = [1780, 314, 216, 34, 27, 34, 47]
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(cli, list(args))
-    return r.exit_code, r.stdout, r.stderr
 
 
 def test_save_tensor_output_matches_aprender(smollm2_gguf: Path, tmp_path: Path) -> None:
@@ -90,19 +84,7 @@ def test_two_runs_are_byte_identical(smollm2_gguf: Path, tmp_path: Path) -> None
         }
 
     for name in ("a", "b"):
-        assert (
-            run(
-                "trace",
-                str(smollm2_gguf),
-                "--save-tensor",
-                "all",
-                "--save-tensor-layers",
-                "0..30",
-                "--save-tensor-dir",
-                str(tmp_path / name),
-            )[0]
-            == 0
-        )
+        assert trace_all(smollm2_gguf, tmp_path / name)[0] == 0
     a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
     assert len(a) == 1 + 30 * 16 + 2 + 1 and a == b  # + manifest.json
 

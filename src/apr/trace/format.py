@@ -123,15 +123,20 @@ def read_aprt_header(path: Path) -> AprtHeader:
         raise AprIOError(f"cannot read {path}: {e.strerror or e}") from None
 
 
-def read_aprt(path: Path) -> AprtTensor:
-    """Read and validate a stage file; the values are a read-only memory map (no copy)."""
-    size = _check_file(path)
-    header = read_aprt_header(path)
+def check_body(path: Path, header: AprtHeader, size: int) -> None:
+    """The file must hold every value its header announces (bytes after them are ignored)."""
     if size < header.file_size:
         raise TraceFormatError(
             f"{path}: save-tensor body truncated: header says {header.count} f32 values "
             f"({4 * header.count} bytes), file has {size - HEADER_SIZE} bytes after the header"
         )
+
+
+def read_aprt(path: Path) -> AprtTensor:
+    """Read and validate a stage file; the values are a read-only memory map (no copy)."""
+    size = _check_file(path)
+    header = read_aprt_header(path)
+    check_body(path, header, size)
     if header.count == 0:
         return AprtTensor(header, np.zeros(0, F32_LE))
     try:

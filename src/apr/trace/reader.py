@@ -47,12 +47,7 @@ def _check_header(sid: StageId, path: Path) -> aprt.AprtHeader:
         shown = "whole-model" if header.layer is None else f"layer {header.layer}"
         want = "whole-model" if expected is None else f"layer {expected}"
         raise TraceFormatError(f"{path}: header says {shown}, but its place in the trace says {want}")
-    size = path.stat().st_size
-    if size < header.file_size:
-        raise TraceFormatError(
-            f"{path}: save-tensor body truncated: header says {header.count} f32 values "
-            f"({4 * header.count} bytes), file has {size - aprt.HEADER_SIZE} bytes after the header"
-        )
+    aprt.check_body(path, header, path.stat().st_size)
     return header
 
 
