@@ -36,9 +36,9 @@ from apr.errors import (
 from apr.formats import open_checkpoint
 from apr.formats.config import ModelConfig, QKLayout
 from apr.formats.gguf import GGUFCheckpoint, open_gguf
-from apr.formats.gguf_parse import GGML_LAYOUT, StringArray
+from apr.formats.gguf_parse import StringArray
 from apr.formats.tokenizer import build_tokenizer
-from apr.quant.types import QuantType
+from apr.quant.types import GGML_LAYOUT, QuantType
 
 VT = GGUFValueType
 TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "a", "b", "c", "Ġ", "ab", "Ġa", "abc"]

@@ -88,15 +88,15 @@ def _trace_ids(t: Trace) -> tuple[int, ...]:
     return t.manifest.run.token_ids
 
 
-def _prepare(spec: SideSpec, prompt: str) -> PreparedTrace | Trace:
-    return read_trace(spec.path) if is_trace_dir(spec.path) else prepare_trace(spec.path, prompt)
-
-
-def _prompt_of(other: PreparedTrace | Trace, prompt: str) -> str:
-    """A model traced against an existing trace runs on that trace's prompt."""
-    if isinstance(other, Trace) and other.manifest is not None:
-        return other.manifest.run.prompt
-    return prompt
+def _prepare_sides(
+    a: SideSpec, b: SideSpec, prompt: str
+) -> tuple[PreparedTrace | Trace, PreparedTrace | Trace]:
+    """Existing traces are read; a model runs on the prompt of the trace on the other side, if any."""
+    traces = [read_trace(s.path) if is_trace_dir(s.path) else None for s in (a, b)]
+    recorded = [t.manifest.run.prompt for t in traces if t is not None and t.manifest is not None]
+    model_prompt = recorded[0] if recorded else prompt
+    ta, tb = traces
+    return (ta or prepare_trace(a.path, model_prompt)), (tb or prepare_trace(b.path, model_prompt))
 
 
 @contextmanager
@@ -131,11 +131,7 @@ def bisect(
     precision: str = "f32",
 ) -> BisectResult:
     """Compare A (reference) and B stage by stage; see the module docstring."""
-    pa, pb = _prepare(a, prompt), _prepare(b, prompt)
-    if isinstance(pa, Trace) and isinstance(pb, PreparedTrace):
-        pb = prepare_trace(b.path, _prompt_of(pa, prompt))
-    if isinstance(pb, Trace) and isinstance(pa, PreparedTrace):
-        pa = prepare_trace(a.path, _prompt_of(pb, prompt))
+    pa, pb = _prepare_sides(a, b, prompt)
     ids = _check_tokens(pa, pb, a.path, b.path)
     if isolate and isinstance(pb, Trace):
         raise ValidationError("--isolate re-runs B's layers, so B must be a model, not a trace directory")

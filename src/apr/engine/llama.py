@@ -10,6 +10,7 @@ Legend: T tokens, D hidden, H query heads, Hkv kv heads, Dh head dim, I ffn widt
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -98,7 +99,7 @@ def forward(
     tap: Tap = no_tap,
     *,
     lm_head_all: bool = False,
-    on_layer: Any = None,
+    on_layer: Callable[[int], None] | None = None,
 ) -> Array:
     """Logits of the last position (V,), or of every position (T, V) with `lm_head_all`."""
     ids = np.asarray(token_ids, dtype=np.int64)  # (T,)

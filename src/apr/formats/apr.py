@@ -49,6 +49,7 @@ from apr.formats.aprmeta import (
 )
 from apr.formats.base import F32Array, Format, TensorInfo, TokenizerSpec
 from apr.formats.names import canonical_from_any
+from apr.formats.tensorio import read_exact
 from apr.quant import dequantize
 from apr.quant.types import QuantType
 
@@ -125,14 +126,8 @@ class AprCheckpoint:
     def read(self, name: str) -> F32Array:
         """The whole tensor as a private float32 array (read with one pread, not mapped)."""
         info = self._open_info(name)
-        buf = np.empty(info.nbytes, np.uint8)
         with self.path.open("rb") as f:
-            f.seek(info.offset)
-            if (got := f.readinto(buf.data)) != info.nbytes:
-                raise FormatError(
-                    f"{self.path}: tensor '{info.name}': file ends {info.nbytes - got} bytes "
-                    f"short of its data (truncated since it was opened?)"
-                )
+            buf = read_exact(f.fileno(), info, str(self.path))
         return decode(buf, info.qtype, info.shape)
 
     def read_rows(self, name: str, rows: npt.NDArray[np.int64] | slice) -> F32Array:

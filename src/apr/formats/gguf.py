@@ -26,10 +26,11 @@ from typing import Any, BinaryIO, Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.errors import AprIOError, FormatError, NotFoundError, UnsupportedQuantError, ValidationError
+from apr.errors import AprIOError, NotFoundError, UnsupportedQuantError, ValidationError
 from apr.formats.base import F32Array, Format, TensorInfo, TokenizerSpec
 from apr.formats.gguf_meta import Metadata, model_config, tokenizer_spec
 from apr.formats.gguf_parse import HEADER_SIZE, MAGIC, Header, located, parse_header
+from apr.formats.tensorio import read_exact
 from apr.quant import DEQUANT_TYPES, dequantize
 
 
@@ -144,18 +145,7 @@ class GGUFCheckpoint:
         return self._file
 
     def _pread(self, info: TensorInfo) -> npt.NDArray[np.uint8]:
-        fd = self._open_file().fileno()
-        buf = np.empty(info.nbytes, np.uint8)
-        view, done = buf.data, 0
-        while done < info.nbytes:  # a single pread returns at most ~2 GiB
-            n = os.preadv(fd, [view[done:]], info.offset + done)
-            if n <= 0:
-                raise FormatError(
-                    f"{self.path}: tensor '{info.name}': file ends at offset {info.offset + done}, "
-                    f"expected {info.nbytes} bytes from {info.offset} (truncated after opening?)"
-                )
-            done += n
-        return buf
+        return read_exact(self._open_file().fileno(), info, str(self.path))
 
     def _rows(self, info: TensorInfo, rows: npt.NDArray[np.int64] | slice) -> npt.NDArray[np.uint8]:
         n_rows = info.shape[0]

@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from apr.errors import AprError, FormatError
 from apr.formats.base import TensorInfo
-from apr.quant.types import QK_K, QUANT_LAYOUT, BlockLayout, QuantType
+from apr.quant.types import GGML_LAYOUT, QuantType
 
 MAGIC: Final = b"GGUF"
 SUPPORTED_VERSIONS: Final = (2, 3)
@@ -43,7 +43,6 @@ ALIGNMENT_KEY: Final = "general.alignment"
 MAX_DIMS: Final = 4  # GGML_MAX_DIMS
 MIN_KV_BYTES: Final = 8 + 4 + 1  # empty key, value type, a one-byte value
 MIN_TENSOR_BYTES: Final = 8 + 4 + 4 + 8  # empty name, n_dims = 0, type, offset
-_FIRST_APR_ID: Final = 128  # quant/types.py: apr-only types take ids >= 128, which GGML never uses
 
 
 class ValueType(IntEnum):
@@ -78,29 +77,6 @@ SCALAR_FORMAT: Final[dict[ValueType, str]] = {
 }
 INT_TYPES: Final = frozenset(SCALAR_FORMAT) - {ValueType.FLOAT32, ValueType.FLOAT64, ValueType.BOOL}
 FLOAT_TYPES: Final = frozenset({ValueType.FLOAT32, ValueType.FLOAT64})
-
-# GGML types QUANT_LAYOUT does not size (ggml.c type_traits); tests check them against gguf-py
-GGML_EXTRA_LAYOUT: Final[dict[QuantType, BlockLayout]] = {
-    QuantType.Q8_1: BlockLayout(32, 2 + 2 + 32),  # d, s: f16, qs[32] (gguf-py 0.19 still says 40)
-    QuantType.IQ2_XXS: BlockLayout(QK_K, 2 + QK_K // 4),  # d, qs: u16[QK_K/8] = 66
-    QuantType.IQ2_XS: BlockLayout(QK_K, 2 + QK_K // 4 + QK_K // 32),  # d, qs, scales = 74
-    QuantType.IQ3_XXS: BlockLayout(QK_K, 2 + 3 * QK_K // 8),  # d, qs = 98
-    QuantType.IQ1_S: BlockLayout(QK_K, 2 + QK_K // 8 + QK_K // 16),  # d, qs, qh: u16[QK_K/32] = 50
-    QuantType.IQ4_NL: BlockLayout(32, 2 + 16),  # d, qs[16]
-    QuantType.IQ3_S: BlockLayout(QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 8 + 4),  # = 110
-    QuantType.IQ2_S: BlockLayout(QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 32),  # = 82
-    QuantType.IQ4_XS: BlockLayout(QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),  # d, scales_h, _l, qs = 136
-    QuantType.IQ1_M: BlockLayout(QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),  # qs, qh, scales = 56
-    QuantType.TQ1_0: BlockLayout(QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),  # = 54
-    QuantType.TQ2_0: BlockLayout(QK_K, QK_K // 4 + 2),  # qs, d = 66
-    QuantType.MXFP4: BlockLayout(32, 1 + 16),  # e: e8m0, qs[16]
-    QuantType.NVFP4: BlockLayout(64, 64 // 16 + 64 // 2),  # scales: ue4m3 per 16, qs = 36
-    QuantType.Q1_0: BlockLayout(128, 2 + 128 // 8),  # d, qs = 18
-}
-GGML_LAYOUT: Final[dict[QuantType, BlockLayout]] = {
-    **{q: lay for q, lay in QUANT_LAYOUT.items() if q < _FIRST_APR_ID},
-    **GGML_EXTRA_LAYOUT,
-}
 
 _U32: Final = struct.Struct("<I")
 _U64: Final = struct.Struct("<Q")

@@ -1,13 +1,15 @@
 """Reading one tensor (or some of its rows) out of a file region, shared by every format.
 
-Each read maps only that tensor's bytes (`np.memmap` with an offset) and the mapping dies with the returned
-array's last reference, so a trace over a multi-GB file keeps just the tensor in use resident. Rows of a 2-D
-tensor are whole quant blocks (its row length is a multiple of the block size), so selected rows are read and
+Whole tensors are read with pread into private buffers (`read_exact`, used by the GGUF, .apr and safetensors
+readers); `tensor_bytes` maps only one tensor's bytes and the mapping dies with the returned array's last
+reference, so a trace over a multi-GB file keeps just the tensor in use resident. Rows of a 2-D tensor are
+whole quant blocks (its row length is a multiple of the block size), so selected rows are read and
 dequantized without touching the others.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,21 @@ import numpy.typing as npt
 from apr.errors import AprIOError, FormatError
 from apr.formats.base import F32Array, TensorInfo
 from apr.quant import dequantize
+
+
+def read_exact(fd: int, info: TensorInfo, where: str) -> npt.NDArray[np.uint8]:
+    """A private copy of the tensor's stored bytes, read with pread (nothing stays mapped)."""
+    buf = np.empty(info.nbytes, np.uint8)
+    view, done = buf.data, 0
+    while done < info.nbytes:  # a single pread returns at most ~2 GiB
+        n = os.preadv(fd, [view[done:]], info.offset + done)
+        if n <= 0:
+            raise FormatError(
+                f"{where}: tensor '{info.name}': file ends at offset {info.offset + done}, "
+                f"expected {info.nbytes} bytes from {info.offset} (truncated after opening?)"
+            )
+        done += n
+    return buf
 
 
 def tensor_bytes(path: Path, info: TensorInfo) -> npt.NDArray[np.uint8]:
@@ -29,7 +46,13 @@ def tensor_bytes(path: Path, info: TensorInfo) -> npt.NDArray[np.uint8]:
 
 
 def read_tensor(path: Path, info: TensorInfo) -> F32Array:
-    return dequantize(tensor_bytes(path, info), info.qtype, info.shape)
+    """The whole tensor as a private float32 array (read, not mapped: nothing of the file stays resident)."""
+    try:
+        with path.open("rb") as f:
+            raw = read_exact(f.fileno(), info, str(path))
+    except OSError as e:
+        raise AprIOError(f"{path}: cannot read tensor {info.name}: {e.strerror or e}") from None
+    return dequantize(raw, info.qtype, info.shape)
 
 
 def read_tensor_rows(path: Path, info: TensorInfo, rows: npt.NDArray[np.int64] | slice) -> F32Array:

@@ -8,7 +8,6 @@ extras, imported only when chosen). Every engine reports how it ran (`EngineRun`
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from apr.formats import open_checkpoint
 from apr.formats.base import Checkpoint
 from apr.formats.config import QKLayout
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
+from apr.runtimes import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun, run_llamacpp, run_transformers
 from apr.trace.manifest import RunInfo
 from apr.trace.plan import TracePlan
 from apr.trace.stages import Tap
@@ -70,38 +70,33 @@ def _reference(path: Path, ckpt: Checkpoint, ids: tuple[int, ...], tap: Tap, opt
     )
 
 
-_RUNTIMES: Final = {
-    "transformers": ("apr.runtimes.transformers", "run_transformers"),
-    "llama.cpp": ("apr.runtimes.llamacpp", "run_llamacpp"),
-}
+TORCH_DTYPES: Final = {"f32": "float32", "f64": "float64"}
 
 
-def _runtime(name: str) -> EngineFn:
-    def run(path: Path, ckpt: Checkpoint, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
-        module, fn = _RUNTIMES[name]
-        runner = getattr(importlib.import_module(module), fn)  # optional extras: imported only when chosen
-        kwargs: dict[str, Any] = (
-            {"dtype": {"f32": "float32", "f64": "float64"}[opt.precision]}
-            if name == "transformers"
-            else {"n_threads": opt.n_threads}
-        )
-        if name == "llama.cpp" and opt.precision != "f32":
-            raise ValidationError("--engine llama.cpp computes in f32 only; drop --precision f64")
-        r = runner(path, ids, tap, **kwargs)
-        why = {s.value: _reason(s.value, r.notes, name) for s in r.unavailable}
-        return EngineRun(r.engine, r.engine_version, r.qk_layout, dict(r.settings), why, tuple(r.notes))
-
-    return run
+def _engine_run(r: RuntimeRun) -> EngineRun:
+    why = {
+        s.value: next((n for n in r.notes if s.value in n), f"{r.engine} does not expose it")
+        for s in r.unavailable
+    }
+    return EngineRun(r.engine, r.engine_version, r.qk_layout, dict(r.settings), why, tuple(r.notes))
 
 
-def _reason(stage: str, notes: tuple[str, ...], engine: str) -> str:
-    return next((n for n in notes if stage in n), f"{engine} does not expose it")
+def _transformers(
+    path: Path, ckpt: Checkpoint, ids: tuple[int, ...], tap: Tap, opt: TraceOptions
+) -> EngineRun:
+    return _engine_run(run_transformers(path, ids, tap, dtype=TORCH_DTYPES[opt.precision]))
+
+
+def _llamacpp(path: Path, ckpt: Checkpoint, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
+    if opt.precision != "f32":
+        raise ValidationError("--engine llama.cpp computes in f32 only; drop --precision f64")
+    return _engine_run(run_llamacpp(path, ids, tap, n_threads=opt.n_threads))
 
 
 ENGINES: Final[dict[str, EngineFn]] = {
     "reference": _reference,
-    "transformers": _runtime("transformers"),
-    "llama.cpp": _runtime("llama.cpp"),
+    ENGINE_TRANSFORMERS: _transformers,  # optional extras: torch / llama_cpp are imported when a run starts
+    ENGINE_LLAMACPP: _llamacpp,
 }
 
 
