@@ -1,6 +1,6 @@
 """Dequantization throughput: apr.quant.dequantize vs gguf-py's gguf.quants.dequantize, same bytes, same run.
 
-    .venv/bin/python bench/dequant.py [--mb 8] [--repeat 5]
+    .venv/bin/python bench/dequant.py [--mb 8] [--repeat 5] [--types IQ4_NL,IQ4_XS]
 
 For each type: ≥ `mb` MB of random blocks (rows of 4096 elements) whose f16 scale fields are replaced by
 finite, normal values (so neither side spends its time in NaN/denormal arithmetic), the best of
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,7 +35,25 @@ F16_FIELDS: Final[dict[QuantType, tuple[int, ...]]] = {
     QuantType.Q4_K: (0, 2),
     QuantType.Q5_K: (0, 2),
     QuantType.Q6_K: (208,),
+    QuantType.IQ2_XXS: (0,),
+    QuantType.IQ2_XS: (0,),
+    QuantType.IQ2_S: (0,),
+    QuantType.IQ3_XXS: (0,),
+    QuantType.IQ3_S: (0,),
+    QuantType.IQ1_S: (0,),
+    QuantType.IQ4_NL: (0,),
+    QuantType.IQ4_XS: (0,),
+    QuantType.TQ1_0: (52,),
+    QuantType.TQ2_0: (64,),
     QuantType.APR_Q4: (0,),
+}
+# IQ1_M spreads its f16 over the top nibbles of the four u16 at this offset.
+SPLIT_F16_FIELDS: Final[dict[QuantType, int]] = {QuantType.IQ1_M: 48}
+# E8M0 scale bytes (2**(e-127)): kept near 1 so no output overflows or is subnormal.
+E8M0_FIELDS: Final[dict[QuantType, tuple[int, ...]]] = {QuantType.MXFP4: (0,)}
+# The ratio to gguf-py each type should reach (bench/run.py checks Q4_K, Q6_K, Q8_0 the same way).
+TARGET_RATIO: Final[dict[QuantType, float]] = {
+    q: 3.0 for q in (QuantType.Q8_0, QuantType.Q4_K, QuantType.Q6_K, QuantType.IQ4_NL, QuantType.IQ4_XS)
 }
 # Element types are benchmarked on finite values of their own kind.
 FLOAT_TYPES: Final = {QuantType.F16: "<f2", QuantType.F32: "<f4", QuantType.F64: "<f8"}
@@ -69,9 +87,22 @@ def sample(qtype: QuantType, mb: float, rng: np.random.Generator) -> npt.NDArray
     raw = rng.integers(0, 256, (n_rows, row_bytes), dtype=np.uint8)
     blocks = raw.reshape(-1, layout.type_size)
     for at in F16_FIELDS.get(qtype, ()):
-        scale = (rng.random(len(blocks)) * 0.02 + 1e-3).astype("<f2")
-        blocks[:, at : at + 2] = scale.reshape(-1, 1).view(np.uint8)
+        blocks[:, at : at + 2] = _f16_scales(len(blocks), rng).view(np.uint8)
+    if qtype in SPLIT_F16_FIELDS:
+        at = SPLIT_F16_FIELDS[qtype]
+        words = blocks[:, at : at + 8].copy().view("<u2")  # (n, 4)
+        d = _f16_scales(len(blocks), rng).view("<u2")
+        words &= np.uint16(0x0FFF)
+        words |= (d >> np.arange(0, 16, 4, dtype=np.uint16) & np.uint16(0xF)) << np.uint16(12)
+        blocks[:, at : at + 8] = words.view(np.uint8)
+    for at in E8M0_FIELDS.get(qtype, ()):
+        blocks[:, at] = rng.integers(120, 135, len(blocks), dtype=np.uint8)
     return raw
+
+
+def _f16_scales(n: int, rng: np.random.Generator) -> npt.NDArray[np.float16]:
+    """(n, 1) finite, normal f16 scales."""
+    return (rng.random((n, 1)) * 0.02 + 1e-3).astype("<f2")
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -121,27 +152,34 @@ def _shape(qtype: QuantType, raw: npt.NDArray[np.uint8]) -> tuple[int, ...]:
     return (len(raw), ROW)
 
 
-def rows(mb: float = 8.0, repeat: int = 5) -> list[Row]:
+def rows(mb: float = 8.0, repeat: int = 5, types: Collection[QuantType] = DEQUANT_TYPES) -> list[Row]:
     """The benchmark table, one row per dequantizable type (ordered by type id)."""
-    return [bench_type(q, mb, repeat) for q in sorted(DEQUANT_TYPES)]
+    return [bench_type(q, mb, repeat) for q in sorted(types)]
 
 
 def render(table: list[Row]) -> str:
-    lines = [f"{'type':8} {'MB':>6} {'apr MB/s':>10} {'gguf MB/s':>10} {'ratio':>7}"]
+    lines = [f"{'type':8} {'MB':>6} {'apr MB/s':>10} {'gguf MB/s':>10} {'ratio':>7} {'target':>7}"]
     for r in table:
         gguf = "—" if r.gguf_mbs is None else f"{r.gguf_mbs:10.0f}"
         ratio = "—" if r.ratio is None else f"{r.ratio:6.2f}×"
-        lines.append(f"{r.qtype:8} {r.mbytes:6.1f} {r.apr_mbs:10.0f} {gguf:>10} {ratio:>7}")
+        target = "—" if r.ratio is None else _verdict(r.ratio, TARGET_RATIO.get(QuantType[r.qtype], 1.0))
+        lines.append(f"{r.qtype:8} {r.mbytes:6.1f} {r.apr_mbs:10.0f} {gguf:>10} {ratio:>7} {target:>7}")
     lines.append("F32 is a zero-copy view on both sides: its times are per-call overhead, a few µs.")
     return "\n".join(lines)
+
+
+def _verdict(ratio: float, need: float) -> str:
+    return f"≥{need:g}× " + ("ok" if ratio >= need else "MISS")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--mb", type=float, default=8.0, help="input MB per type (default 8)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per side (default 5)")
+    parser.add_argument("--types", help="comma-separated type names (default: every dequantizable type)")
     args = parser.parse_args()
-    print(render(rows(args.mb, args.repeat)))
+    types = [QuantType[t] for t in args.types.split(",")] if args.types else DEQUANT_TYPES
+    print(render(rows(args.mb, args.repeat, types)))
 
 
 if __name__ == "__main__":

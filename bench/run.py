@@ -47,7 +47,7 @@ from apr.engine.weights import default_threads  # noqa: E402
 from apr.quant import QuantType  # noqa: E402
 from apr.trace.reader import read_trace  # noqa: E402
 from apr.trace.run import prepare_trace  # noqa: E402
-from apr.trace.stages import Stage, StageId  # noqa: E402
+from apr.stages import Stage, StageId  # noqa: E402
 
 PROMPT: Final = "The quick brown fox jumps over the lazy dog."
 SYNTH_TAG: Final = "v1"  # bump when bench/synth.py's output changes, so the cached file is rewritten

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures import models
+from tests.fixtures.zoo import FAMILIES, ZooModel, build_all
 
 
 @pytest.fixture(scope="session")
@@ -23,10 +25,10 @@ def smollm2_f32_gguf() -> Path:
 def smollm2_hf(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2 exported by `apr export` to an HF folder (f32 safetensors, Q/K rows in HF order)."""
     from apr.convert.export import export_safetensors
-    from apr.formats import open_checkpoint
+    from apr.models import open_model
 
     out = tmp_path_factory.mktemp("smollm2-hf")
-    export_safetensors(open_checkpoint(smollm2_gguf), out)
+    export_safetensors(open_model(smollm2_gguf), out)
     return out
 
 
@@ -40,10 +42,26 @@ def smollm2_apr(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-@pytest.fixture(scope="session", params=["qwen2", "qwen3"])
+@pytest.fixture(scope="session", params=["qwen2", "qwen3", *models.VARIANTS])
 def tiny_hf(
     request: pytest.FixtureRequest, smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
-    """A tiny random Qwen2 (QKV bias) or Qwen3 (q/k norm) made by transformers from a fixed seed."""
+    """A tiny random Qwen2 (QKV bias), Qwen3 (q/k norm) or llama-family variant (models.VARIANTS: RoPE
+    scaling, sliding window, Granite's multipliers) made by transformers from a fixed seed."""
     arch = str(request.param)
     return models.tiny_hf_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"), smollm2_hf / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def zoo() -> Callable[[str], ZooModel]:
+    """`zoo(family)`: that family's tiny random model (tests/fixtures/zoo.py): an HF folder and the F32 GGUF
+    llama.cpp's own converter wrote from it. The first call builds every family in one converter process
+    (about 7 s on a fresh machine) into $APR_CACHE/fixtures; later sessions find them there."""
+    built: dict[str, ZooModel] = {}
+
+    def get(family: str) -> ZooModel:
+        if not built:
+            built.update(build_all(FAMILIES, models.cache_dir() / "fixtures"))
+        return built[family]
+
+    return get

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apr.stages import Stage, StageId
 from tests.fixtures.cli import run, trace_all
+from tests.fixtures.traces import write_stages
 
 CONSUMER = {
     "attn_q.weight": "qkv_matmul",
@@ -157,3 +159,14 @@ def test_bisect_accepts_a_trace_directory(smollm2_gguf: Path, smollm2_apr: Path,
     code, doc = bisect_json(tmp_path / "t", smollm2_apr)
     assert code == 0 and doc["token_ids"] == [504, 3575, 282, 4649, 314]  # B ran on the trace's prompt
     assert all(s["identical"] for s in doc["stages"] if s["stage"] != "lm_head")
+
+
+def test_bisect_refuses_traces_that_share_no_stage(tmp_path: Path) -> None:
+    a = write_stages(tmp_path / "a", StageId(Stage.EMBEDDING, 0))
+    b = write_stages(tmp_path / "b", StageId(Stage.LM_HEAD))
+    assert run("bisect", str(a), str(b)) == (
+        5,
+        "",
+        f"error: the traces share no stage, so there is nothing to check: {a} holds blk.0.embedding; "
+        f"{b} holds lm_head\n",
+    )

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from apr.stages import Stage, StageId
 from apr.trace import format as aprt
-from apr.trace.stages import Stage, StageId
-from tests.fixtures.cli import run
-from tests.fixtures.traces import write_trace
+from tests.fixtures.cli import run, run_unprivileged
+from tests.fixtures.traces import write_stages, write_trace
 
 SPEC_KEYS = [
     "schema", "path_a", "path_b", "layer", "dim_product", "max_abs_diff", "max_abs_diff_index",
@@ -123,11 +120,11 @@ def test_unreadable_file_exit_7(tmp_path: Path, pair: tuple[Path, Path]) -> None
     bad = tmp_path / "locked.bin"
     bad.write_bytes(pair[0].read_bytes())
     bad.chmod(0)
-    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
-    cmd = [*prefix, sys.executable, "-m", "apr", "diff", str(pair[0]), str(bad), "--values"]
-    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    assert (r.returncode, r.stdout) == (7, "")
-    assert r.stderr == f"error: cannot read {bad}: Permission denied\n"
+    assert run_unprivileged("diff", str(pair[0]), str(bad), "--values") == (
+        7,
+        "",
+        f"error: cannot read {bad}: Permission denied\n",
+    )
 
 
 def test_trace_directories_table_json_and_check(tmp_path: Path) -> None:
@@ -152,3 +149,52 @@ def test_min_cos_changes_the_rule(tmp_path: Path) -> None:
     assert run("diff", str(a), str(b), "--values", "--check")[0] == 0
     code, out, _ = run("diff", str(a), str(b), "--values", "--check", "--min-cos", "0.99999999")
     assert code == 1 and "rule: a stage diverges when cosine < 0.99999999" in out
+
+
+def test_two_empty_directories_are_not_traces_exit_5(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    message = f"error: neither side is a trace: {a} is an empty directory; {b} is an empty directory\n"
+    assert run("diff", str(a), str(b), "--values", "--check") == (5, "", message)
+    assert run("diff", str(a), str(b), "--values") == (5, "", message)  # a report of nothing, too
+
+
+def test_a_trace_against_a_model_folder_names_the_folder(tmp_path: Path) -> None:
+    model = tmp_path / "model-hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")  # what the safetensors format sniffs a folder by
+    trace = write_trace(tmp_path / "t")
+    assert run("diff", str(trace), str(model), "--check") == (
+        5,
+        "",
+        f"error: {model} is not a trace: it is a safetensors model folder (`apr trace` it first)\n",
+    )
+
+
+def test_a_folder_of_other_files_says_what_it_holds_in_json_too(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    (other / "sub").mkdir(parents=True)
+    for name in ("notes.txt", "a.bin", "c.json"):
+        (other / name).write_text("x")
+    message = (
+        f"{other} is not a trace: it holds 4 entries (a.bin, c.json, notes.txt, …) "
+        "but no manifest.json and no layer-N/<stage>.bin files"
+    )
+    code, out, err = run("diff", str(other), str(write_trace(tmp_path / "t")), "--check", "--json")
+    assert (code, json.loads(out), err) == (5, {"error": message, "exit_code": 5}, f"error: {message}\n")
+
+
+def test_check_refuses_traces_that_share_no_stage(tmp_path: Path) -> None:
+    a = write_stages(tmp_path / "a", StageId(Stage.EMBEDDING, 0))
+    b = write_stages(tmp_path / "b", StageId(Stage.FINAL_NORM), StageId(Stage.LM_HEAD))
+    code, out, _ = run("diff", str(a), str(b))  # the report says what each side has
+    assert code == 0 and "0 stages compared, 0 diverged." in out
+    assert "only in B (2): final_norm, lm_head" in out
+    assert run("diff", str(a), str(b), "--check") == (
+        5,
+        "",
+        f"error: the traces share no stage, so there is nothing to check: {a} holds blk.0.embedding; "
+        f"{b} holds final_norm, lm_head\n",
+    )

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apr.formats import open_checkpoint
+from apr.models import open_model
 from apr.quant.types import QuantType
-from tests.fixtures.cli import run
+from tests.fixtures.cli import run, run_unprivileged
 
 
 @pytest.mark.parametrize("fixture", ["smollm2_gguf", "smollm2_apr", "smollm2_hf"])
@@ -54,13 +54,13 @@ def test_import_reports_what_it_converted(smollm2_gguf: Path, tmp_path: Path) ->
 def test_import_quantize_q8_0_and_convert_q4_k(smollm2_gguf: Path, tmp_path: Path) -> None:
     q8 = tmp_path / "q8.apr"
     assert run("import", str(smollm2_gguf), "-o", str(q8), "--quantize", "q8_0")[0] == 0
-    ck = open_checkpoint(q8)
+    ck = open_model(q8)
     assert ck.info("blk.0.attn_q.weight").qtype is QuantType.Q8_0
     assert ck.info("blk.0.attn_norm.weight").qtype is QuantType.F32
     q4 = tmp_path / "q4.apr"
     code, out, _ = run("convert", str(q8), "-o", str(q4), "--quantize", "q4_k")
     assert code == 0 and "Q8_0→Q4_K ×30" in out  # only ffn_down rows (1536) are whole 256-blocks
-    ck4 = open_checkpoint(q4)
+    ck4 = open_model(q4)
     assert ck4.info("blk.0.ffn_down.weight").qtype is QuantType.Q4_K
     w8, w4 = ck.read("blk.0.ffn_down.weight"), ck4.read("blk.0.ffn_down.weight")
     assert np.linalg.norm(w4 - w8) / np.linalg.norm(w8) < 0.1
@@ -89,3 +89,18 @@ def test_not_a_model(tmp_path: Path) -> None:
     junk.write_text("hello")
     code, _, err = run("inspect", str(junk))
     assert code == 4 and "not a model file this tool can read" in err
+
+
+def test_a_read_only_target_is_named_not_the_temp_file(tmp_path: Path) -> None:
+    from tests.runtimes import write_tiny_gguf
+
+    src = write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        code, out, err = run_unprivileged("import", str(src), "-o", str(ro / "x.apr"))
+    finally:
+        ro.chmod(0o755)
+    assert (code, out, err) == (7, "", f"error: cannot write {ro / 'x.apr'}: Permission denied\n")
+    assert list(ro.iterdir()) == []

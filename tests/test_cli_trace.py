@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from apr.stages import Stage, StageId
 from apr.trace import format as aprt
 from apr.trace.plan import TracePlan
-from apr.trace.stages import Stage, StageId
 from apr.trace.writer import TraceWriter
-from tests.fixtures.cli import run, trace_all
+from apr.version import __version__
+from tests.fixtures.cli import run, run_unprivileged, trace_all
 from tests.fixtures.traces import run_info
 
 IDS = [1780, 314, 216, 34, 27, 34, 47]
@@ -245,10 +247,70 @@ def test_missing_extra_names_it_and_exits_9(
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert r.returncode == 9
-    assert r.stderr.endswith(
-        f"error: --engine {engine} needs the optional extra: pip install 'apr[{extra}]'\n"
+    assert r.stderr == (  # apr is not on PyPI: say what to run from a checkout and from a wheel
+        f"error: --engine {engine} needs the optional extra [{extra}]: from a checkout, "
+        f"pip install -e '.[{extra}]' (make dev installs every extra); from a wheel, "
+        f"pip install 'apr-{__version__}-py3-none-any.whl[{extra}]'\n"
     )
     assert not (tmp_path / "t").exists()
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path: Path) -> Path:
+    from tests.runtimes import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
+
+
+@pytest.fixture
+def locked(tmp_path: Path) -> Iterator[Callable[[Path, int], Path]]:
+    """Make directories unwritable (restored afterwards, so tmp_path can be cleaned up)."""
+    done: list[Path] = []
+
+    def lock(d: Path, mode: int) -> Path:
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(mode)
+        done.append(d)
+        return d
+
+    yield lock
+    for d in done:
+        d.chmod(0o755)
+
+
+def test_an_empty_read_only_folder_names_the_file_it_cannot_write(
+    tiny_gguf: Path, tmp_path: Path, locked: Callable[[Path, int], Path]
+) -> None:
+    out = locked(tmp_path / "ro", 0o555)
+    code, stdout, stderr = run_unprivileged(
+        "trace", str(tiny_gguf), "--save-tensor", "lm_head", "--save-tensor-dir", str(out), "-q"
+    )
+    assert (code, stdout) == (7, "")
+    assert stderr == f"error: cannot write {out / 'lm_head.bin'}: Permission denied\n"  # not a temp name
+
+
+def test_a_folder_it_may_not_change_is_not_called_stale(
+    tiny_gguf: Path, tmp_path: Path, locked: Callable[[Path, int], Path]
+) -> None:
+    """No search permission: even removing an old manifest.json fails, and there are no stale files."""
+    out = locked(tmp_path / "r-only", 0o444)
+    code, _, stderr = run_unprivileged(
+        "trace", str(tiny_gguf), "--save-tensor", "lm_head", "--save-tensor-dir", str(out), "-q"
+    )
+    assert (code, stderr) == (7, f"error: cannot write to {out}: Permission denied\n")
+
+
+def test_a_stale_file_it_cannot_remove_is_named(
+    tiny_gguf: Path, tmp_path: Path, locked: Callable[[Path, int], Path]
+) -> None:
+    out = tmp_path / "t"
+    stale = out / "layer-1" / "ffn_up.bin"
+    aprt.write_aprt(stale, 1, np.ones(3, np.float32))
+    locked(stale.parent, 0o555)
+    code, _, stderr = run_unprivileged(
+        "trace", str(tiny_gguf), "--save-tensor", "lm_head", "--save-tensor-dir", str(out), "-q"
+    )
+    assert (code, stderr) == (7, f"error: cannot remove stale trace file {stale}: Permission denied\n")
 
 
 def test_a_quant_type_apr_cannot_read_names_the_tensor_and_exits_4(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from apr.diff.compare import Tolerance, diff_traces
-from apr.formats import open_checkpoint
+from apr.models import open_model
 from apr.formats.config import QKLayout
 from apr.trace.plan import TracePlan
 from apr.trace.reader import read_trace
@@ -31,7 +31,7 @@ def digests(d: Path) -> dict[str, str]:
 
 
 def test_imported_apr_dequantizes_to_exactly_the_ggufs_values(smollm2_gguf: Path, smollm2_apr: Path) -> None:
-    g, a = open_checkpoint(smollm2_gguf), open_checkpoint(smollm2_apr)
+    g, a = open_model(smollm2_gguf), open_model(smollm2_apr)
     assert g.config == a.config
     names = [t.name for t in g.tensors()]
     assert sorted([*names, "output.weight"]) == sorted(t.name for t in a.tensors())  # + the tied lm_head

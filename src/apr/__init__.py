@@ -22,9 +22,9 @@ from apr.diff.compare import (
 )
 from apr.errors import AprError
 from apr.formats import open_checkpoint
+from apr.stages import STAGE_ORDER, Stage, StageId
 from apr.trace.plan import TracePlan
 from apr.trace.reader import Trace, read_trace
-from apr.trace.stages import STAGE_ORDER, Stage, StageId
 from apr.version import __version__
 
 __all__ = [

@@ -1,6 +1,8 @@
 """Atomic file output: write to a temporary sibling, fsync, then rename over the final name.
 
 A killed writer leaves at most a `.<name>.tmp-*` file, never a half-written file under the final name.
+The temporary name is an implementation detail: a failure to create, write or rename it is reported as
+`AprIOError("cannot write <final path>: <reason>")`, never with the temp file's name.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
 
+from apr.errors import AprIOError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -22,20 +26,58 @@ def _current_umask() -> int:
 _UMASK: Final = _current_umask()
 
 
+def _cannot_write(path: Path, e: OSError) -> AprIOError:
+    return AprIOError(f"cannot write {path}: {e.strerror or e}")
+
+
 @contextlib.contextmanager
-def atomic_output(path: Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
-    """Open a temp file next to `path`; on clean exit rename it to `path`, on error remove it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+def _naming(path: Path) -> Iterator[None]:
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            yield f
+        yield
+    except OSError as e:
+        raise _cannot_write(path, e) from e
+
+
+class AtomicFile:
+    """The temp file handed to the caller: `write` and `flush` errors name the final path."""
+
+    def __init__(self, f: BinaryIO, path: Path) -> None:
+        self._f, self._path = f, path
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            raise _cannot_write(self._path, e) from e
+
+    def flush(self) -> None:
+        with _naming(self._path):
+            self._f.flush()
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, fsync: bool = False) -> Iterator[AtomicFile]:
+    """Open a temp file next to `path`; on clean exit rename it to `path`, on error remove it.
+
+    Errors raised by the caller's own code inside the block pass through unchanged.
+    """
+    with _naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    f = os.fdopen(fd, "wb")
+    try:
+        with _naming(path):
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+        yield AtomicFile(f, path)
+        with _naming(path):
+            f.flush()
             if fsync:
-                f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
+            f.close()
+            os.replace(tmp, path)
     except BaseException:
+        with contextlib.suppress(OSError):
+            f.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise

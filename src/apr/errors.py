@@ -13,7 +13,11 @@ Exit codes (documented in README and `apr --help`; aprender's codes where it has
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import ClassVar
+from typing import ClassVar, Final
+
+from apr.version import __version__
+
+WHEEL: Final = f"apr-{__version__}-py3-none-any.whl"  # what `python -m build` / `pip wheel .` names it
 
 
 class ExitCode(IntEnum):
@@ -82,10 +86,16 @@ class InferenceError(AprError):
 
 
 class FeatureDisabledError(AprError):
-    """An optional extra (transformers, llama.cpp, plotting) is not installed."""
+    """An optional extra (transformers, llama.cpp) is not installed.
+
+    apr is not on PyPI, so the hint says what to run from a checkout and from a wheel.
+    """
 
     exit_code = ExitCode.FEATURE_DISABLED
 
     def __init__(self, what: str, extra: str) -> None:
-        super().__init__(f"{what} needs the optional extra: pip install 'apr[{extra}]'")
+        super().__init__(
+            f"{what} needs the optional extra [{extra}]: from a checkout, pip install -e '.[{extra}]' "
+            f"(make dev installs every extra); from a wheel, pip install '{WHEEL}[{extra}]'"
+        )
         self.extra = extra

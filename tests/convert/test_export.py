@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from apr.cli import cli
-from apr.engine.llama import forward
+from apr.models.llama import forward
 from apr.engine.weights import Weights
-from apr.formats import open_checkpoint
-from apr.trace.stages import Stage, StageId
+from apr.models import open_model
+from apr.stages import Stage, StageId
 from tests.runtimes import PROMPT, PROMPT_IDS, Recorder, rel_err, transformers_run, write_tiny_gguf
 
 pytestmark = pytest.mark.oracle
@@ -50,7 +50,7 @@ def test_qwen2_with_bias_round_trips_through_export(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.stderr
     ids = (5, 17, 200, 3)
     ours = Recorder()
-    ck = open_checkpoint(gguf)
+    ck = open_model(gguf)
     forward(Weights(ck), ck.config, ids, ours, lm_head_all=True)
     _, theirs = transformers_run(tmp_path / "hf", ids)
     lm = StageId(Stage.LM_HEAD)

@@ -6,8 +6,8 @@ import pytest
 
 from apr.diff.compare import Tolerance, diff_traces
 from apr.errors import MismatchError
+from apr.stages import Stage, StageId
 from apr.trace.reader import read_trace
-from apr.trace.stages import Stage, StageId
 from tests.fixtures.traces import write_trace
 
 FAULT = StageId(Stage.FFN_UP, 2)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from apr.engine import ops
+from apr.engine import ops, rope
 from apr.formats.config import hf_to_interleaved, interleaved_to_hf
+from apr.models.config import RopeScaling
+
+
+def angles(t: int, dh: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    freqs, mult = rope.inv_freq(RopeScaling(), dh, theta)
+    return rope.angles(np.arange(t), freqs, mult, np.float64)
 
 rng = np.random.default_rng(0)
 
@@ -13,7 +19,7 @@ rng = np.random.default_rng(0)
 def test_adjacent_rope_on_interleaved_rows_equals_half_split_rope_on_hf_rows() -> None:
     T, H, Dh = 5, 3, 8
     q_hf = rng.standard_normal((T, H * Dh))
-    cos, sin = ops.rope_angles(np.arange(T), Dh, 10000.0, np.float64)
+    cos, sin = angles(T, Dh, 10000.0)
     hf = ops.rope_half_split(q_hf.reshape(T, H, Dh), cos, sin).reshape(T, H * Dh)
     inter = ops.rope_adjacent(hf_to_interleaved(q_hf, H).reshape(T, H, Dh), cos, sin).reshape(T, H * Dh)
     np.testing.assert_allclose(interleaved_to_hf(inter, H), hf, rtol=0, atol=1e-12)
@@ -21,7 +27,7 @@ def test_adjacent_rope_on_interleaved_rows_equals_half_split_rope_on_hf_rows() -
 
 def test_rope_at_position_zero_is_identity_and_preserves_norm() -> None:
     x = rng.standard_normal((4, 2, 6))
-    cos, sin = ops.rope_angles(np.arange(4), 6, 500.0, np.float64)
+    cos, sin = angles(4, 6, 500.0)
     y = ops.rope_half_split(x, cos, sin)
     assert np.array_equal(y[0], x[0])
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-12)

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apr.engine.llama import forward
+from apr.models.llama import forward
 from apr.engine.weights import Weights
-from apr.formats import open_checkpoint
+from apr.errors import ValidationError
+from apr.models import open_model
 from apr.runtimes import run_llamacpp, run_transformers
-from apr.trace.stages import Stage, StageId
+from apr.stages import Stage, StageId
 from tests.runtimes import PROMPT_IDS, Recorder, cosine, rel_err
 
 pytestmark = pytest.mark.oracle
@@ -28,7 +29,7 @@ NEAR_TIE = 0.1
 
 
 def reference(model: Path, ids: tuple[int, ...], dtype: type) -> Recorder:
-    ckpt = open_checkpoint(model)
+    ckpt = open_model(model)
     rec = Recorder()
     forward(Weights(ckpt, dtype), ckpt.config, ids, rec, lm_head_all=True)
     return rec
@@ -60,16 +61,25 @@ def test_smollm2_every_stage_matches_transformers(
 @pytest.mark.parametrize(
     ("precision", "dtype", "tol"), [("float32", np.float32, 1e-4), ("float64", np.float64, 1e-10)]
 )
-def test_tiny_qwen_models_match_transformers(tiny_hf: Path, precision: str, dtype: type, tol: float) -> None:
-    ids = (504, 3575, 282, 4649, 314)
+def test_tiny_llama_family_models_match_transformers(
+    tiny_hf: Path, precision: str, dtype: type, tol: float
+) -> None:
+    """Every stage, every layer; 8 tokens, so the window (3) and the original RoPE context (16) matter."""
+    ids = (504, 3575, 282, 4649, 314, 2114, 30, 216)
+    if precision == "float64" and open_model(tiny_hf).config.rope_scaling.kind != "default":
+        with pytest.raises(ValidationError, match="float64 oracle supports default RoPE only"):
+            run_transformers(tiny_hf, ids, Recorder(), dtype=precision)
+        return
     theirs = Recorder()
     run_transformers(tiny_hf, ids, theirs, dtype=precision)
     ours = reference(tiny_hf, ids, dtype)
     err, where = worst_stage(ours, theirs)
     print(f"{tiny_hf.name} {precision}: worst stage {where} relative error {err:.3e}")
     assert err <= tol, f"{where}: relative error {err:.3e} > {tol:g}"
-    cfg = open_checkpoint(tiny_hf).config
+    cfg = open_model(tiny_hf).config
     assert cfg.qkv_bias == ("qwen2" in tiny_hf.name) and cfg.qk_norm == ("qwen3" in tiny_hf.name)
+    assert (cfg.sliding_window == 3) == ("mistral" in tiny_hf.name)
+    assert (cfg.logit_divisor == 4.0) == ("granite" in tiny_hf.name)
     if cfg.qkv_bias:
         assert StageId(Stage.QKV_BIAS, 1) in theirs.arrays
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from apr.engine import weights as weights_module
-from apr.engine.llama import forward
+from apr.models.llama import forward
 from apr.engine.weights import Weights, single_threaded_blas
 from apr.errors import UnsupportedQuantError
-from apr.formats import open_checkpoint
+from apr.models import open_model
 from apr.formats.apr import open_apr
 from apr.formats.aprwrite import AprTensor, write_apr
 from apr.quant import QuantType
-from apr.trace.stages import StageId
+from apr.stages import StageId
 from tests.formats.test_apr import CFG_FULL, _apr_q8, _with_scales
 
 IDS = (1780, 314, 216, 34, 27, 34, 47)
@@ -23,7 +23,7 @@ IDS = (1780, 314, 216, 34, 27, 34, 47)
 
 def run(model: Path, threads: int) -> dict[StageId, np.ndarray]:
     got: dict[StageId, np.ndarray] = {}
-    ckpt = open_checkpoint(model)
+    ckpt = open_model(model)
     forward(Weights(ckpt, threads=threads), ckpt.config, IDS, lambda sid, v: got.setdefault(sid, np.array(v)))
     return got
 
@@ -36,7 +36,7 @@ def test_every_stage_is_the_same_bits_on_one_two_and_three_threads(smollm2_gguf:
 
 
 def test_linear_is_x_times_w_transposed(smollm2_gguf: Path) -> None:
-    ckpt = open_checkpoint(smollm2_gguf)
+    ckpt = open_model(smollm2_gguf)
     rng = np.random.default_rng(0)
     for name in ("blk.0.attn_k.weight", "blk.3.ffn_down.weight", "token_embd.weight"):
         w = ckpt.read(name)  # (out, in)
@@ -67,7 +67,7 @@ def test_blas_threads_are_restored_and_errors_stop_every_thread(
 
     monkeypatch.setattr(weights_module, "dequantize", failing)
     with pytest.raises(UnsupportedQuantError, match="boom"):
-        Weights(open_checkpoint(smollm2_gguf), threads=2).linear(
+        Weights(open_model(smollm2_gguf), threads=2).linear(
             np.ones((1, 576), np.float32), "token_embd.weight"
         )
     assert len(calls) <= 4  # token_embd has 28 blocks: the other thread stopped after at most one more

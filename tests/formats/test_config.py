@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from apr.formats.config import ModelConfig, QKLayout, hf_to_interleaved, interleaved_to_hf
+from apr.formats.config import QKLayout, hf_to_interleaved, interleaved_to_hf
+from apr.models.config import ModelConfig
 
 
 def test_interleaved_to_hf_is_the_oracles_reshape_swap() -> None:

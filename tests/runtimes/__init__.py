@@ -14,7 +14,7 @@ import numpy as np
 from apr.formats.config import QKLayout, interleaved_to_hf
 from apr.runtimes import RuntimeRun, run_transformers
 from apr.runtimes.base import model_stages
-from apr.trace.stages import Stage, StageId
+from apr.stages import Stage, StageId
 
 PROMPT = "What is 2+2?"
 PROMPT_IDS = (1780, 314, 216, 34, 27, 34, 47)

@@ -7,7 +7,7 @@ import pytest
 
 from apr.errors import InferenceError, ValidationError
 from apr.runtimes.base import ForwardOrderTap, check_token_ids, missing_stages, model_stages
-from apr.trace.stages import Stage, StageId
+from apr.stages import Stage, StageId
 from tests.runtimes import Recorder
 
 

@@ -21,7 +21,7 @@ from apr.errors import FeatureDisabledError, ModelLoadError, NotFoundError, Vali
 from apr.formats.config import QKLayout
 from apr.runtimes import RuntimeRun, llamacpp_ggml, run_llamacpp, run_transformers
 from apr.runtimes.base import model_stages
-from apr.trace.stages import Stage, StageId
+from apr.stages import Stage, StageId
 from tests.runtimes import (
     PROMPT_IDS,
     SMOLLM2,

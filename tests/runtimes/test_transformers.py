@@ -13,7 +13,7 @@ import transformers
 from apr.errors import FeatureDisabledError, ModelLoadError, NotFoundError, ValidationError
 from apr.formats.config import QKLayout
 from apr.runtimes import run_transformers
-from apr.trace.stages import Stage, StageId
+from apr.stages import Stage, StageId
 from tests.runtimes import (
     PROMPT_IDS,
     SMOLLM2,

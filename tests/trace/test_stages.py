@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from apr.errors import StageParseError
-from apr.trace.stages import STAGE_ORDER, Stage, StageId, parse_stage
+from apr.stages import APRENDER_STAGES, FORWARD_ORDER, STAGE_ORDER, Stage, StageId, parse_stage
 
 # spec/aprender.md §2.1, in `ALL` order
 SPEC_NAMES = [
@@ -33,8 +33,22 @@ SPEC_NAMES = [
 ]
 
 
-def test_vocabulary_is_the_specs_23_names_in_order() -> None:
-    assert [s.value for s in STAGE_ORDER] == SPEC_NAMES
+APR_ADDITIONS = ["attn_post_norm", "ffn_post_norm", "moe_router_logits", "moe_shared_out"]
+
+
+def test_vocabulary_is_the_specs_23_names_in_order_then_apr_additions() -> None:
+    assert [s.value for s in STAGE_ORDER] == SPEC_NAMES + APR_ADDITIONS
+    assert [s.value for s in APRENDER_STAGES] == SPEC_NAMES
+
+
+def test_forward_order_puts_post_norms_and_moe_inside_their_sublayer() -> None:
+    order = [s.value for s in FORWARD_ORDER]
+    assert sorted(order) == sorted(SPEC_NAMES + APR_ADDITIONS)
+    assert order.index("attn_out") < order.index("attn_post_norm") < order.index("post_attn_residual")
+    for moe in ("moe_router_logits", "moe_router", "moe_router_indices", "moe_shared_out", "moe_ffn_out"):
+        assert order.index("ffn_norm") < order.index(moe) < order.index("post_ffn_residual"), moe
+    assert order.index("ffn_out") < order.index("ffn_post_norm") < order.index("post_ffn_residual")
+    assert StageId(Stage.MOE_FFN_OUT, 2).sort_key < StageId(Stage.POST_FFN_RESIDUAL, 2).sort_key
 
 
 def test_only_final_norm_and_lm_head_are_whole_model() -> None:
@@ -46,6 +60,8 @@ def test_moe_stages() -> None:
         "moe_router",
         "moe_ffn_out",
         "moe_router_indices",
+        "moe_router_logits",
+        "moe_shared_out",
     ]
 
 
@@ -66,7 +82,7 @@ def test_parse_stage_errors() -> None:
         parse_stage("  ")
     with pytest.raises(StageParseError) as e:
         parse_stage("x")
-    assert str(e.value) == 'unknown save-tensor stage "x"; valid stages: ' + ",".join(SPEC_NAMES)
+    assert str(e.value) == 'unknown save-tensor stage "x"; valid stages: ' + ",".join(SPEC_NAMES + APR_ADDITIONS)
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,21 @@
 """The `apr` click group and what every command shares: global flags, output, progress, error mapping.
 
-Every command parses its arguments, makes one library call, renders the result (`show`), and lets the
-AprError hierarchy map to `error: <message>` on stderr and its exit code — here, in one place.
+Every command parses its arguments, makes one library call, renders the result (`show`), and leaves errors
+to this module. Every error — the AprError hierarchy, OSError, and click's own usage errors (bad option,
+missing argument, bad choice or value: exit 2) — is one line, `error: <message>`, on stderr; with `--json`
+also `{"error": ..., "exit_code": N}` on stdout. The global flags (`--json`, `-q`, `--debug`) are accepted
+before the command or after it: the group and every command carry their own copy, and both set `Ctx`.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import IO, Any, Final, NoReturn, TypeVar
 
 import click
 
@@ -19,7 +23,9 @@ from apr.errors import AprError, ExitCode
 from apr.report import json as jsonr
 from apr.version import __version__
 
+PROG: Final = "apr"
 INTERNAL_ERROR: Final = 70
+INTERRUPTED: Final = 130
 DEFAULT_PROMPT: Final = "What is 2+2?"
 F = TypeVar("F", bound=Callable[..., Any])
 R = TypeVar("R")
@@ -34,16 +40,55 @@ def path_type() -> click.Path:
     return click.Path(path_type=Path, readable=False)
 
 
+class Threshold(click.FloatRange):
+    """A FloatRange that also refuses NaN (which every range comparison lets through) and infinities."""
+
+    name = "float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        x = super().convert(value, param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return x
+
+
+COSINE: Final = Threshold(-1, 1)  # int bounds read "-1<=x<=1" in messages and help
+NON_NEGATIVE: Final = Threshold(min=0)
+POSITIVE: Final = Threshold(min=0, min_open=True)
+
+
 @dataclass
 class Ctx:
+    """The global flags, wherever they were given, and argv (for errors raised before it was parsed)."""
+
     json: bool = False
     quiet: bool = False
     debug: bool = False
+    argv: tuple[str, ...] = ()
+
+    @property
+    def json_errors(self) -> bool:
+        """`--json` was given — also when a usage error stopped click before it parsed the flag."""
+        args = self.argv[: self.argv.index("--")] if "--" in self.argv else self.argv
+        return self.json or "--json" in args
 
 
-def json_option(f: F) -> F:
-    """`--json` on a command, OR-ed with the global `apr --json`."""
-    return click.option("--json", "as_json", is_flag=True, help="Output as JSON.")(f)
+def _set_flag(context: click.Context, param: click.Parameter, value: bool) -> None:
+    if value and param.name:
+        setattr(context.ensure_object(Ctx), param.name, True)
+
+
+def global_options() -> list[click.Parameter]:
+    """Fresh `--json`, `-q/--quiet` and `--debug` options: the group's copy, or one command's."""
+
+    def flag(*decls: str, text: str) -> click.Option:
+        return click.Option(decls, is_flag=True, expose_value=False, callback=_set_flag, help=text)
+
+    return [
+        flag("--json", text='Output as JSON (an error as {"error": ..., "exit_code": N}).'),
+        flag("-q", "--quiet", text="Suppress stdout (errors still go to stderr; --json still prints)."),
+        flag("--debug", text="Show a traceback on errors."),
+    ]
 
 
 def ctx() -> Ctx:
@@ -51,8 +96,8 @@ def ctx() -> Ctx:
     return obj if obj is not None else Ctx()
 
 
-def wants_json(as_json: bool) -> bool:
-    return as_json or ctx().json
+def wants_json() -> bool:
+    return ctx().json
 
 
 def emit(s: str) -> None:
@@ -61,9 +106,9 @@ def emit(s: str) -> None:
         click.echo(s, nl=False)
 
 
-def show(result: R, as_json: bool, doc: Callable[[R], dict[str, Any]], render: Callable[[R], str]) -> None:
+def show(result: R, doc: Callable[[R], dict[str, Any]], render: Callable[[R], str]) -> None:
     """Print a result as JSON (`--json`) or as text."""
-    if wants_json(as_json):
+    if wants_json():
         click.echo(jsonr.dumps(doc(result)))
     else:
         emit(render(result))
@@ -87,8 +132,55 @@ class Progress:
             click.echo(f"\r{self.label} {i + 1}/{self.total}{end}", err=True, nl=False)
 
 
+def _report(message: str, code: int, as_json: bool) -> None:
+    """The one error format: a line on stderr and, with --json, a JSON object on stdout."""
+    if as_json:
+        click.echo(jsonr.dumps({"error": message, "exit_code": code}), nl=False)
+    click.echo(f"error: {message}", err=True)
+
+
+class UsageLine(click.ClickException):
+    """A click usage error shown like every other error (click itself prints Usage:/Try/Error: lines)."""
+
+    exit_code = int(ExitCode.USAGE)
+
+    def __init__(self, e: click.UsageError) -> None:
+        hint = f" Try '{e.ctx.command_path} --help'." if e.ctx is not None else ""
+        super().__init__(" ".join(e.format_message().split()) + hint)
+        obj = e.ctx.find_object(Ctx) if e.ctx is not None else None
+        self.as_json = obj is not None and obj.json_errors
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        _report(self.message, self.exit_code, self.as_json)
+
+
+class AprCommand(click.Command):
+    """A command that also takes the global flags: `apr diff a b --json` is `apr --json diff a b`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(global_options())
+
+
 class AprGroup(click.Group):
-    """Maps the AprError hierarchy to `error: <message>` + exit code, in one place."""
+    """Maps every error to `error: <message>` + exit code, in one place."""
+
+    command_class = AprCommand
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.params.extend(global_options())
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        extra.setdefault("obj", Ctx(argv=tuple(args)))
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # bare `apr`: click prints the help
+        except click.UsageError as e:
+            raise UsageLine(e) from None
 
     def invoke(self, context: click.Context) -> Any:
         try:
@@ -98,36 +190,34 @@ class AprGroup(click.Group):
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
             _fail(context, f"{e.strerror or e}{where}", int(ExitCode.IO))
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise UsageLine(e) from None
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            _fail(context, "interrupted", 130)
+            _fail(context, "interrupted", INTERRUPTED)
         except Exception as e:
             _fail(context, f"internal error: {type(e).__name__}: {e} (re-run with --debug)", INTERNAL_ERROR)
 
 
-def _fail(context: click.Context, message: str, code: int) -> None:
-    obj = context.find_object(Ctx)
-    if obj is not None and obj.debug:
+def _fail(context: click.Context, message: str, code: int) -> NoReturn:
+    obj = context.find_object(Ctx) or Ctx()
+    if obj.debug:
         traceback.print_exc()
-    click.echo(f"error: {message}", err=True)
+    _report(message, code, obj.json_errors)
     context.exit(code)
 
 
-@click.group(cls=AprGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="apr")
-@click.option("--json", "as_json", is_flag=True, help="Output as JSON.")
-@click.option(
-    "-q", "--quiet", is_flag=True, help="Suppress stdout (errors still go to stderr; --json still prints)."
-)
-@click.option("--debug", is_flag=True, help="Show a traceback on errors.")
-@click.pass_context
-def cli(context: click.Context, as_json: bool, quiet: bool, debug: bool) -> None:
+@click.group(PROG, cls=AprGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name=PROG)
+def cli() -> None:
     """Trace an LLM's forward pass stage by stage and find where two runs part ways.
 
     \b
+    Global flags (--json, -q, --debug) go before the command or after it.
     Exit codes: 0 ok · 1 divergence found (diff --check, bisect) · 2 usage error · 3 file not found
     · 4 invalid file format · 5 validation failed · 6 model load failed · 7 I/O error
     · 8 inference failed · 9 optional extra not installed · 70 internal error
     """
-    context.obj = Ctx(as_json, quiet, debug)

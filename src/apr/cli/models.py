@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from apr.cli.app import cli, json_option, path_arg, path_type, show
+from apr.cli.app import cli, path_arg, path_type, show
 from apr.convert.export import DTYPES, export_safetensors
 from apr.convert.importer import QUANTIZE_TARGETS, convert_apr, import_gguf
-from apr.formats import open_checkpoint
-from apr.formats.summary import summarize
+from apr.models import open_model
+from apr.models.summary import summarize
 from apr.report import inspect as inspect_report
 from apr.report import json as jsonr
 from apr.report import text
@@ -24,17 +24,15 @@ QUANTIZE_CHOICE = click.Choice(list(QUANTIZE_TARGETS), case_sensitive=False)
 @click.option(
     "--verify", is_flag=True, help="Also verify whole-file checksums (.apr footer CRC; reads the file)."
 )
-@json_option
-def inspect(model: Path, no_tensors: bool, verify: bool, as_json: bool) -> None:
+def inspect(model: Path, no_tensors: bool, verify: bool) -> None:
     """Show a model's format, architecture, config, tokenizer and tensor table (no tensor data read).
 
     \b
     Example:  apr inspect SmolLM2-135M-Instruct.Q4_1.gguf --json
     """
-    summary = summarize(open_checkpoint(model), verify)
+    summary = summarize(open_model(model), verify)
     show(
         summary,
-        as_json,
         inspect_report.inspect_doc,
         lambda s: inspect_report.render_inspect(s, not no_tensors),
     )
@@ -50,15 +48,14 @@ def inspect(model: Path, no_tensors: bool, verify: bool, as_json: bool) -> None:
     type=QUANTIZE_CHOICE,
     help="Requantize 2-D weights (default: keep F32/F16/BF16/Q4_K/Q6_K bytes, others as exact F32).",
 )
-@json_option
-def import_(source: Path, output: Path | None, quantize: str | None, as_json: bool) -> None:
+def import_(source: Path, output: Path | None, quantize: str | None) -> None:
     """Convert a GGUF model to aprender's .apr v2 (names, config, tokenizer, tied embeddings).
 
     \b
     Example:  apr import SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2.apr
     """
     result = import_gguf(source, output or source.with_suffix(".apr"), quantize)
-    show(result, as_json, jsonr.import_doc, text.render_import)
+    show(result, jsonr.import_doc, text.render_import)
 
 
 @cli.command()
@@ -70,14 +67,13 @@ def import_(source: Path, output: Path | None, quantize: str | None, as_json: bo
     required=True,
     help="Quantize every 2-D weight whose rows fit the block size (norms and biases stay F32).",
 )
-@json_option
-def convert(file: Path, output: Path, quantize: str, as_json: bool) -> None:
+def convert(file: Path, output: Path, quantize: str) -> None:
     """Requantize an .apr model into a new .apr file (APR → APR).
 
     \b
     Example:  apr convert smollm2.apr -o smollm2-q4k.apr --quantize q4_k
     """
-    show(convert_apr(file, output, quantize), as_json, jsonr.import_doc, text.render_import)
+    show(convert_apr(file, output, quantize), jsonr.import_doc, text.render_import)
 
 
 @cli.command()
@@ -85,8 +81,7 @@ def convert(file: Path, output: Path, quantize: str, as_json: bool) -> None:
 @click.option("-o", "--output", type=path_type(), required=True, help="Output folder.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="f32", show_default=True)
-@json_option
-def export(model: Path, output: Path, fmt: str, dtype: str, as_json: bool) -> None:
+def export(model: Path, output: Path, fmt: str, dtype: str) -> None:
     """Write MODEL (.gguf, .apr) as a Hugging Face folder that transformers loads offline.
 
     \b
@@ -94,8 +89,7 @@ def export(model: Path, output: Path, fmt: str, dtype: str, as_json: bool) -> No
     Example:  apr export smollm2.gguf -o smollm2-hf/
     """
     show(
-        export_safetensors(open_checkpoint(model), output, dtype),
-        as_json,
+        export_safetensors(open_model(model), output, dtype),
         jsonr.export_doc,
         text.render_export,
     )

@@ -10,12 +10,14 @@ import click
 
 from apr.atomicfile import write_bytes_atomic
 from apr.cli.app import (
+    COSINE,
     DEFAULT_PROMPT,
+    NON_NEGATIVE,
+    POSITIVE,
     Progress,
     cli,
     emit,
     exit_diverged,
-    json_option,
     path_arg,
     path_type,
     show,
@@ -23,23 +25,24 @@ from apr.cli.app import (
 )
 from apr.diff.bisect import SideSpec
 from apr.diff.bisect import bisect as run_bisect
-from apr.diff.compare import Tolerance, diff_stage_files, diff_traces
+from apr.diff.compare import Tolerance, diff_stage_files, diff_traces, require_compared
 from apr.diff.growth import ToleranceModel
 from apr.errors import MismatchError
-from apr.formats import detect_format, open_checkpoint
-from apr.formats.summary import skeleton
+from apr.formats import detect_format
+from apr.models import open_model
+from apr.models.summary import skeleton
 from apr.report import bisect as bisect_report
 from apr.report import html as html_report
 from apr.report import inspect as inspect_report
 from apr.report import json as jsonr
 from apr.report import payload as payload_report
 from apr.report import text
+from apr.stages import ALIASES, STAGE_ORDER
 from apr.trace.layout import default_output_dir
 from apr.trace.payload import run_payload
 from apr.trace.plan import DEFAULT_LAYERS, TracePlan
 from apr.trace.reader import read_trace
 from apr.trace.run import ENGINES, PRECISIONS, TraceOptions, prepare_trace
-from apr.trace.stages import ALIASES, STAGE_ORDER
 
 ENGINE_CHOICE = click.Choice(list(ENGINES))
 
@@ -58,14 +61,13 @@ def _stages_text(_: None) -> str:
 
 
 @cli.command()
-@json_option
-def stages(as_json: bool) -> None:
+def stages() -> None:
     """List the stage vocabulary, in forward order.
 
     \b
     Example:  apr stages --json
     """
-    show(None, as_json, _stages_doc, _stages_text)
+    show(None, _stages_doc, _stages_text)
 
 
 @cli.command()
@@ -111,7 +113,6 @@ def stages(as_json: bool) -> None:
 @click.option(
     "--layer", "layer_filter", help="Without --save-tensor/--payload: filter layers by name substring."
 )
-@json_option
 def trace(
     file: Path,
     save_tensor: str | None,
@@ -123,7 +124,6 @@ def trace(
     lm_head_all: bool,
     payload: bool,
     layer_filter: str | None,
-    as_json: bool,
 ) -> None:
     """Run the forward pass on FILE (.gguf, .apr, HF folder) and save the selected stage tensors.
 
@@ -135,34 +135,34 @@ def trace(
     """
     options = TraceOptions(engine, precision, lm_head_all)
     if save_tensor is None:
-        _trace_report(file, prompt, options, payload, layer_filter, as_json)
+        _trace_report(file, prompt, options, payload, layer_filter)
         return
     plan = TracePlan.from_cli(save_tensor, save_tensor_layers)  # plan errors come before any model I/O
     out_dir = save_tensor_dir or default_output_dir(file)
-    quiet_header = wants_json(as_json)
+    quiet_header = wants_json()
     fmt = detect_format(file)
     if not quiet_header:
         emit(text.render_trace_header(fmt.name, file, save_tensor, save_tensor_layers, out_dir))
     prepared = prepare_trace(file, prompt)
     if not quiet_header:
         emit(text.render_prompt(prompt, prepared.token_ids))
-    progress = Progress(prepared.ckpt.config.n_layers, "layer")
+    progress = Progress(prepared.model.config.n_layers, "layer")
     outcome = prepared.run(plan, out_dir, replace(options, on_layer=progress))
-    show(outcome, as_json, jsonr.trace_outcome_doc, text.render_trace_outcome)
+    show(outcome, jsonr.trace_outcome_doc, text.render_trace_outcome)
 
 
 def _trace_report(
-    file: Path, prompt: str, options: TraceOptions, payload: bool, layer_filter: str | None, as_json: bool
+    file: Path, prompt: str, options: TraceOptions, payload: bool, layer_filter: str | None
 ) -> None:
     """`apr trace --payload` (activation statistics) or the metadata-only layer skeleton."""
     if payload:
         prepared = prepare_trace(file, prompt)
-        progress = Progress(prepared.ckpt.config.n_layers, "layer")
+        progress = Progress(prepared.model.config.n_layers, "layer")
         report = run_payload(prepared, replace(options, on_layer=progress))
-        show(report, as_json, payload_report.to_doc, payload_report.render_text)
+        show(report, payload_report.to_doc, payload_report.render_text)
         return
-    sk = skeleton(open_checkpoint(file), layer_filter)
-    show(sk, as_json, inspect_report.skeleton_doc, inspect_report.render_skeleton)
+    sk = skeleton(open_model(file), layer_filter)
+    show(sk, inspect_report.skeleton_doc, inspect_report.render_skeleton)
 
 
 @cli.command()
@@ -179,11 +179,14 @@ def _trace_report(
     help="Top-N element differences shown for two stage files.",
 )
 @click.option(
-    "--min-cos", type=float, help="A stage diverges when its cosine is below this (default rule: 0.999)."
+    "--min-cos", type=COSINE, help="A stage diverges when its cosine is below this (default rule: 0.999)."
 )
-@click.option("--max-rel", type=float, help="A stage diverges when ‖a−b‖/‖b‖ exceeds this.")
-@click.option("--check", is_flag=True, help="Exit 1 when any compared stage diverges.")
-@json_option
+@click.option("--max-rel", type=NON_NEGATIVE, help="A stage diverges when ‖a−b‖/‖b‖ exceeds this.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Exit 1 when any compared stage diverges (an error when no stage could be compared).",
+)
 def diff(
     a: Path,
     b: Path,
@@ -192,7 +195,6 @@ def diff(
     min_cos: float | None,
     max_rel: float | None,
     check: bool,
-    as_json: bool,
 ) -> None:
     """Compare two stage files (APRT) or two trace directories, element by element.
 
@@ -207,12 +209,14 @@ def diff(
         raise MismatchError(f"cannot compare a {kinds[0]} ({a}) with a {kinds[1]} ({b})")
     if a.is_dir():
         result = diff_traces(read_trace(a), read_trace(b), tolerance)
-        show(result, as_json, jsonr.trace_diff_doc, text.render_trace_diff)
+        if check:
+            require_compared(result)
+        show(result, jsonr.trace_diff_doc, text.render_trace_diff)
         if check and result.diverged:
             exit_diverged()
         return
     single = diff_stage_files(a, b, limit)
-    show(single, as_json, jsonr.stage_file_diff_doc, text.render_stage_file_diff)
+    show(single, jsonr.stage_file_diff_doc, text.render_stage_file_diff)
     if check and not tolerance.passes(single.metrics):
         exit_diverged()
 
@@ -228,13 +232,13 @@ def diff(
 )
 @click.option(
     "--growth",
-    type=float,
+    type=POSITIVE,
     default=8.0,
     show_default=True,
     help="Error growth a stage may show over its inputs before it counts as a jump.",
 )
 @click.option(
-    "--floor", type=float, default=1e-4, show_default=True, help="Relative error any stage may add."
+    "--floor", type=NON_NEGATIVE, default=1e-4, show_default=True, help="Relative error any stage may add."
 )
 @click.option(
     "--report",
@@ -245,7 +249,6 @@ def diff(
 @click.option(
     "--keep", type=path_type(), help="Keep the two traces in this directory (default: a temporary one)."
 )
-@json_option
 def bisect_cmd(
     a: Path,
     b: Path,
@@ -257,7 +260,6 @@ def bisect_cmd(
     floor: float,
     report_path: Path | None,
     keep: Path | None,
-    as_json: bool,
 ) -> None:
     """Find the first stage where B parts ways with A (models in any format, or trace directories).
 
@@ -272,6 +274,6 @@ def bisect_cmd(
     result = run_bisect(*sides, prompt, model=model, isolate=isolate, keep=keep)
     if report_path is not None:
         write_bytes_atomic(report_path, html_report.render(result).encode("utf-8"))
-    show(result, as_json, bisect_report.to_doc, bisect_report.render_text)
+    show(result, bisect_report.to_doc, bisect_report.render_text)
     if result.growth.first_jump is not None:
         exit_diverged()

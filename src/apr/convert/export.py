@@ -21,11 +21,12 @@ import numpy.typing as npt
 from apr.atomicfile import atomic_output, write_bytes_atomic
 from apr.errors import ValidationError
 from apr.formats import names
-from apr.formats.base import Checkpoint
-from apr.formats.config import ModelConfig, QKLayout, interleaved_to_hf
+from apr.formats.config import QKLayout, interleaved_to_hf
 from apr.formats.tokenizer import build_tokenizer
+from apr.models import Model
+from apr.models.config import ModelConfig
+from apr.models.exchange import hf_config, hf_name
 
-HF_ARCH: Final = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 DTYPES: Final[dict[str, tuple[str, npt.DTypeLike]]] = {"f32": ("F32", "<f4"), "f16": ("F16", "<f2")}
 HEADER_ALIGN: Final = 8
 
@@ -38,29 +39,6 @@ class ExportResult:
     permuted: list[str]  # tensors whose Q/K rows were put back in HF order
 
 
-def hf_config(cfg: ModelConfig, bos: int | None, eos: int | None) -> dict[str, Any]:
-    return {
-        "architectures": [HF_ARCH[cfg.architecture]],
-        "model_type": cfg.architecture,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position,
-        "vocab_size": cfg.vocab_size,
-        "tie_word_embeddings": cfg.tied_embeddings,
-        "attention_bias": cfg.qkv_bias,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "torch_dtype": "float32",
-    }
-
-
 def _qk_heads(cfg: ModelConfig, name: str) -> int | None:
     """Heads to un-permute for attn_q / attn_k weights and biases of an interleaved checkpoint."""
     if cfg.qk_layout is not QKLayout.INTERLEAVED:
@@ -71,15 +49,15 @@ def _qk_heads(cfg: ModelConfig, name: str) -> int | None:
     return heads.get(suffix)
 
 
-def _tensor_plan(ckpt: Checkpoint) -> list[tuple[str, str, tuple[int, ...]]]:
+def _tensor_plan(ckpt: Model) -> list[tuple[str, str, tuple[int, ...]]]:
     """(canonical, HF name, shape) of every tensor to write, in file order."""
     cfg = ckpt.config
     plan = []
     for t in ckpt.tensors():
         if t.name == names.OUTPUT and cfg.tied_embeddings:
             continue
-        hf = names.hf_from_canonical(t.name)
-        if hf == t.name:
+        hf = hf_name(ckpt, t.name)
+        if hf is None:
             raise ValidationError(f"tensor {t.name} has no Hugging Face name; cannot export it")
         plan.append((t.name, hf, t.shape))
     return sorted(plan, key=lambda p: p[1])
@@ -104,9 +82,9 @@ def _write_safetensors(
             f.write(np.ascontiguousarray(read(canon).reshape(shape), dtype=np_dtype).tobytes())
 
 
-def export_safetensors(ckpt: Checkpoint, out_dir: Path, dtype: str = "f32") -> ExportResult:
+def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> ExportResult:
     """Write an HF folder for `ckpt` into `out_dir` (created; existing files of the same names replaced)."""
-    if ckpt.config.architecture not in HF_ARCH:
+    if not ckpt.variant.hf:
         raise ValidationError(f"cannot export architecture {ckpt.config.architecture!r} to Hugging Face")
     if dtype not in DTYPES:
         raise ValidationError(f"unknown export dtype {dtype!r} (choose from {', '.join(DTYPES)})")
@@ -128,7 +106,7 @@ def export_safetensors(ckpt: Checkpoint, out_dir: Path, dtype: str = "f32") -> E
     _write_safetensors(files[0], plan, read, dtype)
     bos, eos = (spec.bos_id, spec.eos_id) if spec else (None, None)
     files.append(out_dir / "config.json")
-    write_bytes_atomic(files[-1], (json.dumps(hf_config(cfg, bos, eos), indent=2) + "\n").encode())
+    write_bytes_atomic(files[-1], (json.dumps(hf_config(ckpt, bos, eos), indent=2) + "\n").encode())
     if spec is not None:
         files += _write_tokenizer(spec, out_dir)
     return ExportResult(out_dir, files, len(plan), permuted)

@@ -7,7 +7,8 @@ Exact by default.
   its exact dequantized values (aprender refuses these), unless `quantize` asks for Q4_K / Q6_K / Q8_0 —
   then every 2-D weight whose rows fit the block size is (re)quantized; norms and biases stay F32.
 - Tied embeddings: with no output.weight, the embedding is copied as lm_head.weight (tied_embeddings).
-- Completeness gate (GH-279): every layer needs its norms and projections (+ biases / q,k norms by arch).
+- Completeness gate (GH-279): the family's strict tensor accounting (apr.models) — every role present,
+  every tensor understood — runs when the source is opened.
 Tensors are read and written one at a time; the result says which tensors were converted and how.
 """
 
@@ -21,10 +22,11 @@ from typing import Final
 import numpy as np
 
 from apr.errors import FormatError, ValidationError
-from apr.formats import names, open_checkpoint
-from apr.formats.aprmeta import HF_ARCHITECTURE
+from apr.formats import names
 from apr.formats.aprwrite import AprTensor, metadata_for, write_apr
-from apr.formats.base import Checkpoint, TensorInfo
+from apr.formats.base import TensorInfo
+from apr.models import Model, open_model
+from apr.models.exchange import apr_keys, hf_name
 from apr.quant import quantize
 from apr.quant.types import QUANT_LAYOUT, QuantType
 
@@ -32,12 +34,6 @@ PASSTHROUGH: Final = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16, Qu
 QUANTIZE_TARGETS: Final = {"q4_k": QuantType.Q4_K, "q6_k": QuantType.Q6_K, "q8_0": QuantType.Q8_0}
 HF_NAMED_ARCHS: Final = frozenset({"qwen2", "qwen3"})
 LM_HEAD_NAME: Final = "lm_head.weight"
-REQUIRED: Final = ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
-                   "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")  # fmt: skip
-REQUIRED_BY_ARCH: Final[dict[str, tuple[str, ...]]] = {
-    "qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
-    "qwen3": ("attn_q_norm.weight", "attn_k_norm.weight"),
-}
 
 
 @dataclass
@@ -49,19 +45,10 @@ class ImportResult:
     tied_lm_head: bool = False
 
 
-def check_complete(ckpt: Checkpoint) -> None:
-    have = {t.name for t in ckpt.tensors()}
-    need = REQUIRED + REQUIRED_BY_ARCH.get(ckpt.config.architecture, ())
-    for i in range(ckpt.config.n_layers):
-        missing = [s for s in need if names.blk(i, s) not in have]
-        if missing:
-            raise ValidationError(f"{ckpt.path}: layer {i} lacks {', '.join(missing)} (incomplete model)")
-    if names.TOKEN_EMBD not in have:
-        raise ValidationError(f"{ckpt.path}: no {names.TOKEN_EMBD} (incomplete model)")
-
-
-def _stored_name(canonical: str, arch: str) -> str:
-    return names.hf_from_canonical(canonical) if arch in HF_NAMED_ARCHS else canonical
+def _stored_name(model: Model, canonical: str) -> str:
+    if model.config.architecture not in HF_NAMED_ARCHS:
+        return canonical
+    return hf_name(model, canonical) or canonical
 
 
 def _target(t: TensorInfo, want: QuantType | None) -> QuantType:
@@ -71,7 +58,7 @@ def _target(t: TensorInfo, want: QuantType | None) -> QuantType:
     return t.qtype if t.qtype in PASSTHROUGH else QuantType.F32
 
 
-def _producer(ckpt: Checkpoint, t: TensorInfo, to: QuantType) -> Callable[[], object]:
+def _producer(ckpt: Model, t: TensorInfo, to: QuantType) -> Callable[[], object]:
     if to == t.qtype:
         return lambda: ckpt.raw(t.name)
     if to == QuantType.F32:
@@ -87,21 +74,17 @@ def _quant_target(quantize_to: str | None) -> QuantType | None:
     return QUANTIZE_TARGETS[quantize_to.lower()]
 
 
-def _open_as(src: Path, fmt: str, command: str) -> Checkpoint:
-    ckpt = open_checkpoint(src)
-    if ckpt.format_name != fmt:
-        raise FormatError(f"{src}: apr {command} reads {fmt} files; this is {ckpt.format_name}")
-    if ckpt.config.architecture not in HF_ARCHITECTURE:
-        raise ValidationError(f"{src}: architecture {ckpt.config.architecture} cannot be converted to .apr")
-    check_complete(ckpt)
-    return ckpt
+def _open_as(src: Path, fmt: str, command: str) -> Model:
+    model = open_model(src)
+    if model.format_name != fmt:
+        raise FormatError(f"{src}: apr {command} reads {fmt} files; this is {model.format_name}")
+    return model
 
 
 def import_gguf(src: Path, out: Path, quantize_to: str | None = None) -> ImportResult:
     """Convert a GGUF to .apr v2 with aprender's names (see the module docstring for the rules)."""
-    ckpt = _open_as(src, "gguf", "import")
-    arch = ckpt.config.architecture
-    return write_converted(ckpt, out, _quant_target(quantize_to), lambda t: _stored_name(t.name, arch))
+    model = _open_as(src, "gguf", "import")
+    return write_converted(model, out, _quant_target(quantize_to), lambda t: _stored_name(model, t.name))
 
 
 def convert_apr(src: Path, out: Path, quantize_to: str | None = None) -> ImportResult:
@@ -111,7 +94,7 @@ def convert_apr(src: Path, out: Path, quantize_to: str | None = None) -> ImportR
 
 
 def write_converted(
-    ckpt: Checkpoint, out: Path, want: QuantType | None, stored: Callable[[TensorInfo], str]
+    ckpt: Model, out: Path, want: QuantType | None, stored: Callable[[TensorInfo], str]
 ) -> ImportResult:
     """Write `ckpt` as .apr v2: each tensor passed through, requantized to `want`, or stored as exact F32."""
     result = ImportResult(out)
@@ -129,7 +112,7 @@ def write_converted(
         emb = ckpt.info(names.TOKEN_EMBD)
         to = _target(emb, want)
         tensors.append(AprTensor(LM_HEAD_NAME, to, emb.shape, _producer(ckpt, emb, to)))  # type: ignore[arg-type]
-    meta = metadata_for(ckpt.config, ckpt.tokenizer_spec(), shapes={x.name: x.shape for x in tensors})
+    meta = metadata_for(apr_keys(ckpt), ckpt.tokenizer_spec(), shapes={x.name: x.shape for x in tensors})
     write_apr(out, tensors, meta)
     result.tensors = len(tensors)
     return result

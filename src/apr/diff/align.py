@@ -17,10 +17,11 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.errors import MismatchError
-from apr.formats.config import ModelConfig, QKLayout, interleaved_to_hf
+from apr.formats.config import QKLayout, interleaved_to_hf
+from apr.models.config import ModelConfig
+from apr.stages import Stage, StageId
 from apr.trace.manifest import QK_STAGES
 from apr.trace.reader import Trace
-from apr.trace.stages import Stage, StageId
 
 F32 = npt.NDArray[np.float32]
 

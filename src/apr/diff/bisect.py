@@ -21,19 +21,19 @@ from typing import Any
 import numpy as np
 
 from apr.diff.align import Side, align
-from apr.diff.compare import StageDiff, Tolerance, TraceDiff, diff_traces
+from apr.diff.compare import StageDiff, Tolerance, TraceDiff, diff_traces, require_compared
 from apr.diff.growth import GrowthReport, GrowthRow, ToleranceModel, analyze
 from apr.diff.logits import LogitAgreement, compare_logits
 from apr.diff.metrics import compare
-from apr.engine.llama import block
 from apr.engine.weights import Weights
 from apr.errors import MismatchError, ValidationError
+from apr.models.registry import stage_graph
+from apr.stages import Stage, StageId
 from apr.trace.layout import MANIFEST_NAME, stage_files
 from apr.trace.manifest import Manifest
 from apr.trace.plan import TracePlan
 from apr.trace.reader import Trace, read_trace
 from apr.trace.run import PreparedTrace, TraceOptions, prepare_trace
-from apr.trace.stages import Stage, StageId
 
 ACTIVATION_QUANT_ENGINES = frozenset({"llama.cpp"})
 
@@ -112,7 +112,7 @@ def _workdir(keep: Path | None) -> Iterator[Path]:
 def _materialize(x: PreparedTrace | Trace, spec: SideSpec, out: Path, opt: TraceOptions) -> Trace:
     if isinstance(x, Trace):
         return x
-    n = x.ckpt.config.n_layers
+    n = x.model.config.n_layers
     x.run(
         TracePlan.from_cli("all", f"0..{n}"), out, TraceOptions(spec.engine, opt.precision, lm_head_all=True)
     )
@@ -140,11 +140,13 @@ def bisect(
         ta = _materialize(pa, a, work / "a", opt)
         tb = _materialize(pb, b, work / "b", opt)
         diff = diff_traces(ta, tb, cosine)
+        require_compared(diff)  # a verdict of "no divergence" needs at least one compared stage
         types = tuple(t.manifest.run.tensor_types if t.manifest else {} for t in (ta, tb))
         engines = [t.manifest.run.engine if t.manifest else "" for t in (ta, tb)]
         quantizes = (engines[0] in ACTIVATION_QUANT_ENGINES, engines[1] in ACTIVATION_QUANT_ENGINES)
         tm = replace(model or ToleranceModel(), activation_quant=quantizes)
-        growth = analyze(diff, tm, (types[0], types[1]))
+        cfg = ta.manifest.run.config if ta.manifest else None
+        growth = analyze(diff, tm, (types[0], types[1]), stage_graph(cfg))
         result = BisectResult(a, b, (ta.manifest, tb.manifest), diff, growth, _logits(ta, tb), ids)
         if isolate:
             assert isinstance(pb, PreparedTrace)
@@ -172,8 +174,8 @@ class _Collect:
 
 def isolate_layers(a: Trace, b: PreparedTrace, diff: TraceDiff) -> list[IsolatedRow]:
     """Run each layer of B (reference engine) on A's input to that layer; compare with A's stages."""
-    cfg = b.ckpt.config
-    w = Weights(b.ckpt)
+    cfg, layer = b.model.config, b.model.family.layer
+    w = Weights(b.model)
     total = {r.sid: r.metrics.rel_l2 for r in diff.rows}
     side_a, side_b = Side.of(a), Side(cfg.qk_layout, cfg)
     rows: list[IsolatedRow] = []
@@ -183,7 +185,7 @@ def isolate_layers(a: Trace, b: PreparedTrace, diff: TraceDiff) -> list[Isolated
             raise ValidationError(f"--isolate needs A's input to layer {i} ({src}), which A's trace lacks")
         x = np.asarray(a.load(src), dtype=np.float32).reshape(len(_trace_ids(a)), cfg.hidden_size)
         got = _Collect()
-        block(w, cfg, i, x, got)
+        layer(w, cfg, i, x, got)
         for sid, value in got.items.items():
             if sid in a.entries:
                 ya, yb = align(sid, a.load(sid), side_a, value, side_b)

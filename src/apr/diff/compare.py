@@ -4,10 +4,15 @@ Results are values (StageFileDiff, StageDiff, TraceDiff); report/ renders them a
 A stage *diverges* under a `Tolerance`: by default when cosine < 0.999 (aprender's bisection rule of thumb);
 with `min_cos` and/or `max_rel` given, exactly the given thresholds apply. `first_divergence` walks rows in
 forward order (layer, then stage; whole-model stages last).
+
+Nothing passes by comparing nothing: a directory without stage files is refused (saying what it holds
+instead), and a gate (`apr diff --check`, `apr bisect`) refuses two traces that share no stage
+(`require_compared`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,13 +20,15 @@ import numpy as np
 
 from apr.diff.align import load_aligned
 from apr.diff.metrics import ElementDiff, Metrics, compare, top_diffs
-from apr.errors import MismatchError
+from apr.errors import MismatchError, ValidationError
+from apr.formats import formats
+from apr.stages import StageId
 from apr.trace import format as aprt
 from apr.trace.manifest import dims_for
 from apr.trace.reader import Trace
-from apr.trace.stages import StageId
 
 DEFAULT_MIN_COS = 0.999
+SHOWN_IDS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +144,7 @@ def first_divergence(rows: list[StageDiff]) -> StageDiff | None:
 def diff_traces(a: Trace, b: Trace, tolerance: Tolerance | None = None) -> TraceDiff:
     """Compare every stage present in both traces, in forward order."""
     tol = tolerance or Tolerance()
+    _check_traces(a, b)
     _check_same_input(a, b)
     common = [sid for sid in a.entries if sid in b.entries]
     rows = []
@@ -159,6 +167,44 @@ def diff_traces(a: Trace, b: Trace, tolerance: Tolerance | None = None) -> Trace
         only_in_b=[s for s in b.entries if s not in a.entries],
         notes=notes,
     )
+
+
+def require_compared(d: TraceDiff) -> None:
+    """A gate cannot pass on nothing: refuse a diff of two traces that share no stage."""
+    if d.rows:
+        return
+    raise ValidationError(
+        f"the traces share no stage, so there is nothing to check: {d.path_a} holds "
+        f"{_some(d.only_in_a, 'stages')}; {d.path_b} holds {_some(d.only_in_b, 'stages')}"
+    )
+
+
+def _some(items: Sequence[object], plural: str) -> str:
+    """`a, b` — or `40 stages (a, b, c, …)` when there are more than SHOWN_IDS."""
+    shown = ", ".join(str(x) for x in items[:SHOWN_IDS])
+    return shown if len(items) <= SHOWN_IDS else f"{len(items)} {plural} ({shown}, …)"
+
+
+def _check_traces(a: Trace, b: Trace) -> None:
+    """Refuse a side in which the reader found no stage file, naming what is there instead."""
+    empty = [t.path for t in (a, b) if not t.entries]
+    if len(empty) == 2:
+        raise ValidationError(
+            f"neither side is a trace: {a.path} {_instead(a.path)}; {b.path} {_instead(b.path)}"
+        )
+    if empty:
+        raise ValidationError(f"{empty[0]} is not a trace: it {_instead(empty[0])}")
+
+
+def _instead(path: Path) -> str:
+    """What a directory without stage files is instead ("is an empty directory", …)."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    if not names:
+        return "is an empty directory"
+    model = next((f.name for f in formats() if f.sniff(b"", path)), None)
+    if model is not None:
+        return f"is a {model} model folder (`apr trace` it first)"
+    return f"holds {_some(names, 'entries')} but no manifest.json and no layer-N/<stage>.bin files"
 
 
 def _check_same_input(a: Trace, b: Trace) -> None:

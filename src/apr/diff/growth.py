@@ -1,8 +1,8 @@
 """Error growth: tell a stage that *makes* error from one that only carries the error of its inputs.
 
 Each stage's error e is the relative L2 error ‖a−b‖/‖b‖ against side A (the reference). Its inputs are the
-stages it is computed from (`STAGE_INPUTS`, the data flow of the decoder), and its input error e_in is the
-largest of theirs. A stage *jumps* when
+stages it is computed from (the family's stage graph, apr.models: the data flow of the decoder), and its
+input error e_in is the largest of theirs. A stage *jumps* when
 
     e  >  growth · e_in  +  budget(stage)
 
@@ -23,49 +23,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from apr.diff.compare import StageDiff, TraceDiff
-from apr.trace.stages import Stage, StageId
-
-PREV_OUTPUT: Final = "layer_input"  # post_ffn_residual of the layer before (or the embedding)
-
-STAGE_INPUTS: Final[dict[Stage, tuple[Stage | str, ...]]] = {
-    Stage.EMBEDDING: (),
-    Stage.ATTN_NORM: (PREV_OUTPUT,),
-    Stage.QKV_MATMUL: (Stage.ATTN_NORM,),
-    Stage.QKV_BIAS: (Stage.QKV_MATMUL,),
-    Stage.Q_POST_ROPE: (Stage.QKV_BIAS, Stage.QKV_MATMUL),
-    Stage.K_POST_ROPE: (Stage.QKV_BIAS, Stage.QKV_MATMUL),
-    Stage.ATTN_SCORES: (Stage.Q_POST_ROPE, Stage.K_POST_ROPE),
-    Stage.ATTN_SOFTMAX: (Stage.ATTN_SCORES,),
-    Stage.ATTENTION: (Stage.ATTN_SOFTMAX, Stage.QKV_BIAS, Stage.QKV_MATMUL),
-    Stage.ATTN_OUT: (Stage.ATTENTION,),
-    Stage.POST_ATTN_RESIDUAL: (Stage.ATTN_OUT, PREV_OUTPUT),
-    Stage.FFN_NORM: (Stage.POST_ATTN_RESIDUAL,),
-    Stage.FFN_GATE: (Stage.FFN_NORM,),
-    Stage.FFN_UP: (Stage.FFN_NORM,),
-    Stage.FFN_SILU: (Stage.FFN_GATE,),
-    Stage.FFN_SWIGL: (Stage.FFN_SILU, Stage.FFN_GATE, Stage.FFN_UP),
-    Stage.FFN_OUT: (Stage.FFN_SWIGL,),
-    Stage.POST_FFN_RESIDUAL: (Stage.FFN_OUT, Stage.POST_ATTN_RESIDUAL),
-    Stage.FINAL_NORM: (PREV_OUTPUT,),
-    Stage.LM_HEAD: (Stage.FINAL_NORM,),
-}
-
-# weights (canonical suffixes; layer-prefixed for per-layer stages) each stage consumes
-STAGE_WEIGHTS: Final[dict[Stage, tuple[str, ...]]] = {
-    Stage.EMBEDDING: ("token_embd.weight",),
-    Stage.ATTN_NORM: ("attn_norm.weight",),
-    Stage.QKV_MATMUL: ("attn_q.weight", "attn_k.weight", "attn_v.weight"),
-    Stage.QKV_BIAS: ("attn_q.bias", "attn_k.bias", "attn_v.bias"),
-    Stage.Q_POST_ROPE: ("attn_q_norm.weight",),
-    Stage.K_POST_ROPE: ("attn_k_norm.weight",),
-    Stage.ATTN_OUT: ("attn_output.weight", "attn_output.bias"),
-    Stage.FFN_NORM: ("ffn_norm.weight",),
-    Stage.FFN_GATE: ("ffn_gate.weight",),
-    Stage.FFN_UP: ("ffn_up.weight",),
-    Stage.FFN_OUT: ("ffn_down.weight",),
-    Stage.FINAL_NORM: ("output_norm.weight",),
-    Stage.LM_HEAD: ("output.weight", "token_embd.weight"),
-}
+from apr.models.base import PREV_OUTPUT, StageNode
+from apr.models.registry import stage_graph
+from apr.stages import Stage, StageId
 
 # expected relative L2 error a stage may add by consuming weights of this type (vs exact values)
 QUANT_BUDGET: Final[dict[str, float]] = {
@@ -78,12 +38,6 @@ ACTIVATION_QUANT_BUDGET: Final = 2e-2  # llama.cpp quantizes activations to 8 bi
 FLOAT_TYPES: Final = frozenset({"F32", "F64"})
 
 
-NORM_STAGES: Final = frozenset({Stage.ATTN_NORM, Stage.FFN_NORM, Stage.FINAL_NORM})
-QK_NORM_STAGES: Final = frozenset(
-    {Stage.Q_POST_ROPE, Stage.K_POST_ROPE}
-)  # normed when the model has q/k norms
-
-
 @dataclass(frozen=True, slots=True)
 class ToleranceModel:
     floor: float = 1e-4
@@ -91,40 +45,26 @@ class ToleranceModel:
     norm_growth: float = 64.0
     activation_quant: tuple[bool, bool] = (False, False)  # per side: does its engine quantize activations
 
-    def growth_for(self, sid: StageId, types: tuple[dict[str, str], dict[str, str]]) -> float:
-        normed = sid.stage in NORM_STAGES or (
-            sid.stage in QK_NORM_STAGES and any(n in t for t in types for n in _weight_names(sid))
-        )
-        return self.norm_growth if normed else self.growth
+    def growth_for(self, node: StageNode | None) -> float:
+        return self.norm_growth if node is not None and node.norm else self.growth
 
-    def budget(self, sid: StageId, types: tuple[dict[str, str], dict[str, str]]) -> float:
+    def budget(
+        self, sid: StageId, node: StageNode | None, types: tuple[dict[str, str], dict[str, str]]
+    ) -> float:
         extra = 0.0
         for side, table in enumerate(types):
-            names = _weight_names(sid)
+            names = _weight_names(sid, node)
             present = [table[n] for n in names if n in table]
             quant = [t for t in present if t not in FLOAT_TYPES]
             extra += max((QUANT_BUDGET.get(t, UNKNOWN_TYPE_BUDGET) for t in present), default=0.0)
-            if quant and self.activation_quant[side] and _is_matmul(sid.stage):
+            if quant and self.activation_quant[side] and node is not None and node.matmul:
                 extra += ACTIVATION_QUANT_BUDGET
         return self.floor + extra
 
 
-def _is_matmul(stage: Stage) -> bool:
-    return stage in (
-        Stage.QKV_MATMUL,
-        Stage.ATTN_OUT,
-        Stage.FFN_GATE,
-        Stage.FFN_UP,
-        Stage.FFN_OUT,
-        Stage.LM_HEAD,
-    )
-
-
-def _weight_names(sid: StageId) -> list[str]:
-    suffixes = STAGE_WEIGHTS.get(sid.stage, ())
-    if sid.layer is None or sid.stage is Stage.EMBEDDING:
-        return list(suffixes)
-    return [f"blk.{sid.layer}.{s}" for s in suffixes]
+def _weight_names(sid: StageId, node: StageNode | None) -> list[str]:
+    layer = 0 if sid.layer is None else sid.layer
+    return [w.format(i=layer) for w in (node.weights if node else ())]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +100,11 @@ def _error(d: StageDiff) -> float:
     return math.inf if math.isnan(e) or d.metrics.nan_count else e
 
 
-def _input_ids(sid: StageId, present: dict[StageId, float], last_layer: int) -> list[StageId]:
+def _input_ids(
+    sid: StageId, node: StageNode | None, present: dict[StageId, float], last_layer: int
+) -> list[StageId]:
     ids: list[StageId] = []
-    for inp in STAGE_INPUTS[sid.stage]:
+    for inp in node.inputs if node else ():
         if inp == PREV_OUTPUT:
             layer = last_layer if sid.layer is None else sid.layer - 1
             ids.append(StageId(Stage.POST_FFN_RESIDUAL, layer) if layer >= 0 else StageId(Stage.EMBEDDING, 0))
@@ -175,17 +117,23 @@ def _input_ids(sid: StageId, present: dict[StageId, float], last_layer: int) -> 
 
 
 def analyze(
-    diff: TraceDiff, model: ToleranceModel, types: tuple[dict[str, str], dict[str, str]]
+    diff: TraceDiff,
+    model: ToleranceModel,
+    types: tuple[dict[str, str], dict[str, str]],
+    graph: tuple[StageNode, ...] | None = None,
 ) -> GrowthReport:
-    """Classify every compared stage of `diff` (side A = reference) under the tolerance model."""
+    """Classify every compared stage of `diff` (side A = reference) under the tolerance model, with the
+    data flow of `graph` (the traced family's; default: every stage aprender names)."""
+    nodes = {n.stage: n for n in (graph or stage_graph(None))}
     errors = {r.sid: _error(r) for r in diff.rows}
     last_layer = max((s.layer for s in errors if s.layer is not None), default=0)
     rows = []
     for r in diff.rows:
-        inputs = _input_ids(r.sid, errors, last_layer)
+        node = nodes.get(r.sid.stage)
+        inputs = _input_ids(r.sid, node, errors, last_layer)
         e_in = max((errors[i] for i in inputs), default=0.0)
-        budget = model.budget(r.sid, types)
-        allowed = model.growth_for(r.sid, types) * e_in + budget
+        budget = model.budget(r.sid, node, types)
+        allowed = model.growth_for(node) * e_in + budget
         rows.append(GrowthRow(r, errors[r.sid], e_in, budget, allowed, jump=errors[r.sid] > allowed))
     notes = []
     if not any(t for t in types):

@@ -21,13 +21,6 @@ def rms_norm(x: Array, w: Array, eps: float) -> Array:
     return out
 
 
-def rope_angles(positions: Array, head_dim: int, theta: float, dtype: Any) -> tuple[Array, Array]:
-    """cos, sin of pos·θ^(−2i/Dh) for i < Dh/2, computed in f64 then cast."""
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # (Dh/2,)
-    ang = positions.astype(np.float64)[:, None] * inv_freq[None, :]  # (T, Dh/2)
-    return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
-
-
 def rope_half_split(x: Array, cos: Array, sin: Array) -> Array:
     """HF rotate_half (NEOX): element i pairs with i + Dh/2. x: (T, heads, Dh)."""
     half = x.shape[-1] // 2
@@ -52,20 +45,29 @@ def silu(x: Array) -> Array:
     return out
 
 
-def causal_softmax(scores: Array) -> Array:
-    """Softmax over keys j ≤ i for each query i; entries j > i are exactly 0. scores: (H, T, T)."""
-    t = scores.shape[-1]
-    future = np.triu(np.ones((t, t), dtype=bool), k=1)  # (T, T)
+def hidden_keys(t: int, window: int = 0) -> Array:
+    """(T, T) bool: True where query i may not see key j — the future, and with a sliding window of
+    `window` keys, keys with i - j >= window (transformers' and llama.cpp's SWA rule)."""
+    i, j = np.arange(t)[:, None], np.arange(t)[None, :]
+    hidden: Array = (j > i) | ((i - j >= window) if window else False)
+    return hidden
+
+
+def causal_softmax(scores: Array, window: int = 0) -> Array:
+    """Softmax over the keys each query sees (j ≤ i, within the window); other entries exactly 0.
+    scores: (H, T, T)."""
+    future = hidden_keys(scores.shape[-1], window)  # (T, T)
     masked = np.where(future, -np.inf, scores)  # (H, T, T)
     e = np.exp(masked - masked.max(axis=-1, keepdims=True))  # (H, T, T)
     probs: Array = e / e.sum(axis=-1, keepdims=True)  # (H, T, T)
     return probs
 
 
-def attention_scores(q: Array, k: Array, n_rep: int) -> Array:
-    """Q·Kᵀ/sqrt(Dh) per query head; GQA repeats each kv head n_rep times. q: (T,H,Dh), k: (T,Hkv,Dh)."""
+def attention_scores(q: Array, k: Array, n_rep: int, scale: float = 0.0) -> Array:
+    """Q·Kᵀ·scale per query head (scale 0: 1/sqrt(Dh)); GQA repeats each kv head n_rep times.
+    q: (T,H,Dh), k: (T,Hkv,Dh)."""
     k_rep = np.repeat(k, n_rep, axis=1)  # (T, H, Dh)
-    scale = q.dtype.type(1.0 / np.sqrt(q.shape[-1]))
+    scale = q.dtype.type(scale or 1.0 / np.sqrt(q.shape[-1]))
     scores: Array = np.einsum("thd,shd->hts", q, k_rep, optimize=True) * scale  # (H, T, T)
     return scores
 
@@ -78,7 +80,21 @@ def attend(probs: Array, v: Array, n_rep: int) -> Array:
     return flat
 
 
-def upper_zeroed(scores: Array) -> Array:
-    """The (H, T, T) score tensor as aprender saves it: entries above the diagonal set to 0.0."""
-    t = scores.shape[-1]
-    return np.where(np.triu(np.ones((t, t), dtype=bool), k=1), scores.dtype.type(0), scores)
+def upper_zeroed(scores: Array, window: int = 0) -> Array:
+    """The (H, T, T) score tensor as aprender saves it: entries a query cannot see (above the diagonal,
+    outside the window) set to 0.0."""
+    return np.where(hidden_keys(scores.shape[-1], window), scores.dtype.type(0), scores)
+
+
+def gelu_tanh(x: Array) -> Array:
+    """GELU, tanh approximation (Gemma's gelu_pytorch_tanh)."""
+    c = x.dtype.type(np.sqrt(2.0 / np.pi))
+    out: Array = x.dtype.type(0.5) * x * (1 + np.tanh(c * (x + x.dtype.type(0.044715) * x**3)))
+    return out
+
+
+def softcap(x: Array, cap: float) -> Array:
+    """cap · tanh(x / cap) (Gemma 2's attention and final logit soft-capping)."""
+    c = x.dtype.type(cap)
+    out: Array = np.tanh(x / c) * c
+    return out

@@ -19,17 +19,17 @@ import ctypes
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from apr.errors import InferenceError, ModelLoadError
 from apr.formats import names
-from apr.formats.base import Checkpoint, TensorInfo
+from apr.formats.base import F32Array, TensorInfo
 from apr.quant import dequantize, row_nbytes
 
 Array = npt.NDArray[Any]
@@ -37,6 +37,23 @@ Array = npt.NDArray[Any]
 # rows (ffn_down: 18944 columns) would repeat that work; 1M elements measured best for 7B shapes.
 ROW_BLOCK_ELEMS: Final = 1 << 20
 MAX_THREADS: Final = 4  # numpy's per-call overhead holds the GIL; more threads stop paying
+
+
+class TensorSource(Protocol):
+    """What the engine reads: tensors by canonical name (apr.models.Model provides it)."""
+
+    @property
+    def path(self) -> Path: ...
+
+    def tensors(self) -> Sequence[TensorInfo]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def read(self, name: str) -> F32Array: ...
+
+    def read_rows(self, name: str, rows: npt.NDArray[np.int64] | slice) -> F32Array: ...
+
+    def raw(self, name: str) -> npt.NDArray[np.uint8]: ...
 
 
 def default_threads() -> int:
@@ -47,7 +64,7 @@ def default_threads() -> int:
 
 class Weights:
     def __init__(
-        self, ckpt: Checkpoint, dtype: type[np.floating[Any]] = np.float32, threads: int | None = None
+        self, ckpt: TensorSource, dtype: type[np.floating[Any]] = np.float32, threads: int | None = None
     ) -> None:
         self.ckpt = ckpt
         self.dtype = np.dtype(dtype)

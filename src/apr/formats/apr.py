@@ -1,19 +1,19 @@
 """`.apr` v2 model files (aprender's container, spec §7) as a Checkpoint.
 
 Opening reads the 64-byte header, the JSON metadata and the tensor index, checks all of them strictly
-(formats/aprcodec.py has the byte layout and every rule), and builds the ModelConfig; no tensor data is
-touched. The footer CRC covers every byte of the file, so checking it means reading all of it: open
+(formats/aprcodec.py has the byte layout and every rule), and exposes the metadata as a ConfigSource for
+the family registry; no tensor data is touched. The footer CRC covers every byte of the file, so checking it means reading all of it: open
 does not (for a 7B file that is gigabytes of I/O before the first layer is traced, and aprender itself
 never checks it); `check_footer()` / `verify()` do, and `open_apr(path, verify=True)` does both.
 
-Tensors appear under canonical names (aprender stores HF names for Qwen2 imports and GGUF names for
-LLaMA imports); `TensorInfo.source_name` is the stored name. Each read maps just that tensor's bytes
+Tensors appear under their stored names (aprender stores HF names for Qwen2 imports and GGUF names for
+LLaMA imports; the family maps either spelling to its roles). Each read maps just that tensor's bytes
 (`raw`, `read_rows`) and unmaps them when the result is dropped, or reads them into a private buffer
 (`read`), so a trace of a 7B file keeps only the tensors in use resident. Every dtype is decoded by
 `apr.quant.dequantize`; this module only strips the padding of K-quant rows that are not a whole
 number of super-blocks (GH-202).
 
-Q/K row layout (`ModelConfig.qk_layout`) follows the file's `rope_type`: 0 (NORM) = llama.cpp-
+Q/K row layout follows the file's `rope_type` (read by the family, apr.models): 0 (NORM) = llama.cpp-
 interleaved rows, which is what aprender writes for a LLaMA GGUF (it keeps the GGUF rows as stored);
 2 (NEOX) = HF rows, as for Qwen2 (whose GGUF rows are not permuted). Without `rope_type`, aprender's
 `infer_rope_type(architecture)` decides, as in realizar.
@@ -42,13 +42,12 @@ from apr.formats.aprcodec import (
     read_container,
 )
 from apr.formats.aprmeta import (
-    config_from_metadata,
+    AprSource,
     decode_metadata,
     summary,
     tokenizer_from_metadata,
 )
-from apr.formats.base import F32Array, Format, TensorInfo, TokenizerSpec
-from apr.formats.names import canonical_from_any
+from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
 from apr.formats.tensorio import read_exact
 from apr.quant import dequantize
 from apr.quant.types import QuantType
@@ -89,14 +88,12 @@ class AprCheckpoint:
         self.metadata: dict[str, Any] = summary(self.full_metadata)
         self._infos: dict[str, TensorInfo] = {}
         for entry in entries:
-            name, stored = canonical_from_any(entry.name), entry.name
+            name = entry.name
             if name in self._infos:
-                other = self._infos[name].source_name
-                raise FormatError(f"{where}: tensors '{other}' and '{stored}' both name '{name}'")
+                raise FormatError(f"{where}: two tensors are named '{name}'")
             offset = self.header.data_offset + entry.offset
-            self._infos[name] = TensorInfo(name, entry.qtype, entry.shape, offset, entry.size, stored)
-        shapes = {name: info.shape for name, info in self._infos.items()}
-        self.config = config_from_metadata(self.full_metadata, shapes, where)
+            self._infos[name] = TensorInfo(name, entry.qtype, entry.shape, offset, entry.size)
+        self.source: ConfigSource = AprSource(self.full_metadata, where)
 
     def tensors(self) -> Sequence[TensorInfo]:
         return tuple(self._infos.values())
@@ -108,8 +105,8 @@ class AprCheckpoint:
         self.close()
 
     def info(self, name: str) -> TensorInfo:
-        """By canonical name (a stored HF name is accepted too)."""
-        info = self._infos.get(name) or self._infos.get(canonical_from_any(name))
+        """By stored name."""
+        info = self._infos.get(name)
         if info is None:
             close = difflib.get_close_matches(name, self._infos, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -185,7 +182,7 @@ def open_apr(path: Path, *, verify: bool = False) -> AprCheckpoint:
     """Open an .apr v2 file; with `verify`, also check the footer CRC (reads the whole file).
 
     >>> ckpt = open_apr(Path("qwen2-0.5b.apr"))   # doctest: +SKIP
-    >>> ckpt.config.architecture, ckpt.read_rows("token_embd.weight", np.array([9707])).shape
+    >>> ckpt.source.architecture, ckpt.read_rows("model.embed_tokens.weight", np.array([9707])).shape
     ('qwen2', (1, 896))
     """
     ckpt = AprCheckpoint(path)

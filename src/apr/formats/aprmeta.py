@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Final
 
 import numpy as np
@@ -25,8 +25,6 @@ import numpy as np
 from apr.errors import FormatError
 from apr.formats.aprcodec import MAX_METADATA_SIZE
 from apr.formats.base import TokenizerSpec
-from apr.formats.config import ModelConfig, QKLayout
-from apr.formats.names import OUTPUT, TOKEN_EMBD, layer_of
 
 # AprV2Metadata fields in declaration (= serialization) order -> value kind.
 TYPED_KEYS: Final[dict[str, str]] = {
@@ -74,30 +72,7 @@ ALIASES: Final[dict[str, tuple[str, ...]]] = {
 }
 ALIAS_OF: Final[dict[str, str]] = {a: key for key, aliases in ALIASES.items() for a in aliases}
 
-# RoPE pairing: 0 = NORM (adjacent pairs, llama.cpp-interleaved Q/K rows), 2 = NEOX (half split).
-ROPE_LAYOUT: Final[dict[int, QKLayout]] = {0: QKLayout.INTERLEAVED, 2: QKLayout.HF}
-LAYOUT_ROPE: Final[dict[QKLayout, int]] = {v: k for k, v in ROPE_LAYOUT.items()}
-# aprender's infer_rope_type (= llama.cpp's NEOX list): an architecture containing one of these is NEOX.
-NEOX_ARCH_MARKERS: Final = (
-    *("qwen", "stablelm", "phi", "gemma", "starcoder2", "gptneox", "gpt_neox", "falcon"),
-    *("codeshell", "orion", "bert", "dbrx", "olmo2", "olmoe", "plamo", "openelm", "exaone"),
-    *("minicpm3", "nemotron", "internlm2", "deepseek"),
-)
-HF_ARCHITECTURE: Final[dict[str, str]] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "qwen3moe": "Qwen3MoeForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-    "gemma": "GemmaForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-}
 IMPORT_DESCRIPTION: Final = "GGUF Q4_K model imported with native quantization"  # aprender's, verbatim
-
-
-def infer_rope_type(architecture: str) -> int:
-    return 2 if any(m in architecture.lower() for m in NEOX_ARCH_MARKERS) else 0
 
 
 # --- encoding ----------------------------------------------------------------------------------
@@ -314,69 +289,72 @@ class _Reader:
         raise FormatError(f"{self.where}: metadata has no {spellings} and no tensor implies it")
 
 
-def _dim(shapes: Mapping[str, tuple[int, ...]], name: str, axis: int) -> int | None:
-    shape = shapes.get(name, ())
-    return shape[axis] if len(shape) > axis else None
+class AprSource:
+    """.apr metadata as a ConfigSource: `get(key)` finds the canonical key, else its realizar aliases (in
+    table order); values as stored in the JSON."""
+
+    def __init__(self, meta: Mapping[str, Any], where: str) -> None:
+        self.kind = "apr"
+        self.meta = meta
+        self.where = where
+        arch = _Reader(meta, where).text("architecture") or _Reader(meta, where).text("model_type") or ""
+        self.architecture = arch.lower()
+
+    def get(self, key: str) -> Any:
+        value = _Reader(self.meta, self.where).get(key)[1]
+        if TYPED_KEYS.get(key) == "f32" and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(np.float32(value))  # what aprender's f32 field holds
+        return value
+
+    def keys(self) -> Collection[str]:
+        return self.meta.keys()
 
 
-def config_from_metadata(
-    meta: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str
-) -> ModelConfig:
-    """ModelConfig from realizar's typed keys (and aliases), falling back to tensor shapes.
-
-    `shapes` is keyed by canonical tensor name. Q/K row layout follows `rope_type` (0 NORM →
-    llama.cpp-interleaved rows, 2 NEOX → HF rows); without it, aprender's `infer_rope_type(arch)`.
-    """
-    r = _Reader(meta, where)
-    arch = (r.text("architecture") or r.text("model_type") or "unknown").lower()
-    hidden = r.require("hidden_size", _dim(shapes, TOKEN_EMBD, 1))
-    n_heads = r.require("num_heads", None)
-    layers = [n for name in shapes if (n := layer_of(name)) is not None]
-    ffn = _dim(shapes, "blk.0.ffn_gate.weight", 0) or _dim(shapes, "blk.0.ffn_up.weight", 0)
-    rope_type = r.uint("rope_type")
-    rope_type = infer_rope_type(arch) if rope_type is None else rope_type
-    if rope_type not in ROPE_LAYOUT:
-        raise FormatError(f"{where}: metadata 'rope_type' is {rope_type}: expected 0 or 2")
-    if n_heads == 0 or (hidden % n_heads and r.uint("head_dim") is None):
-        raise FormatError(f"{where}: hidden size {hidden} does not split into {n_heads} heads")
-    return ModelConfig(
-        architecture=arch,
-        hidden_size=hidden,
-        n_layers=r.require("num_layers", max(layers) + 1 if layers else None),
-        n_heads=n_heads,
-        n_kv_heads=r.uint("num_kv_heads") or n_heads,
-        head_dim=r.uint("head_dim") or hidden // n_heads,
-        intermediate_size=r.require("intermediate_size", ffn),
-        vocab_size=r.require("vocab_size", _dim(shapes, TOKEN_EMBD, 0)),
-        rope_theta=r.real("rope_theta") or 10000.0,
-        rms_eps=r.real("rms_norm_eps") or 1e-6,
-        qkv_bias="blk.0.attn_q.bias" in shapes,
-        qk_norm="blk.0.attn_q_norm.weight" in shapes,
-        tied_embeddings=bool(r.flag("tied_embeddings")) or OUTPUT not in shapes,
-        qk_layout=ROPE_LAYOUT[rope_type],
-        max_position=r.uint("max_position_embeddings") or 2048,
-        n_experts=r.uint("num_experts") or 0,
-    )
+# .apr keys apr adds for SentencePiece vocabs (aprender has tokenizer.scores; the rest are custom keys)
+APR_FIM_KEYS: Final = {m: f"tokenizer.fim_{m}_token_id" for m in ("pre", "suf", "mid", "pad", "rep", "sep")}
+# llama.cpp's defaults for a SentencePiece vocab that leaves a key out: bos, eos, add_bos, add_space_prefix
+_SPM_DEFAULTS: Final = (1, 2, True, True)
 
 
 def tokenizer_from_metadata(meta: Mapping[str, Any], where: str) -> TokenizerSpec | None:
-    """The embedded tokenizer (`tokenizer.*` keys), or None when the file has no vocabulary."""
+    """The embedded tokenizer (`tokenizer.*` keys), or None when the file has no vocabulary.
+
+    A SentencePiece vocab ("llama") without add_bos / add_space_prefix / BOS / EOS keys gets llama.cpp's
+    defaults, as its GGUF would.
+    """
     r = _Reader(meta, where)
     tokens = r.items("tokenizer.vocabulary", str, "an array of strings")
     if not tokens:
         return None
     merges = r.items("tokenizer.merges", str, 'an array of "a b" strings')
+    model = r.text("tokenizer.model") or r.text("tokenizer.model_type") or ("gpt2" if merges else "llama")
+    bos, eos, add_bos, add_prefix = _SPM_DEFAULTS if model == "llama" else (None, None, False, False)
+    k, scores = r.get("tokenizer.scores")
+    if scores is not None and (
+        not isinstance(scores, list) or not all(type(x) in (int, float) for x in scores)
+    ):
+        raise r._fail(k, "an array of numbers", scores)
+    fim = {m: v for m, key in APR_FIM_KEYS.items() if (v := r.uint(key)) is not None}
     return TokenizerSpec(
-        model=r.text("tokenizer.model") or r.text("tokenizer.model_type") or ("gpt2" if merges else "llama"),
+        model=model,
         pre=r.text("tokenizer.pre_type") or "default",
         tokens=tokens,
         merges=merges,
         token_types=r.items("tokenizer.token_type", int, "an array of integers"),
-        bos_id=r.uint("tokenizer.bos_token_id"),
-        eos_id=r.uint("tokenizer.eos_token_id"),
-        add_bos=bool(r.flag("tokenizer.add_bos_token")),
+        bos_id=_first(r.uint("tokenizer.bos_token_id"), bos),
+        eos_id=_first(r.uint("tokenizer.eos_token_id"), eos),
+        add_bos=bool(_first(r.flag("tokenizer.add_bos_token"), add_bos)),
         chat_template=r.text("tokenizer.chat_template") or r.text("chat_template"),
+        add_eos=bool(r.flag("tokenizer.add_eos_token")),
+        scores=tuple(np.asarray(scores, dtype=np.float32).tolist()) if scores else (),
+        add_space_prefix=bool(_first(r.flag("tokenizer.add_space_prefix"), add_prefix)),
+        fim_ids=fim,
+        model_name=r.text("tokenizer.model_name"),
     )
+
+
+def _first(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def summary(meta: Mapping[str, Any], limit: int = 16) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import itertools
 import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,15 +34,8 @@ from apr.formats.aprcodec import (
     align64,
     layout_header,
 )
-from apr.formats.aprmeta import (
-    HF_ARCHITECTURE,
-    IMPORT_DESCRIPTION,
-    LAYOUT_ROPE,
-    encode_metadata,
-    ordered,
-)
+from apr.formats.aprmeta import IMPORT_DESCRIPTION, encode_metadata, ordered
 from apr.formats.base import TokenizerSpec
-from apr.formats.config import ModelConfig
 from apr.quant.types import QuantType
 
 TensorBytes = bytes | bytearray | memoryview | npt.NDArray[Any]
@@ -159,8 +152,34 @@ def _bytes_of(t: AprTensor, where: str) -> memoryview:
 # --- what aprender's GGUF import writes (spec §8 step 8) ---------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class AprModelKeys:
+    """The model values aprender's import writes (the family registry fills it from its config).
+
+    `extra` holds a family's own keys that aprender has no typed field for (HF spelling: soft-caps,
+    multipliers, rope scaling); they go to the custom map and come back through the family's table.
+    """
+
+    architecture: str
+    hf_architecture: str | None
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    intermediate_size: int
+    max_position: int
+    rope_theta: float
+    rope_type: int  # 0 NORM (llama.cpp-interleaved Q/K rows), 2 NEOX (HF rows)
+    rms_eps: float
+    head_dim: int
+    n_experts: int
+    tied_embeddings: bool
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
 def metadata_for(
-    config: ModelConfig,
+    config: AprModelKeys,
     tokenizer: TokenizerSpec | None = None,
     *,
     shapes: Mapping[str, Sequence[int]],
@@ -170,9 +189,9 @@ def metadata_for(
 
     `shapes` maps every tensor name to be written to its row-major dims (they give `param_count`
     and `tensor_shapes`). `extra` adds or overrides keys; an `extra` value of None drops the key.
-    `rope_type` is derived from `config.qk_layout`, so it states how the Q/K rows are stored.
+    `rope_type` states how the Q/K rows are stored.
     """
-    arch, rope_type = config.architecture, LAYOUT_ROPE[config.qk_layout]
+    arch, rope_type = config.architecture, config.rope_type
     table = {name: [int(d) for d in dims] for name, dims in shapes.items()}
     typed: dict[str, object] = {
         "model_type": arch,
@@ -183,7 +202,7 @@ def metadata_for(
         "param_count": sum(math.prod(dims) for dims in table.values()),
         "chat_template": tokenizer.chat_template if tokenizer else None,
         "architecture": arch,
-        "hf_architecture": HF_ARCHITECTURE.get(arch),
+        "hf_architecture": config.hf_architecture,
         **_config_keys(config, rope_type, prefix=""),
         "head_dim": config.head_dim,
         "num_experts": config.n_experts or None,
@@ -194,12 +213,13 @@ def metadata_for(
         "model.architecture": arch,
         **_config_keys(config, rope_type, prefix="model."),
         "tied_embeddings": True if config.tied_embeddings else None,
+        **config.extra,
     }
     merged = {**typed, **custom, **(extra or {})}
     return ordered({k: v for k, v in merged.items() if v is not None})
 
 
-def _config_keys(config: ModelConfig, rope_type: int, prefix: str) -> dict[str, object]:
+def _config_keys(config: AprModelKeys, rope_type: int, prefix: str) -> dict[str, object]:
     # typed f32 fields are rounded by the encoder; aprender writes the model.* copies as f64(f32)
     as_f32 = (lambda x: float(np.float32(x))) if prefix else float
     return {
@@ -230,4 +250,10 @@ def _tokenizer_keys(tok: TokenizerSpec | None) -> dict[str, object]:
         "tokenizer.token_type": list(tok.token_types) or None,
         "tokenizer.add_bos_token": tok.add_bos,
         "tokenizer.chat_template": tok.chat_template,
+        "tokenizer.scores": list(tok.scores) or None,
+        # what SentencePiece needs beyond aprender's keys; left out where they say nothing
+        "tokenizer.add_eos_token": tok.add_eos or None,
+        "tokenizer.add_space_prefix": tok.add_space_prefix if tok.model == "llama" else None,
+        "tokenizer.model_name": tok.model_name if tok.model == "llama" else None,
+        **{f"tokenizer.fim_{m}_token_id": i for m, i in tok.fim_ids.items()},
     }

@@ -2,13 +2,14 @@
 
 A format module exports `FORMAT = Format(name, suffixes, sniff, open)`; `formats/__init__.py` lists them in
 one tuple and dispatches by magic bytes, then by suffix. A `Checkpoint` lists tensors without touching their
-data and reads one tensor (or some of its rows) on demand, dequantized to float32. Tensor names are
-canonical (GGUF spelling, formats/names.py); `TensorInfo.source_name` keeps the file's own name.
+data and reads one tensor (or some of its rows) on demand, dequantized to float32. Tensor names are the
+file's own; a format knows no architecture: it exposes the architecture's name and its metadata as a
+`ConfigSource`, and the family registry (apr.models) builds the model config and maps names to roles.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -16,7 +17,6 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from apr.formats.config import ModelConfig
 from apr.quant.types import QuantType
 
 F32Array = npt.NDArray[np.float32]
@@ -24,12 +24,14 @@ F32Array = npt.NDArray[np.float32]
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
-    name: str  # canonical name, e.g. "blk.0.attn_q.weight"
+    name: (
+        str  # the name in the file (GGUF "blk.0.attn_q.weight", HF "model.layers.0.self_attn.q_proj.weight")
+    )
     qtype: QuantType
     shape: tuple[int, ...]  # row-major numpy order: (out_features, in_features) for matrices
     offset: int  # absolute byte offset in the file holding it
     nbytes: int
-    source_name: str = ""  # the name in the file, when it differs
+    source_name: str = ""  # the file's name when `name` is a canonical (family-mapped) one
 
     @property
     def n_elements(self) -> int:
@@ -44,12 +46,32 @@ class TokenizerSpec:
     pre: str = "default"  # GGUF tokenizer.ggml.pre
     tokens: Sequence[str] = ()
     merges: Sequence[str] = ()
-    token_types: Sequence[int] = ()
+    token_types: Sequence[int] = ()  # GGUF types: 1 normal, 2 unknown, 3 control, 4 user, 5 unused, 6 byte
     bos_id: int | None = None
     eos_id: int | None = None
-    add_bos: bool = False
-    json_path: Path | None = None  # an HF tokenizer.json, used as is
+    add_bos: bool = False  # encode adds BOS / EOS (already resolved against the format's defaults)
+    json_path: Path | None = None  # an HF tokenizer.json (+ tokenizer_config.json beside it)
     chat_template: str | None = None
+    add_eos: bool = False
+    scores: Sequence[float] = ()  # SentencePiece: the merge priority of each token
+    add_space_prefix: bool = False  # SentencePiece: "▁" before the text and after each special token
+    fim_ids: Mapping[str, int] = field(default_factory=dict)  # FIM marker ("pre", "suf", ...) → stated id
+    model_name: str | None = None  # GGUF general.name: llama.cpp keys a tokenizer quirk on it (phi3)
+
+
+class ConfigSource(Protocol):
+    """A checkpoint's configuration as stored: GGUF metadata, HF config.json, or .apr metadata.
+
+    `get` returns the stored value (int, float, bool, str, or a list of them; nested dicts for JSON) or None
+    when absent; families read it through their parameter tables (apr.models.params).
+    """
+
+    kind: str  # "gguf" | "hf" | "apr"
+    architecture: str  # GGUF general.architecture, HF architectures[0], .apr architecture ("" if none)
+
+    def get(self, key: str) -> Any: ...
+
+    def keys(self) -> Collection[str]: ...
 
 
 class Checkpoint(Protocol):
@@ -57,7 +79,7 @@ class Checkpoint(Protocol):
 
     path: Path
     format_name: str
-    config: ModelConfig
+    source: ConfigSource
     metadata: dict[str, Any]  # the file's own metadata, for `apr inspect` (small values only)
 
     def tensors(self) -> Sequence[TensorInfo]: ...

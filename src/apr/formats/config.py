@@ -1,15 +1,12 @@
-"""ModelConfig: everything the engine needs to know about a decoder, whatever file it came from.
+"""Q/K row layouts: how a checkpoint stores the rows of attn_q / attn_k, and the permutation between them.
 
-One frozen record for the LLaMA / Qwen2 / Qwen3 family; their differences are flags (`qkv_bias`, `qk_norm`,
-`tied_embeddings`, `rope_theta`), not separate classes. Each format module builds it from its own metadata.
-`qk_layout` records how the checkpoint stores the rows of attn_q / attn_k: LLaMA GGUFs (and .apr files
-imported from them) keep llama.cpp's per-head interleaved order, which pairs with adjacent-pair RoPE; Hugging
-Face weights pair with half-split (rotate_half) RoPE. The two are the same model up to that row permutation.
+LLaMA-style GGUFs (and .apr files imported from them) keep llama.cpp's per-head interleaved order, which
+pairs with adjacent-pair RoPE; Hugging Face weights pair with half-split (rotate_half) RoPE. The two are the
+same model up to that row permutation. (The model config itself is apr.models.config.ModelConfig.)
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -24,51 +21,6 @@ class QKLayout(StrEnum):
     @property
     def rope_pairing(self) -> str:
         return "half-split" if self is QKLayout.HF else "adjacent"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelConfig:
-    architecture: str  # "llama", "qwen2", "qwen3" (lower case, GGUF spelling)
-    hidden_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rope_theta: float = 10000.0
-    rms_eps: float = 1e-6
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    tied_embeddings: bool = False
-    qk_layout: QKLayout = QKLayout.HF
-    max_position: int = 2048
-    n_experts: int = 0
-
-    @property
-    def q_dim(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_dim
-
-    @property
-    def moe(self) -> bool:
-        return self.n_experts > 0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["qk_layout"] = self.qk_layout.value
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """Inverse of `to_dict`; unknown keys are ignored so older/newer manifests still load."""
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "qk_layout" in known:
-            known["qk_layout"] = QKLayout(known["qk_layout"])
-        return cls(**known)
 
 
 def interleaved_to_hf(x: npt.NDArray[Any], n_heads: int, axis: int = -1) -> npt.NDArray[Any]:

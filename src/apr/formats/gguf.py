@@ -7,10 +7,10 @@ dequantizes it, `read_rows` maps just that tensor, copies the wanted rows and un
 returns a per-tensor `np.memmap` that is unmapped when the caller drops it. A trace over a 4 GB file
 therefore keeps only the tensors in use resident, never the whole file.
 
-Tensor names are GGUF's own (the canonical spelling, formats/names.py); shapes are numpy row-major,
+Tensor names are GGUF's own (also apr's canonical spelling); shapes are numpy row-major,
 i.e. GGUF's `ne` reversed (token_embd ne=[576, 49152] → (49152, 576)). LLaMA GGUFs keep attn_q and
 attn_k rows in llama.cpp's per-head interleaved order (convert_hf_to_gguf permutes them for
-adjacent-pair RoPE); `ModelConfig.qk_layout` records that, and the reader never permutes data.
+adjacent-pair RoPE); the family's config records that (`qk_layout`), and the reader never permutes data.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.errors import AprIOError, NotFoundError, UnsupportedQuantError, ValidationError
-from apr.formats.base import F32Array, Format, TensorInfo, TokenizerSpec
-from apr.formats.gguf_meta import Metadata, model_config, tokenizer_spec
+from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
+from apr.formats.gguf_meta import GGUFSource, Metadata, tokenizer_spec
 from apr.formats.gguf_parse import HEADER_SIZE, MAGIC, Header, located, parse_header
 from apr.formats.tensorio import read_exact
 from apr.quant import DEQUANT_TYPES, dequantize
@@ -86,7 +86,7 @@ class GGUFCheckpoint:
         self._file = file
         self._tensors = header.tensors
         self._by_name = {t.name: t for t in header.tensors}
-        self.config = model_config(self.meta, self._by_name)
+        self.source: ConfigSource = GGUFSource(self.meta)
         self.metadata: dict[str, Any] = {
             "GGUF.version": header.version,
             "GGUF.tensor_count": len(header.tensors),

@@ -4,15 +4,14 @@ safetensors layout: u64 LE header length N, N bytes of JSON {name: {dtype, shape
 end]}, "__metadata__": {...}}, then the data area; offsets are relative to byte 8 + N. We parse the header
 ourselves (strictly: every offset, size and dtype is checked before use) and memory-map tensor bytes per
 read, because the `safetensors` package's numpy path cannot return BF16 and exposes no byte offsets. Tests
-check every tensor against the `safetensors` package. Names are translated to canonical (GGUF) spelling via
-formats/names.py.
+check every tensor against the `safetensors` package. Names stay HF's; the family maps them to roles.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -21,9 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.errors import FormatError, ModelLoadError
-from apr.formats import names
-from apr.formats.base import F32Array, Format, TensorInfo, TokenizerSpec
-from apr.formats.config import ModelConfig, QKLayout
+from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
 from apr.formats.tensorio import read_tensor, read_tensor_rows, tensor_bytes
 from apr.quant.types import QuantType
 
@@ -47,11 +44,6 @@ ITEMSIZE: Final[dict[QuantType, int]] = {
     QuantType.F64: 8, QuantType.F32: 4, QuantType.F16: 2, QuantType.BF16: 2, QuantType.I64: 8,
     QuantType.I32: 4, QuantType.I16: 2, QuantType.I8: 1, QuantType.U8: 1,
 }  # fmt: skip
-SUPPORTED_ARCHS: Final = {
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
 
 
 def parse_header(path: Path) -> tuple[int, dict[str, Any]]:
@@ -94,7 +86,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) 
         )
     if data_start + end > size:
         raise FormatError(f"{path}: tensor {name}: data ends at byte {data_start + end}, file has {size}")
-    return TensorInfo(names.canonical_from_hf(name), qtype, shape, data_start + begin, need, name)
+    return TensorInfo(name, qtype, shape, data_start + begin, need)
 
 
 def _shard_files(folder: Path) -> list[Path]:
@@ -114,51 +106,28 @@ def _shard_files(folder: Path) -> list[Path]:
     raise FormatError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} in this folder")
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
-    if kind not in (None, "default"):
-        raise ModelLoadError(f"rope scaling type {kind!r} is not supported by the reference engine yet")
-    theta = params.get("rope_theta") if isinstance(params, dict) else None
-    return float(theta or cfg.get("rope_theta", 10000.0))
+class HFSource:
+    """config.json as a ConfigSource (`get` of a top-level key; nested values stay dicts)."""
 
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.kind = "hf"
+        self.cfg = cfg
+        archs = cfg.get("architectures")
+        first = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+        model_type = cfg.get("model_type")
+        self.architecture = first or (model_type if isinstance(model_type, str) else "")
 
-def config_from_hf(cfg: dict[str, Any], tensor_names: set[str], source: Path) -> ModelConfig:
-    archs = cfg.get("architectures") or []
-    arch = next((SUPPORTED_ARCHS[a] for a in archs if a in SUPPORTED_ARCHS), None)
-    if arch is None:
-        raise ModelLoadError(
-            f"{source}: architecture {archs or cfg.get('model_type')} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ARCHS)})"
-        )
-    try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
-        return ModelConfig(
-            architecture=arch,
-            hidden_size=hidden,
-            n_layers=int(cfg["num_hidden_layers"]),
-            n_heads=heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            intermediate_size=int(cfg["intermediate_size"]),
-            vocab_size=int(cfg["vocab_size"]),
-            rope_theta=_rope_theta(cfg),
-            rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            qkv_bias=names.blk(0, "attn_q.bias") in tensor_names,
-            qk_norm=names.blk(0, "attn_q_norm.weight") in tensor_names,
-            tied_embeddings=names.OUTPUT not in tensor_names,
-            qk_layout=QKLayout.HF,
-            max_position=int(cfg.get("max_position_embeddings", 2048)),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelLoadError(f"{source}: config.json lacks or mangles {e}") from None
+    def get(self, key: str) -> Any:
+        return self.cfg.get(key)
+
+    def keys(self) -> Collection[str]:
+        return self.cfg.keys()
 
 
 @dataclass
 class SafetensorsCheckpoint:
     path: Path
-    config: ModelConfig
+    source: ConfigSource
     metadata: dict[str, Any]
     _tensors: dict[str, TensorInfo]
     _files: dict[str, Path]
@@ -183,8 +152,9 @@ class SafetensorsCheckpoint:
         return read_tensor_rows(self._files[name], self.info(name), rows)
 
     def tokenizer_spec(self) -> TokenizerSpec | None:
-        tj = self.path / TOKENIZER_JSON
-        return TokenizerSpec(model="tokenizer.json", json_path=tj) if tj.is_file() else None
+        from apr.formats.tokenizer_hf import hf_spec  # reads tokenizer.json and tokenizer_config.json
+
+        return hf_spec(self.path)
 
     def close(self) -> None:
         pass
@@ -208,10 +178,13 @@ def open_safetensors(path: Path) -> SafetensorsCheckpoint:
             if name == "__metadata__":
                 continue
             info = _tensor_info(f, name, entry, start, size)
+            if info.name in tensors:
+                raise FormatError(f"{f}: tensor {name} is also in {where[info.name]}")
             tensors[info.name], where[info.name] = info, f
-    config = config_from_hf(hf_cfg, set(tensors), folder)
+    if not isinstance(hf_cfg, dict):
+        raise FormatError(f"{folder / CONFIG_JSON}: not a JSON object")
     meta = {k: v for k, v in hf_cfg.items() if isinstance(v, (str, int, float, bool)) or v is None}
-    return SafetensorsCheckpoint(folder, config, meta, tensors, where)
+    return SafetensorsCheckpoint(folder, HFSource(hf_cfg), meta, tensors, where)
 
 
 def _sniff(head: bytes, path: Path) -> bool:

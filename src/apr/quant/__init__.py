@@ -5,10 +5,12 @@
     y = dequantize(raw, QuantType.Q6_K, (2, 256))  # float32 (2, 256), |y - x| < 0.014
 
 `dequantize` is bit-identical to ggml's `dequantize_row_*` (and gguf-py's `dequantize`) for every GGML
-type it supports; `quantize` is byte-identical to ggml's reference quantizers (`quantize_row_*_ref`) on
-finite input. The per-type code lives in `blocks.py` (plain types, 32-element blocks, apr's own),
-`kquants.py` (K-quants) and `quantize.py`; each registers itself under its `QuantType`, and the
-functions here are dict lookups plus argument checks.
+type it supports — every type gguf-py can dequantize; `quantize` is byte-identical to ggml's reference
+quantizers (`quantize_row_*_ref`) on finite input. The per-type code lives in `blocks.py` (plain
+types, 32-element blocks, apr's own), `kquants.py` (K-quants), `iquants.py` (the IQ grid types, data in
+`grids.py`), `codebooks.py` (IQ4_NL, IQ4_XS, MXFP4, NVFP4), `ternary.py` (TQ1_0, TQ2_0) and
+`quantize.py`; each registers itself under its `QuantType`, and the functions here are dict lookups
+plus argument checks.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.errors import FormatError, UnsupportedQuantError
-from apr.quant import kquants as _kquants  # noqa: F401  (registers the K-quant dequantizers)
+from apr.quant import codebooks as _codebooks  # noqa: F401  (each of these registers its dequantizers)
+from apr.quant import iquants as _iquants  # noqa: F401
+from apr.quant import kquants as _kquants  # noqa: F401
+from apr.quant import ternary as _ternary  # noqa: F401
 from apr.quant.blocks import DEQUANTIZERS, Dequantizer
 from apr.quant.quantize import QUANTIZERS
 from apr.quant.quantize import quantize as quantize

@@ -66,11 +66,14 @@ def register(
     return add
 
 
-def block_kernel(qtype: QuantType, spans_rows: bool = False) -> Callable[[Kernel], Kernel]:
+def block_kernel(
+    qtype: QuantType, spans_rows: bool = False, chunk_elems: int = CHUNK_ELEMS
+) -> Callable[[Kernel], Kernel]:
     """Register a per-block kernel for `qtype`, driven chunk by chunk over the whole tensor.
 
     Rows are whole blocks, unless `spans_rows`: then blocks run across the flattened tensor and the
-    last one is zero-padded (APR_Q4).
+    last one is zero-padded (APR_Q4). Kernels with an int64 temporary per output (the table-gather
+    types) take smaller chunks, `chunk_elems`, so that it too stays in cache.
     """
     layout = QUANT_LAYOUT[qtype]
 
@@ -78,7 +81,7 @@ def block_kernel(qtype: QuantType, spans_rows: bool = False) -> Callable[[Kernel
         def decode(raw: U8Array, n: int) -> F32Array:
             blocks = raw.reshape(-1, layout.type_size)
             out = np.empty((len(blocks), layout.block_size), np.float32)
-            step = max(1, CHUNK_ELEMS // layout.block_size)
+            step = max(1, chunk_elems // layout.block_size)
             with np.errstate(all="ignore"):  # inf * 0 etc. are part of the format's arithmetic
                 for i in range(0, len(blocks), step):
                     kernel(blocks[i : i + step], out[i : i + step])
@@ -112,12 +115,30 @@ def scale_ints(
     The scales are repeated out to one per element first: a broadcast (n·groups, 1) operand would make
     numpy run its inner loop 16 or 32 elements at a time, ~3× slower than these flat passes.
     """
-    size = q.shape[1] // scale.shape[1]
     np.copyto(out, q.reshape(out.shape), casting="unsafe")  # ints -> float32, exact
-    flat = out.reshape(-1)  # `out` is a contiguous (n, block_size) chunk
-    np.multiply(flat, np.repeat(scale.reshape(-1), size), out=flat)
+    scale_groups(out, scale)
     if offset is not None:
+        size = out.shape[1] // offset.shape[1]
+        flat = out.reshape(-1)
         np.subtract(flat, np.repeat(offset.reshape(-1), size), out=flat)
+
+
+def scale_groups(out: F32Array, scale: F32Array) -> None:
+    """`out *= scale`: `out` a contiguous (n, block_size) chunk, `scale` (n, g), each scale over its
+    `block_size // g` consecutive elements. (Only the scale can be NaN, so operand order is moot.)"""
+    flat = out.reshape(-1)
+    np.multiply(flat, np.repeat(scale.reshape(-1), out.shape[1] // scale.shape[1]), out=flat)
+
+
+def gather(table: F32Array, index: npt.NDArray[np.intp], out: F32Array) -> None:
+    """`out` = the rows `table[index]` back to back: `table` (entries, w), `index` (n, k), `out` a
+    contiguous (n, k·w) chunk.
+
+    `mode="clip"` changes nothing (indices are in range by construction); it only spares numpy's
+    per-index bounds check, which makes the gather 2-3× slower.
+    """
+    rows = out.reshape(-1, table.shape[1])
+    np.take(table, index.reshape(-1), axis=0, out=rows, mode="clip")
 
 
 def add_offset(out: F32Array, offset: F32Array) -> None:

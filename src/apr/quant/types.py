@@ -91,6 +91,19 @@ QUANT_LAYOUT: Final[dict[QuantType, BlockLayout]] = {
     QuantType.Q5_K: BlockLayout(QK_K, 2 + 2 + K_SCALE_SIZE + QK_K // 8 + QK_K // 2),  # +qh = 176
     QuantType.Q6_K: BlockLayout(QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),  # ql, qh, sc, d = 210
     QuantType.Q8_K: BlockLayout(QK_K, 4 + QK_K + QK_K // 16 * 2),  # d:f32, qs, bsums[16] i16 = 292
+    QuantType.IQ2_XXS: BlockLayout(QK_K, 2 + QK_K // 4),  # d, qs: u16[QK_K/8] = 66
+    QuantType.IQ2_XS: BlockLayout(QK_K, 2 + QK_K // 4 + QK_K // 32),  # d, qs, scales = 74
+    QuantType.IQ2_S: BlockLayout(QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 32),  # d, qs+signs, qh, sc = 82
+    QuantType.IQ3_XXS: BlockLayout(QK_K, 2 + 3 * QK_K // 8),  # d, qs[64] + scales_and_signs u32[8] = 98
+    QuantType.IQ3_S: BlockLayout(QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 8 + 4),  # d, qs, qh, signs, sc
+    QuantType.IQ1_S: BlockLayout(QK_K, 2 + QK_K // 8 + QK_K // 16),  # d, qs, qh: u16[QK_K/32] = 50
+    QuantType.IQ1_M: BlockLayout(QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),  # qs, qh, scales = 56
+    QuantType.IQ4_NL: BlockLayout(32, 2 + 16),  # d, qs[16]
+    QuantType.IQ4_XS: BlockLayout(QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),  # d, scales_h, _l, qs = 136
+    QuantType.TQ1_0: BlockLayout(QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),  # qs, qh, d = 54
+    QuantType.TQ2_0: BlockLayout(QK_K, QK_K // 4 + 2),  # qs, d = 66
+    QuantType.MXFP4: BlockLayout(32, 1 + 16),  # e: e8m0, qs[16]
+    QuantType.NVFP4: BlockLayout(64, 64 // 16 + 64 // 2),  # scales: ue4m3 per 16, qs = 36
     QuantType.APR_Q4: BlockLayout(32, 2 + 16),  # scale:f16, 16 bytes of nibbles (q = nibble - 8)
 }
 # APR_Q8 is one f32 scale for the whole tensor + N int8: not a block layout (formats/apr.py sizes it).
@@ -100,19 +113,6 @@ FIRST_APR_ID: Final = 128  # apr-only types take ids >= 128, which GGML never us
 # GGML types QUANT_LAYOUT does not size (ggml.c type_traits); tests check them against gguf-py
 GGML_EXTRA_LAYOUT: Final[dict[QuantType, BlockLayout]] = {
     QuantType.Q8_1: BlockLayout(32, 2 + 2 + 32),  # d, s: f16, qs[32] (gguf-py 0.19 still says 40)
-    QuantType.IQ2_XXS: BlockLayout(QK_K, 2 + QK_K // 4),  # d, qs: u16[QK_K/8] = 66
-    QuantType.IQ2_XS: BlockLayout(QK_K, 2 + QK_K // 4 + QK_K // 32),  # d, qs, scales = 74
-    QuantType.IQ3_XXS: BlockLayout(QK_K, 2 + 3 * QK_K // 8),  # d, qs = 98
-    QuantType.IQ1_S: BlockLayout(QK_K, 2 + QK_K // 8 + QK_K // 16),  # d, qs, qh: u16[QK_K/32] = 50
-    QuantType.IQ4_NL: BlockLayout(32, 2 + 16),  # d, qs[16]
-    QuantType.IQ3_S: BlockLayout(QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 8 + 4),  # = 110
-    QuantType.IQ2_S: BlockLayout(QK_K, 2 + QK_K // 4 + QK_K // 32 + QK_K // 32),  # = 82
-    QuantType.IQ4_XS: BlockLayout(QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),  # d, scales_h, _l, qs = 136
-    QuantType.IQ1_M: BlockLayout(QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),  # qs, qh, scales = 56
-    QuantType.TQ1_0: BlockLayout(QK_K, (QK_K - 4 * QK_K // 64) // 5 + QK_K // 64 + 2),  # = 54
-    QuantType.TQ2_0: BlockLayout(QK_K, QK_K // 4 + 2),  # qs, d = 66
-    QuantType.MXFP4: BlockLayout(32, 1 + 16),  # e: e8m0, qs[16]
-    QuantType.NVFP4: BlockLayout(64, 64 // 16 + 64 // 2),  # scales: ue4m3 per 16, qs = 36
     QuantType.Q1_0: BlockLayout(128, 2 + 128 // 8),  # d, qs = 18
 }
 GGML_LAYOUT: Final[dict[QuantType, BlockLayout]] = {

@@ -14,7 +14,7 @@ from typing import Final
 from apr.diff.bisect import BisectResult, layer_summary
 from apr.report.bisect import verdict
 from apr.report.numfmt import short
-from apr.trace.stages import Stage
+from apr.stages import Stage
 
 MAIN_STAGES: Final = (Stage.ATTN_OUT, Stage.FFN_OUT, Stage.POST_FFN_RESIDUAL)
 COLORS: Final = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")

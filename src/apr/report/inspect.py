@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from apr.formats.summary import CheckpointSummary, Skeleton
+from apr.models.summary import CheckpointSummary, Skeleton
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -6,8 +6,8 @@ from dataclasses import asdict
 from typing import Any, Final
 
 from apr.report.numfmt import json_float
+from apr.stages import Stage, StageId
 from apr.trace.payload import ActivationStats, PayloadReport
-from apr.trace.stages import Stage, StageId
 
 HIGH_VAR_STD: Final = 100.0
 WARN_OUTPUT_STD: Final = 50.0
@@ -24,7 +24,7 @@ def _ms(s: ActivationStats) -> str:
 
 
 def render_text(r: PayloadReport) -> str:
-    p, cfg = r.prepared, r.prepared.ckpt.config
+    p, cfg = r.prepared, r.prepared.model.config
     out = [
         "=== Traced Inference (APR-TRACE-001) ===",
         f"Model: {p.path}",
@@ -82,9 +82,9 @@ def _stats_doc(s: ActivationStats | None) -> dict[str, Any] | None:
 
 def to_doc(r: PayloadReport) -> dict[str, Any]:
     """aprender's `apr trace --payload --json` keys (spec §1.4)."""
-    p, cfg = r.prepared, r.prepared.ckpt.config
+    p, cfg = r.prepared, r.prepared.model.config
     return {
-        "format": p.ckpt.format_name,
+        "format": p.model.format_name,
         "architecture": cfg.architecture,
         "num_layers": cfg.n_layers,
         "hidden_dim": cfg.hidden_size,

@@ -15,8 +15,8 @@ from apr.convert.export import ExportResult
 from apr.convert.importer import ImportResult
 from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
 from apr.report.numfmt import rust_exp, rust_fixed, short
+from apr.stages import StageId
 from apr.trace.run import TraceOutcome
-from apr.trace.stages import StageId
 
 BOX_WIDTH: Final = 80
 STALE_SHOWN: Final = 5

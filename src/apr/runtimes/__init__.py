@@ -15,7 +15,7 @@ from typing import Final, Protocol
 from apr.runtimes.base import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun
 from apr.runtimes.llamacpp import run_llamacpp
 from apr.runtimes.transformers import run_transformers
-from apr.trace.stages import Tap
+from apr.stages import Tap
 
 
 class Runtime(Protocol):

@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from apr.errors import InferenceError, ValidationError
 from apr.formats.config import QKLayout
-from apr.trace.stages import DENSE_STAGES, Stage, StageId, Tap
+from apr.stages import DENSE_STAGES, Stage, StageId, Tap
 
 ENGINE_TRANSFORMERS: Final = "transformers"
 ENGINE_LLAMACPP: Final = "llama.cpp"

@@ -40,7 +40,7 @@ from apr.runtimes.base import (
     model_stages,
 )
 from apr.runtimes.llamacpp_ggml import GGML_TYPE_F32, Ggml, LogSink, Node, bind
-from apr.trace.stages import Stage, StageId, Tap
+from apr.stages import Stage, StageId, Tap
 
 CTX_ALIGN: Final = 256  # llama.cpp pads the KV view to 256 cells anyway
 FLASH_ATTN_DISABLED: Final = 0

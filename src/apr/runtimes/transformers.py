@@ -46,33 +46,24 @@ from apr.runtimes.base import (
     missing_stages,
     model_stages,
 )
-from apr.trace.stages import Stage, StageId, Tap
+from apr.models.common import LLAMA_LAYER_HOOKS
+from apr.stages import Stage, StageId, Tap
 
-SUPPORTED_ARCHITECTURES: Final = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 DTYPES: Final = ("float32", "float64")
 ATTN_IMPLEMENTATION: Final = "apr_eager"
 
 _OUT: Final = "out"  # hook the module's output
 _IN: Final = "in"  # hook the module's first positional input
+_LOGITS: Final = "logits"  # hook the `logits` field of the module's output
 
-# (submodule of a decoder layer, which side, stage); "" is the decoder layer itself.
-LAYER_HOOKS: Final[tuple[tuple[str, str, Stage], ...]] = (
-    ("input_layernorm", _OUT, Stage.ATTN_NORM),
-    ("self_attn.o_proj", _IN, Stage.ATTENTION),
-    ("self_attn.o_proj", _OUT, Stage.ATTN_OUT),
-    ("post_attention_layernorm", _IN, Stage.POST_ATTN_RESIDUAL),
-    ("post_attention_layernorm", _OUT, Stage.FFN_NORM),
-    ("mlp.gate_proj", _OUT, Stage.FFN_GATE),
-    ("mlp.up_proj", _OUT, Stage.FFN_UP),
-    ("mlp.act_fn", _OUT, Stage.FFN_SILU),
-    ("mlp.down_proj", _IN, Stage.FFN_SWIGL),
-    ("mlp.down_proj", _OUT, Stage.FFN_OUT),
-    ("", _OUT, Stage.POST_FFN_RESIDUAL),
-)
+# (submodule of a decoder layer, which side, stage); "" is the decoder layer itself. The embedding is the
+# input of the first layer (after Gemma's / Granite's scaling) and lm_head the model's own logits output
+# (after Granite's division, Gemma 2's soft-cap): the same values the reference engine emits.
+LAYER_HOOKS: Final = LLAMA_LAYER_HOOKS
 MODEL_HOOKS: Final[tuple[tuple[str, str, StageId], ...]] = (
-    ("model.embed_tokens", _OUT, StageId(Stage.EMBEDDING, 0)),
+    ("model.layers.0", _IN, StageId(Stage.EMBEDDING, 0)),
     ("model.norm", _OUT, StageId(Stage.FINAL_NORM)),
-    ("lm_head", _OUT, StageId(Stage.LM_HEAD)),
+    ("", _LOGITS, StageId(Stage.LM_HEAD)),
 )
 QKV_PROJECTIONS: Final = ("q_proj", "k_proj", "v_proj")
 
@@ -193,10 +184,9 @@ def _load(transformers: Any, torch: Any, path: Path, dtype: Any) -> Any:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
         except Exception as e:  # transformers raises anything from OSError to KeyError here
             raise ModelLoadError(f"transformers could not load {path}: {_first_line(e)}") from None
-    name = type(model).__name__
-    if name not in SUPPORTED_ARCHITECTURES:
-        supported = ", ".join(SUPPORTED_ARCHITECTURES)
-        raise ModelLoadError(f"transformers runtime supports {supported}; {path} is a {name}")
+    if not hasattr(getattr(model, "model", None), "layers"):
+        raise ModelLoadError(f"transformers runtime traces decoder models (model.layers); {path} is a "
+                             f"{type(model).__name__}")  # fmt: skip
     return model.to(dtype).eval()
 
 
@@ -261,12 +251,20 @@ class _Capture:
         if self.qkv_bias:
             self.tap(StageId(Stage.QKV_BIAS, layer), np.concatenate([p[1] for p in ordered], -1))
 
-    def attention(self, layer: int, query: Any, key: Any, scores: Any, probs: Any) -> None:
-        """Post-rope Q (1,H,S,Dh) and K (1,Hkv,S,Dh); softmax input and output (1,H,S,S)."""
+    def attention(self, layer: int, query: Any, key: Any, scores: Any, probs: Any, mask: Any) -> None:
+        """Post-rope Q (1,H,S,Dh) and K (1,Hkv,S,Dh); softmax input and output (1,H,S,S); the additive
+        mask (1,1,S,S) or None. attn_scores keeps what the mask lets through (0 elsewhere: the future,
+        and keys outside a sliding window)."""
         for stage, t in ((Stage.Q_POST_ROPE, query), (Stage.K_POST_ROPE, key)):
             heads = self.array(t[0])  # (heads, S, Dh)
             self.tap(StageId(stage, layer), heads.transpose(1, 0, 2).reshape(heads.shape[1], -1))
-        self.tap(StageId(Stage.ATTN_SCORES, layer), np.tril(self.array(scores[0])))
+        x = self.array(scores[0])  # (H, S, S)
+        if mask is None:
+            kept = np.tril(np.ones(x.shape[-2:], dtype=bool))
+        else:
+            m = mask.detach().cpu().numpy()[0, 0, :, : x.shape[-1]]
+            kept = m if m.dtype == np.bool_ else m == 0
+        self.tap(StageId(Stage.ATTN_SCORES, layer), np.where(kept, x, x.dtype.type(0)))
         self.tap(StageId(Stage.ATTN_SOFTMAX, layer), self.array(probs[0]))
 
 
@@ -284,7 +282,8 @@ def _capturing_attention(module: Any, query: Any, key: Any, *args: Any, **kwargs
         out, probs = eager(module, query, key, *args, **kwargs)
     if len(probe.inputs) != 1:
         raise InferenceError(f"eager attention ran {len(probe.inputs)} softmaxes, expected 1")
-    capture.attention(module.layer_idx, query, key, probe.inputs[0], probs)
+    mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+    capture.attention(module.layer_idx, query, key, probe.inputs[0], probs, mask)
     return out, probs
 
 
@@ -358,6 +357,12 @@ def _hooks(model: Any, capture: _Capture) -> Iterator[None]:
 
 
 def _hook(module: Any, side: str, sid: StageId, capture: _Capture) -> Any:
+    if side == _LOGITS:
+
+        def logits(_m: Any, _args: tuple[Any, ...], out: Any) -> None:
+            capture.emit(sid, out.logits)
+
+        return module.register_forward_hook(logits)
     if side == _IN:
 
         def pre(_m: Any, args: tuple[Any, ...]) -> None:

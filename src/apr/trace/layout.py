@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Final
 
-from apr.trace.stages import Stage, StageId
+from apr.stages import Stage, StageId
 
 SUFFIX: Final = ".bin"
 LAYER_DIR: Final = "layer-{layer}"

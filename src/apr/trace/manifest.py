@@ -20,44 +20,21 @@ from pathlib import Path
 from typing import Any, Final
 
 from apr.errors import TraceFormatError
-from apr.formats.config import ModelConfig, QKLayout
-from apr.trace.stages import Stage, StageId
+from apr.formats.config import QKLayout
+from apr.models.config import ModelConfig
+from apr.models.registry import stage_dims
+from apr.stages import Stage, StageId
 from apr.version import __version__
 
 SCHEMA: Final = "apr-trace-manifest-v1"
 
-# Dimension labels of each stage as the engine emits it (S tokens; lm_head has "vocab" alone when only the
-# last position is kept).
-STAGE_DIMS: Final[dict[Stage, tuple[str, ...]]] = {
-    Stage.EMBEDDING: ("seq", "hidden"),
-    Stage.ATTN_NORM: ("seq", "hidden"),
-    Stage.QKV_MATMUL: ("seq", "q|k|v"),
-    Stage.QKV_BIAS: ("seq", "q|k|v"),
-    Stage.Q_POST_ROPE: ("seq", "head*head_dim"),
-    Stage.K_POST_ROPE: ("seq", "kv_head*head_dim"),
-    Stage.ATTN_SCORES: ("head", "query", "key"),
-    Stage.ATTN_SOFTMAX: ("head", "query", "key"),
-    Stage.ATTENTION: ("seq", "head*head_dim"),
-    Stage.ATTN_OUT: ("seq", "hidden"),
-    Stage.POST_ATTN_RESIDUAL: ("seq", "hidden"),
-    Stage.FFN_NORM: ("seq", "hidden"),
-    Stage.FFN_GATE: ("seq", "ffn"),
-    Stage.FFN_UP: ("seq", "ffn"),
-    Stage.FFN_SILU: ("seq", "ffn"),
-    Stage.FFN_SWIGL: ("seq", "ffn"),
-    Stage.FFN_OUT: ("seq", "hidden"),
-    Stage.POST_FFN_RESIDUAL: ("seq", "hidden"),
-    Stage.MOE_ROUTER: ("seq", "k"),
-    Stage.MOE_FFN_OUT: ("seq", "hidden"),
-    Stage.MOE_ROUTER_INDICES: ("seq", "k"),
-    Stage.FINAL_NORM: ("seq", "hidden"),
-    Stage.LM_HEAD: ("seq", "vocab"),
-}
 QK_STAGES: Final = frozenset({Stage.QKV_MATMUL, Stage.QKV_BIAS, Stage.Q_POST_ROPE, Stage.K_POST_ROPE})
 
 
 def dims_for(stage: Stage, ndim: int) -> tuple[str, ...]:
-    dims = STAGE_DIMS[stage]
+    """Dimension labels as the engine emits the stage (lm_head has "vocab" alone when only the last
+    position is kept): the stage graphs' (apr.models)."""
+    dims = stage_dims()[stage]
     return dims[len(dims) - ndim :] if ndim <= len(dims) else dims
 
 

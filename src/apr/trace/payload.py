@@ -12,8 +12,8 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from apr.stages import Stage, StageId
 from apr.trace.run import PreparedTrace, TraceOptions, engine_fn
-from apr.trace.stages import Stage, StageId
 
 # aprender's per-layer report columns → the stage each one summarizes
 LAYER_COLUMNS: Final[dict[str, tuple[Stage, ...]]] = {
@@ -90,5 +90,5 @@ class PayloadReport:
 def run_payload(prepared: PreparedTrace, options: TraceOptions) -> PayloadReport:
     """One forward pass with a statistics tap (no files written)."""
     report = PayloadReport(prepared)
-    engine_fn(options)(prepared.path, prepared.ckpt, prepared.token_ids, report, options)
+    engine_fn(options)(prepared.path, prepared.model, prepared.token_ids, report, options)
     return report

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Final
 
 from apr.errors import PlanError, StageParseError
-from apr.trace.stages import DENSE_STAGES, STAGE_ORDER, Stage, StageId, parse_stage
+from apr.stages import DENSE_STAGES, STAGE_ORDER, Stage, StageId, parse_stage
 
 DEFAULT_LAYERS: Final = "0..1"
 U32_MAX: Final = 0xFFFFFFFF
@@ -83,18 +84,22 @@ class TracePlan:
             return False
         return not sid.stage.per_layer or (sid.layer is not None and sid.layer in self.layers)
 
-    def for_model(self, n_layers: int, moe: bool = False) -> TracePlan:
-        """Check the plan against a model and drop what `all` selected but the model lacks.
+    def for_model(self, n_layers: int, model_stages: Collection[Stage] = DENSE_STAGES) -> TracePlan:
+        """Check the plan against a model (its family's stages) and drop what `all` selected but it lacks.
 
-        Raises PlanError for a MoE stage named on a dense model, or a layer range beyond the model.
+        Raises PlanError for a MoE stage named on a dense model, or a layer range beyond the model. Other
+        named stages the model lacks stay in the plan: the writer lists them as not captured, with why.
         """
+        moe = any(s.moe for s in model_stages)
         if self.layers.stop > n_layers and any(s.per_layer for s in self.stages):
             raise PlanError(
                 f"layer range {self.layers.start}..{self.layers.stop} is outside the model's "
                 f"{n_layers} layers (valid: 0..{n_layers})"
             )
         if self.all_stages:
-            return TracePlan(STAGE_ORDER if moe else DENSE_STAGES, self.layers, True)
+            # the model's stages, and aprender's dense ones it lacks (listed as not captured, with why)
+            keep = set(model_stages) | set(DENSE_STAGES)
+            return TracePlan(tuple(s for s in STAGE_ORDER if s in keep), self.layers, True)
         named_moe = [s.value for s in self.stages if s.moe]
         if named_moe and not moe:
             raise PlanError(

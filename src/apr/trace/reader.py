@@ -13,10 +13,10 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.errors import NotFoundError, TraceFormatError
+from apr.stages import StageId
 from apr.trace import format as aprt
 from apr.trace.layout import MANIFEST_NAME, stage_files
 from apr.trace.manifest import Manifest, read_manifest
-from apr.trace.stages import StageId
 
 
 @dataclass(frozen=True, slots=True)

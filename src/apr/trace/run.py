@@ -17,17 +17,15 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.engine.llama import forward
 from apr.engine.weights import Weights
 from apr.errors import FormatError, ValidationError
-from apr.formats import open_checkpoint
-from apr.formats.base import Checkpoint
 from apr.formats.config import QKLayout
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
+from apr.models import Model, open_model
 from apr.runtimes import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun, run_llamacpp, run_transformers
+from apr.stages import Tap
 from apr.trace.manifest import RunInfo
 from apr.trace.plan import TracePlan
-from apr.trace.stages import Tap
 from apr.trace.writer import TraceResult, TraceWriter
 from apr.version import __version__
 
@@ -55,17 +53,18 @@ class EngineRun:
     logits: npt.NDArray[Any] | None = None
 
 
-EngineFn = Callable[[Path, Checkpoint, tuple[int, ...], Tap, TraceOptions], EngineRun]
+EngineFn = Callable[[Path, Model, tuple[int, ...], Tap, TraceOptions], EngineRun]
 
 
-def _reference(path: Path, ckpt: Checkpoint, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
-    w = Weights(ckpt, PRECISIONS[opt.precision])
-    logits = forward(w, ckpt.config, ids, tap, lm_head_all=opt.lm_head_all, on_layer=opt.on_layer)
+def _reference(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
+    w = Weights(model, PRECISIONS[opt.precision])
+    cfg = model.config
+    logits = model.family.forward(w, cfg, ids, tap, lm_head_all=opt.lm_head_all, on_layer=opt.on_layer)
     return EngineRun(
         "reference",
         f"apr {__version__} / numpy {np.__version__}",
-        ckpt.config.qk_layout,
-        {"rope_pairing": ckpt.config.qk_layout.rope_pairing},
+        cfg.qk_layout,
+        {"family": model.family.name, "rope_pairing": cfg.qk_layout.rope_pairing},
         logits=logits,
     )
 
@@ -81,13 +80,11 @@ def _engine_run(r: RuntimeRun) -> EngineRun:
     return EngineRun(r.engine, r.engine_version, r.qk_layout, dict(r.settings), why, tuple(r.notes))
 
 
-def _transformers(
-    path: Path, ckpt: Checkpoint, ids: tuple[int, ...], tap: Tap, opt: TraceOptions
-) -> EngineRun:
+def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
     return _engine_run(run_transformers(path, ids, tap, dtype=TORCH_DTYPES[opt.precision]))
 
 
-def _llamacpp(path: Path, ckpt: Checkpoint, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
+def _llamacpp(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
     if opt.precision != "f32":
         raise ValidationError("--engine llama.cpp computes in f32 only; drop --precision f64")
     return _engine_run(run_llamacpp(path, ids, tap, n_threads=opt.n_threads))
@@ -125,7 +122,7 @@ def fingerprint(path: Path) -> tuple[str, int]:
 @dataclass
 class PreparedTrace:
     path: Path
-    ckpt: Checkpoint
+    model: Model
     tokenizer: Tokenizer
     prompt: str
     token_ids: tuple[int, ...]
@@ -133,10 +130,10 @@ class PreparedTrace:
     def run_info(self, eng: EngineRun, opt: TraceOptions, sha: str = "", size: int = 0) -> RunInfo:
         return RunInfo(
             model_path=str(self.path),
-            model_format=self.ckpt.format_name,
+            model_format=self.model.format_name,
             model_sha256=sha,
             model_bytes=size,
-            config=self.ckpt.config,
+            config=self.model.config,
             prompt=self.prompt,
             token_ids=self.token_ids,
             engine=eng.engine,
@@ -147,20 +144,20 @@ class PreparedTrace:
             lm_head_positions="all" if opt.lm_head_all else "last",
             notes=eng.notes,
             unavailable=eng.unavailable,
-            tensor_types={t.name: t.qtype.name for t in self.ckpt.tensors()},
+            tensor_types={t.name: t.qtype.name for t in self.model.tensors()},
         )
 
     def run(self, plan: TracePlan, out_dir: Path, opt: TraceOptions) -> TraceOutcome:
         """Run the engine once, writing the plan's stages to `out_dir` (atomically, with a manifest)."""
-        cfg = self.ckpt.config
-        plan = plan.for_model(cfg.n_layers, cfg.moe)
+        cfg = self.model.config
+        plan = plan.for_model(cfg.n_layers, self.model.stages())
         run_engine = engine_fn(opt)
         base = EngineRun(opt.engine, "", cfg.qk_layout)
         writer = TraceWriter(out_dir, plan, self.run_info(base, opt))
         # hashing the model (seconds for a 7B file) overlaps the forward pass: hashlib releases the GIL
         with writer, ThreadPoolExecutor(1, thread_name_prefix="apr-sha256") as pool:
             digest = pool.submit(fingerprint, self.path)
-            eng = run_engine(self.path, self.ckpt, self.token_ids, writer, opt)
+            eng = run_engine(self.path, self.model, self.token_ids, writer, opt)
             # the manifest records how the engine actually ran, and which model bytes it ran on
             writer.run = self.run_info(eng, opt, *digest.result())
         return TraceOutcome(writer.result, writer.run, eng)
@@ -175,8 +172,8 @@ class TraceOutcome:
 
 def prepare_trace(path: Path, prompt: str) -> PreparedTrace:
     """Open the model lazily and tokenize the prompt with the model's own tokenizer."""
-    ckpt = open_checkpoint(path)
-    spec = ckpt.tokenizer_spec()
+    model = open_model(path)
+    spec = model.tokenizer_spec()
     if spec is None:
         raise FormatError(
             f"{path}: the model has no tokenizer; cannot trace without proper tokenization "
@@ -186,4 +183,4 @@ def prepare_trace(path: Path, prompt: str) -> PreparedTrace:
     ids = tuple(tok.encode(prompt))
     if not ids:
         raise ValidationError(f"the prompt {prompt!r} encodes to no tokens")
-    return PreparedTrace(path, ckpt, tok, prompt, ids)
+    return PreparedTrace(path, model, tok, prompt, ids)

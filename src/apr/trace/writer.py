@@ -20,11 +20,11 @@ import numpy.typing as npt
 
 from apr.atomicfile import write_bytes_atomic
 from apr.errors import AprIOError, ValidationError
+from apr.stages import Stage, StageId
 from apr.trace import format as aprt
 from apr.trace.layout import MANIFEST_NAME, relative_path, stage_files
 from apr.trace.manifest import FileEntry, Manifest, RunInfo
 from apr.trace.plan import TracePlan
-from apr.trace.stages import Stage, StageId
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,14 +80,18 @@ class TraceWriter:
                 f"{foreign[0]} is named like a stage file but is not an APRT file; "
                 "refusing to overwrite it (choose another --save-tensor-dir)"
             )
-        try:
-            for p in stale.values():
+        for p in stale.values():
+            try:
                 p.unlink()
-                self.result.removed_stale.append(p)
-            with contextlib.suppress(FileNotFoundError):
-                (self.out_dir / MANIFEST_NAME).unlink()
-        except OSError as e:
-            raise AprIOError(f"cannot remove stale trace files in {self.out_dir}: {e}") from None
+            except OSError as e:
+                raise AprIOError(f"cannot remove stale trace file {p}: {e.strerror or e}") from None
+            self.result.removed_stale.append(p)
+        try:
+            (self.out_dir / MANIFEST_NAME).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # no manifest to remove is fine; a folder we may not change is not
+            raise AprIOError(f"cannot write to {self.out_dir}: {e.strerror or e}") from None
 
     def __call__(self, sid: StageId, value: npt.NDArray[Any], /) -> None:
         if not self.plan.should_save(sid) or sid in self._entries:

@@ -10,8 +10,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from apr.formats.base import Checkpoint, TensorInfo
-from apr.formats.config import ModelConfig
+from apr.formats.base import TensorInfo
+from apr.models.config import ModelConfig
+from apr.models.model import Model
 
 _LAYER_RE: Final = re.compile(r"^blk\.(\d+)\.")
 
@@ -39,22 +40,24 @@ class CheckpointSummary:
     qtypes: dict[str, int]  # quant type name -> tensor count
     tokenizer: TokenizerSummary | None
     metadata: dict[str, Any]
+    family: str = ""
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (tensor, why the math does not use it)
     warnings: list[str] = field(default_factory=list)
     integrity: str | None = None  # result of --verify (whole-file checksums), None when not asked
 
 
-def _integrity(ckpt: Checkpoint) -> str:
+def _integrity(model: Model) -> str:
     """Checksums a format keeps beyond its header (today: the .apr footer CRC32); reads the whole file."""
-    check = getattr(ckpt, "check_footer", None)
+    check = getattr(model.ckpt, "check_footer", None)
     if check is None:
-        return f"{ckpt.format_name} files carry no whole-file checksum"
+        return f"{model.format_name} files carry no whole-file checksum"
     f = check()
     if f.ok:
         return f"footer CRC32 {f.stored:08x} verified"
     return f"footer CRC32 MISMATCH: stored {f.stored:08x}, computed {f.computed:08x} (the file is corrupt)"
 
 
-def summarize(ckpt: Checkpoint, verify: bool = False) -> CheckpointSummary:
+def summarize(ckpt: Model, verify: bool = False) -> CheckpointSummary:
     tensors = list(ckpt.tensors())
     spec = ckpt.tokenizer_spec()
     tok = None
@@ -74,7 +77,9 @@ def summarize(ckpt: Checkpoint, verify: bool = False) -> CheckpointSummary:
         qtypes=dict(Counter(t.qtype.name for t in tensors)),
         tokenizer=tok,
         metadata=ckpt.metadata,
-        warnings=list(getattr(ckpt, "warnings", ())),
+        family=ckpt.family.name,
+        ignored=list(ckpt.ignored),
+        warnings=list(getattr(ckpt.ckpt, "warnings", ())),
         integrity=_integrity(ckpt) if verify else None,
     )
 
@@ -99,7 +104,7 @@ class Skeleton:
     notes: list[str] = field(default_factory=list)
 
 
-def skeleton(ckpt: Checkpoint, layer_filter: str | None = None) -> Skeleton:
+def skeleton(ckpt: Model, layer_filter: str | None = None) -> Skeleton:
     cfg = ckpt.config
     per_layer: Counter[int] = Counter()
     other = 0

@@ -1,9 +1,15 @@
-"""The stage vocabulary: what a trace can capture, in the order the forward pass produces it.
+"""The stage vocabulary: what a trace can capture, and the order the forward pass produces it in.
 
-Names, order and the `layer_output` alias are aprender's (`SaveTensorStage`, spec §2.1). A `StageId` pairs a
-stage with its decoder layer (None for the whole-model stages `final_norm` and `lm_head`) and has one
-canonical spelling, the GGUF convention: `blk.3.attn_out`, `final_norm`. "First divergent" always means
-first in `sort_key` order: layer by layer, stage by stage, whole-model stages last.
+The first 23 names, their `all` order and the `layer_output` alias are aprender's (`SaveTensorStage`, spec
+§2.1); apr adds the steps some families have and aprender does not name (post-norms, router logits, the
+shared expert), after them. `FORWARD_ORDER` is the order a forward pass computes stages in (MoE stages sit
+between `ffn_norm` and `post_ffn_residual`); each family's stage graph (apr.models) is a sub-sequence of it.
+A `StageId` pairs a stage with its decoder layer (None for the whole-model stages `final_norm` and
+`lm_head`) and has one canonical spelling, the GGUF convention: `blk.3.attn_out`, `final_norm`. "First
+divergent" always means first in `sort_key` order: layer by layer, forward order, whole-model stages last.
+
+This module sits at the bottom of the package (it imports only errors): formats, engine, families, runtimes
+and traces all speak it.
 """
 
 from __future__ import annotations
@@ -42,6 +48,11 @@ class Stage(StrEnum):
     MOE_ROUTER_INDICES = "moe_router_indices"
     FINAL_NORM = "final_norm"
     LM_HEAD = "lm_head"
+    # apr's additions (not in aprender's enum)
+    ATTN_POST_NORM = "attn_post_norm"
+    FFN_POST_NORM = "ffn_post_norm"
+    MOE_ROUTER_LOGITS = "moe_router_logits"
+    MOE_SHARED_OUT = "moe_shared_out"
 
     @property
     def per_layer(self) -> bool:
@@ -61,12 +72,50 @@ class Stage(StrEnum):
         return DESCRIPTIONS[self]
 
 
-STAGE_ORDER: Final[tuple[Stage, ...]] = tuple(Stage)
+STAGE_ORDER: Final[tuple[Stage, ...]] = tuple(Stage)  # `all` and listing order: aprender's, then apr's
+FORWARD_ORDER: Final[tuple[Stage, ...]] = (
+    Stage.EMBEDDING,
+    Stage.ATTN_NORM,
+    Stage.QKV_MATMUL,
+    Stage.QKV_BIAS,
+    Stage.Q_POST_ROPE,
+    Stage.K_POST_ROPE,
+    Stage.ATTN_SCORES,
+    Stage.ATTN_SOFTMAX,
+    Stage.ATTENTION,
+    Stage.ATTN_OUT,
+    Stage.ATTN_POST_NORM,
+    Stage.POST_ATTN_RESIDUAL,
+    Stage.FFN_NORM,
+    Stage.MOE_ROUTER_LOGITS,
+    Stage.MOE_ROUTER,
+    Stage.MOE_ROUTER_INDICES,
+    Stage.FFN_GATE,
+    Stage.FFN_UP,
+    Stage.FFN_SILU,
+    Stage.FFN_SWIGL,
+    Stage.FFN_OUT,
+    Stage.MOE_SHARED_OUT,
+    Stage.MOE_FFN_OUT,
+    Stage.FFN_POST_NORM,
+    Stage.POST_FFN_RESIDUAL,
+    Stage.FINAL_NORM,
+    Stage.LM_HEAD,
+)
 WHOLE_MODEL_STAGES: Final = frozenset({Stage.FINAL_NORM, Stage.LM_HEAD})
-MOE_STAGES: Final = frozenset({Stage.MOE_ROUTER, Stage.MOE_FFN_OUT, Stage.MOE_ROUTER_INDICES})
-DENSE_STAGES: Final[tuple[Stage, ...]] = tuple(s for s in STAGE_ORDER if not s.moe)
+MOE_STAGES: Final = frozenset(
+    {
+        Stage.MOE_ROUTER,
+        Stage.MOE_FFN_OUT,
+        Stage.MOE_ROUTER_INDICES,
+        Stage.MOE_ROUTER_LOGITS,
+        Stage.MOE_SHARED_OUT,
+    }
+)
+APRENDER_STAGES: Final[tuple[Stage, ...]] = STAGE_ORDER[: STAGE_ORDER.index(Stage.LM_HEAD) + 1]
+DENSE_STAGES: Final[tuple[Stage, ...]] = tuple(s for s in APRENDER_STAGES if s not in MOE_STAGES)
 ALIASES: Final[dict[str, Stage]] = {"layer_output": Stage.POST_FFN_RESIDUAL}
-_ORDER: Final[dict[Stage, int]] = {s: i for i, s in enumerate(STAGE_ORDER)}
+_ORDER: Final[dict[Stage, int]] = {s: i for i, s in enumerate(FORWARD_ORDER)}
 
 DESCRIPTIONS: Final[dict[Stage, str]] = {
     Stage.EMBEDDING: "token embedding lookup output",
@@ -75,7 +124,8 @@ DESCRIPTIONS: Final[dict[Stage, str]] = {
     Stage.QKV_BIAS: "post-bias add, pre-RoPE (models with QKV bias only)",
     Stage.Q_POST_ROPE: "Q after (q_norm and) RoPE",
     Stage.K_POST_ROPE: "K after (k_norm and) RoPE",
-    Stage.ATTN_SCORES: "Q·Kᵀ/sqrt(head_dim), [heads, S, S], above-diagonal 0",
+    Stage.ATTN_SCORES: "softmax input before the mask: Q·Kᵀ·scale (soft-capped where the family caps), "
+    "[heads, S, S], above-diagonal 0",
     Stage.ATTN_SOFTMAX: "softmax(scores + causal mask), [heads, S, S]",
     Stage.ATTENTION: "softmax(QKᵀ)V, heads concatenated, pre O-proj",
     Stage.ATTN_OUT: "post O-projection",
@@ -83,15 +133,19 @@ DESCRIPTIONS: Final[dict[Stage, str]] = {
     Stage.FFN_NORM: "post FFN-RMSNorm, pre-gate",
     Stage.FFN_GATE: "post gate matmul",
     Stage.FFN_UP: "post up matmul",
-    Stage.FFN_SILU: "silu(gate)",
-    Stage.FFN_SWIGL: "silu(gate) × up",
+    Stage.FFN_SILU: "act(gate): silu, or gelu-tanh for Gemma",
+    Stage.FFN_SWIGL: "act(gate) × up",
     Stage.FFN_OUT: "post down-projection",
     Stage.POST_FFN_RESIDUAL: "hidden after the FFN residual (= layer output)",
     Stage.MOE_ROUTER: "top-k expert weights (MoE models)",
     Stage.MOE_FFN_OUT: "aggregated MoE FFN output (MoE models)",
     Stage.MOE_ROUTER_INDICES: "top-k expert indices as f32 (MoE models)",
     Stage.FINAL_NORM: "post output_norm, all positions",
-    Stage.LM_HEAD: "logits (last position unless asked for all)",
+    Stage.LM_HEAD: "logits (last position unless asked for all; after scaling / soft-capping)",
+    Stage.ATTN_POST_NORM: "norm of the O-projection output, pre-residual (Gemma 2/3, OLMo2)",
+    Stage.FFN_POST_NORM: "norm of the FFN output, pre-residual (Gemma 2/3, OLMo2)",
+    Stage.MOE_ROUTER_LOGITS: "router logits over all experts, [S, experts] (MoE models)",
+    Stage.MOE_SHARED_OUT: "shared-expert output after its gate (Qwen2-MoE)",
 }
 
 

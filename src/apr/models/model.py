@@ -1,0 +1,245 @@
+"""A checkpoint understood by a family: its config, its tensors under canonical names, and strict accounting.
+
+`open_model(path)` opens the file (apr.formats), finds the family from the architecture it names, reads the
+family's parameter table, maps every tensor of the file to a role of the family, and refuses — with one line
+naming the culprit, before any compute — whatever it does not fully understand:
+
+- an architecture no family declares (in any format, `.apr` included);
+- a tensor that is neither a role nor declared ignorable, a required role that is missing, an optional
+  per-layer role present in some layers only, a tensor whose shape the config contradicts;
+- a GGUF `{arch}.*` key the family neither reads nor knows to be harmless, a config.json value that changes
+  the math in a way the family does not implement (an unknown `rope_scaling` type, soft-capping on llama).
+
+The `Model` then behaves as a Checkpoint whose names are canonical (GGUF spelling), whatever the file's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from apr.errors import FormatError, ModelLoadError, NotFoundError
+from apr.formats import open_checkpoint
+from apr.formats.base import Checkpoint, ConfigSource, F32Array, TensorInfo, TokenizerSpec
+from apr.models.base import OPTIONAL, REQUIRED, Family, StageNode, TensorRole, Variant
+from apr.models.config import ModelConfig
+from apr.models.params import GGUF_HARMLESS, gguf_consistency, read_params
+from apr.models.registry import families, find_family
+from apr.stages import Stage
+
+
+@dataclass
+class Model:
+    """A checkpoint, its family and config; tensors by canonical name (`TensorInfo.source_name` = file's)."""
+
+    ckpt: Checkpoint
+    family: Family
+    variant: Variant
+    config: ModelConfig
+    _infos: dict[str, TensorInfo]
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (file tensor name, why it is not used)
+
+    @property
+    def path(self) -> Path:
+        return self.ckpt.path
+
+    @property
+    def format_name(self) -> str:
+        return self.ckpt.format_name
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.ckpt.metadata
+
+    @property
+    def source(self) -> ConfigSource:
+        return self.ckpt.source
+
+    def graph(self) -> tuple[StageNode, ...]:
+        return self.family.graph(self.config)
+
+    def stages(self) -> frozenset[Stage]:
+        return frozenset(n.stage for n in self.graph())
+
+    def tensors(self) -> Sequence[TensorInfo]:
+        return tuple(self._infos.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise NotFoundError(f"{self.path}: no tensor '{name}'") from None
+
+    def _file_name(self, name: str) -> str:
+        info = self.info(name)
+        return info.source_name or info.name
+
+    def read(self, name: str) -> F32Array:
+        return self.ckpt.read(self._file_name(name))
+
+    def read_rows(self, name: str, rows: npt.NDArray[np.int64] | slice) -> F32Array:
+        return self.ckpt.read_rows(self._file_name(name), rows)
+
+    def raw(self, name: str) -> npt.NDArray[np.uint8]:
+        return self.ckpt.raw(self._file_name(name))
+
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        return self.ckpt.tokenizer_spec()
+
+    def close(self) -> None:
+        self.ckpt.close()
+
+
+def open_model(path: Path | str) -> Model:
+    """Open a model file or HF folder and resolve its family (no tensor data is read).
+
+    >>> m = open_model("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
+    >>> m.family.name, m.config.n_layers
+    ('llama', 30)
+    """
+    ckpt = open_checkpoint(Path(path))
+    try:
+        return resolve(ckpt)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def resolve(ckpt: Checkpoint) -> Model:
+    where = str(ckpt.path)
+    source = ckpt.source
+    found = find_family(source)
+    if found is None:
+        raise ModelLoadError(f"{where}: architecture {source.architecture or '(none)'!r} is not supported "
+                             f"(supported: {', '.join(supported_names(source.kind))})")  # fmt: skip
+    family, variant = found
+    _refuse_config(family, source, where)
+    values = read_params(family.params, source, where)
+    _check_heads(values, where)
+    by_file = {t.name: t for t in ckpt.tensors()}
+    provisional = ModelConfig(architecture=variant.name, vocab_size=1, **values)
+    mapped = _map_names(family.roles(provisional), provisional.n_layers, by_file, source.kind)
+    present = frozenset(role for role, _ in mapped)
+    cfg = family.finish(variant, source, values, present, where)
+    if cfg.vocab_size == 0 and ("token_embd.weight", 0) in {(r, 0) for r, _ in mapped}:
+        cfg = dataclasses.replace(cfg, vocab_size=_embedding_rows(mapped, by_file))
+    roles = {r.name: r for r in family.roles(cfg)}
+    infos = _account(roles, mapped, by_file, cfg, where)
+    ignored = _ignorable(family, by_file, {i.source_name or i.name for i in infos.values()}, where)
+    if source.kind == "gguf":
+        _check_gguf_keys(family, source, where)
+        gguf_consistency(source, cfg.head_dim, not cfg.moe, where)
+    return Model(ckpt, family, variant, cfg, infos, ignored)
+
+
+def supported_names(kind: str) -> list[str]:
+    out: list[str] = []
+    for fam in families():
+        for v in fam.variants:
+            out.extend(v.hf if kind == "hf" else v.gguf or ())
+    return sorted(set(out))
+
+
+def _refuse_config(family: Family, source: ConfigSource, where: str) -> None:
+    if source.kind == "gguf":
+        return
+    for key, why in family.hf_refuse.items():
+        value = source.get(key)
+        if value is not None and (reason := why(value)) is not None:
+            raise ModelLoadError(f"{where}: config '{key}' = {value!r}: {reason} is not implemented")
+
+
+def _check_heads(values: dict[str, Any], where: str) -> None:
+    if values["n_heads"] % values["n_kv_heads"]:
+        raise FormatError(f"{where}: {values['n_heads']} attention heads are not a multiple of "
+                          f"{values['n_kv_heads']} key/value heads")  # fmt: skip
+    if values["head_dim"] % 2:
+        raise FormatError(f"{where}: head_dim {values['head_dim']} is odd; RoPE pairs need an even one")
+
+
+def _map_names(
+    roles: tuple[TensorRole, ...], n_layers: int, by_file: dict[str, TensorInfo], kind: str
+) -> list[tuple[str, tuple[int | None, str]]]:
+    """[(role template, (layer, file name))] for every role instance the file has."""
+    found = []
+    for role in roles:
+        for layer in range(n_layers) if role.per_layer else (None,):
+            canon = role.name.format(i=layer)
+            spellings = {
+                "gguf": (canon,),
+                "hf": (role.hf.format(i=layer),),
+                "apr": (canon, role.hf.format(i=layer)),
+            }
+            name = next((s for s in spellings[kind] if s and s in by_file), None)
+            if name is not None:
+                found.append((role.name, (layer, name)))
+    return found
+
+
+def _embedding_rows(mapped: list[tuple[str, tuple[int | None, str]]], by_file: dict[str, TensorInfo]) -> int:
+    name = next(n for r, (_, n) in mapped if r == "token_embd.weight")
+    return by_file[name].shape[0] if by_file[name].shape else 0
+
+
+def _account(
+    roles: dict[str, TensorRole],
+    mapped: list[tuple[str, tuple[int | None, str]]],
+    by_file: dict[str, TensorInfo],
+    cfg: ModelConfig,
+    where: str,
+) -> dict[str, TensorInfo]:
+    """Every role's presence rule and shape; the canonical TensorInfos, in file order."""
+    layers: dict[str, set[int | None]] = {}
+    for template, (layer, _) in mapped:
+        layers.setdefault(template, set()).add(layer)
+    for role in roles.values():
+        have = layers.get(role.name, set())
+        want = set(range(cfg.n_layers)) if role.per_layer else {None}
+        if have == want or (role.presence == OPTIONAL and not have):
+            continue
+        missing = sorted(want - have, key=lambda x: -1 if x is None else x)
+        what = role.name.format(i=missing[0]) if missing[0] is not None else role.name
+        if role.presence == REQUIRED or have:
+            raise ModelLoadError(f"{where}: tensor {what} is missing" + (
+                f" (present in {len(have)} of {len(want)} layers)" if have else ""))  # fmt: skip
+    infos: dict[str, TensorInfo] = {}
+    for template, (layer, name) in mapped:
+        info, canon = by_file[name], roles[template].name.format(i=layer)
+        want_shape = roles[template].shape(cfg)
+        if info.shape != want_shape:
+            raise FormatError(f"{where}: tensor {name} has shape {list(info.shape)}; the config needs "
+                              f"{list(want_shape)}")  # fmt: skip
+        infos[canon] = dataclasses.replace(info, name=canon, source_name=name if name != canon else "")
+    order = {n: k for k, n in enumerate(by_file)}
+    return dict(sorted(infos.items(), key=lambda kv: order[kv[1].source_name or kv[1].name]))
+
+
+def _ignorable(
+    family: Family, by_file: dict[str, TensorInfo], used: set[str], where: str
+) -> list[tuple[str, str]]:
+    ignored = []
+    for name in by_file:
+        if name in used:
+            continue
+        reason = next((ig.reason for ig in family.ignorable if ig.matches(name)), None)
+        if reason is None:
+            raise ModelLoadError(f"{where}: tensor {name} is not used by the {family.name} family's math; "
+                                 "refusing to trace a model apr does not fully understand")  # fmt: skip
+        ignored.append((name, reason))
+    return ignored
+
+
+def _check_gguf_keys(family: Family, source: ConfigSource, where: str) -> None:
+    arch = source.architecture
+    known = {p.gguf.format(arch=arch) for p in family.params if p.gguf}
+    known |= {k.format(arch=arch) for k in (*GGUF_HARMLESS, *family.gguf_keys)}
+    for key in source.keys():  # noqa: SIM118 (a ConfigSource is not a mapping)
+        if key.startswith(f"{arch}.") and key not in known:
+            raise ModelLoadError(f"{where}: GGUF key '{key}' is not understood by the {family.name} family; "
+                                 "refusing to trace with math that may ignore it")  # fmt: skip

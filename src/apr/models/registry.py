@@ -1,0 +1,75 @@
+"""The family registry: one module per architecture family, listed once.
+
+A new family is one module exporting `FAMILY: Family` plus one line in `FAMILY_MODULES` (STYLE §4b).
+`find_family` picks the family and variant a checkpoint's architecture names: GGUF `general.architecture`,
+HF `architectures[0]`, or the `.apr` `architecture` (aprender writes the GGUF spelling) — and an `.apr`
+file's `hf_architecture` when the first is unknown.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from typing import Final
+
+from apr.formats.base import ConfigSource
+from apr.models.base import Family, StageNode, Variant
+from apr.models.config import ModelConfig
+from apr.stages import FORWARD_ORDER, Stage
+
+FAMILY_MODULES: Final = ("apr.models.llama",)
+
+
+@cache
+def families() -> tuple[Family, ...]:
+    return tuple(importlib.import_module(m).FAMILY for m in FAMILY_MODULES)
+
+
+def family_named(name: str) -> Family:
+    return next(f for f in families() if f.name == name)
+
+
+def find_family(source: ConfigSource) -> tuple[Family, Variant] | None:
+    arch = source.architecture
+    for fam in families():
+        for v in fam.variants:
+            if source.kind == "gguf" and arch in v.gguf:
+                return fam, v
+            if source.kind == "hf" and arch in v.hf:
+                return fam, v
+            if source.kind == "apr" and (arch == v.name or arch in v.gguf):
+                return fam, v
+    hf_arch = source.get("hf_architecture") if source.kind == "apr" else None
+    for fam in families():
+        for v in fam.variants:
+            if hf_arch in v.hf:
+                return fam, v
+    return None
+
+
+def stage_graph(cfg: ModelConfig | None) -> tuple[StageNode, ...]:
+    """The stage graph of a traced model (its family's, from the manifest config), or for a bare aprender
+    trace (no config) every stage aprender names: the llama graph with bias, plus the MoE stages."""
+    if cfg is not None:
+        try:
+            return family_named(cfg.family).graph(cfg)
+        except StopIteration:
+            pass  # a manifest from a newer apr: fall back to the union graph
+    return _union_graph()
+
+
+@cache
+def _union_graph() -> tuple[StageNode, ...]:
+    from apr.models import common  # the llama family's pieces are the reference union
+
+    base = ModelConfig("llama", 1, 1, 1, 1, 2, 1, 1, qkv_bias=True)
+    nodes = {n.stage: n for n in family_named("llama").graph(base)}
+    nodes |= {n.stage: n for n in common.moe_nodes(Stage.FFN_NORM)}
+    return tuple(nodes[s] for s in FORWARD_ORDER if s in nodes)
+
+
+@cache
+def stage_dims() -> dict[Stage, tuple[str, ...]]:
+    """Dimension labels of every stage, from the graphs (a stage means the same in every family)."""
+    dims = {n.stage: n.dims for n in _union_graph()}
+    return {s: dims.get(s, ("seq", "hidden")) for s in FORWARD_ORDER}

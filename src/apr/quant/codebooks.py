@@ -1,0 +1,99 @@
+"""4-bit codebook dequantizers: IQ4_NL, IQ4_XS, MXFP4, NVFP4 (ggml-common.h blocks).
+
+Every weight is a 4-bit code naming one of 16 levels, times a float32 scale per 16 or 32 weights:
+IQ4_NL/IQ4_XS use ggml's non-linear `kvalues_iq4nl`, MXFP4/NVFP4 the E2M1 values doubled
+(`kvalues_mxfp4`; their scales are halved to match). A run of 2k weights sits in k bytes, the first k
+in the low nibbles and the next k in the high ones, as in Q4_0.
+
+A kernel gathers float32 levels straight into the output from a 512-entry table (entry b: the level of
+byte b's low nibble, entry 256 + b: of its high nibble), so the nibbles are never split out, then
+multiplies by the scales (`scale_groups`): `scale * float(level)`, bit for bit as ggml and gguf-py.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from apr.quant.blocks import F32Array, U8Array, block_kernel, f16_at, gather, scale_groups
+from apr.quant.types import QuantType
+
+# An int64 index per output: a smaller chunk than the default keeps it in L2 (~20 % faster).
+CHUNK_ELEMS: Final = 1 << 16
+KVALUES_IQ4NL: Final = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+KVALUES_MXFP4: Final = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 × 2
+
+
+def byte_table(levels: tuple[int, ...]) -> F32Array:
+    """(512, 1) float32: row b the level of b's low nibble, row 256 + b of its high nibble."""
+    b = np.arange(256)
+    values = np.array(levels, np.float32)
+    return np.concatenate([values[b & 0x0F], values[b >> 4]]).reshape(-1, 1)
+
+
+def e8m0_half(e: U8Array) -> F32Array:
+    """ggml's `GGML_E8M0_TO_FP32_HALF`: the E8M0 scale 2**(e - 127), halved; exact in float32 (the two
+    smallest are subnormal)."""
+    return np.ldexp(np.float32(1.0), e.astype(np.int32) - 128).astype(np.float32)
+
+
+def ue4m3_half(x: U8Array) -> F32Array:
+    """ggml's `ggml_ue4m3_to_fp32` halved: unsigned E4M3 (bias 7, bit 7 ignored) / 2, where 0x7F (the
+    NaN code) reads as 0. Exact in float32."""
+    exp = ((x >> np.uint8(3)) & np.uint8(0x0F)).astype(np.int32)
+    man = (x & np.uint8(7)).astype(np.int32)
+    normal = np.ldexp((8 + man).astype(np.float32), exp - 11)  # (1 + m/8)·2**(e-7) / 2
+    value = np.where(exp == 0, np.ldexp(man.astype(np.float32), -10), normal)  # m·2**-9 / 2
+    return np.where(x == 0x7F, np.float32(0.0), value).astype(np.float32)
+
+
+IQ4NL_TABLE: Final = byte_table(KVALUES_IQ4NL)
+MXFP4_TABLE: Final = byte_table(KVALUES_MXFP4)
+E8M0_HALF: Final = e8m0_half(np.arange(256, dtype=np.uint8))
+UE4M3_HALF: Final = ue4m3_half(np.arange(256, dtype=np.uint8))
+
+
+def decode_codes(qs: U8Array, table: F32Array, scale: F32Array, out: F32Array) -> None:
+    """`out` = `scale` × the levels coded by `qs` (n, g, k): g runs of 2k weights, one scale each."""
+    n, g, k = qs.shape
+    index = np.empty((n, g, 2, k), np.intp)
+    index[:, :, 0] = qs
+    np.add(qs, np.intp(256), out=index[:, :, 1])
+    gather(table, index, out)
+    scale_groups(out, scale)
+
+
+def _bytes(b: U8Array, start: int, stop: int, runs: int) -> U8Array:
+    return b[:, start:stop].reshape(len(b), runs, -1)
+
+
+@block_kernel(QuantType.IQ4_NL, chunk_elems=CHUNK_ELEMS)
+def _iq4_nl(b: U8Array, out: F32Array) -> None:  # d, qs[16]
+    decode_codes(_bytes(b, 2, 18, 1), IQ4NL_TABLE, f16_at(b, 0), out)
+
+
+def _iq4_xs_scales(b: U8Array) -> npt.NDArray[np.int8]:
+    """The 8 six-bit sub-block scales - 32: low 4 bits from scales_l nibbles, high 2 from scales_h."""
+    low = (b[:, 4:8, None] >> np.array([0, 4], np.uint8)) & np.uint8(0x0F)  # (n, 4, 2)
+    high = np.ascontiguousarray(b[:, 2:4]).view("<u2")  # (n, 1)
+    high = (high >> np.arange(0, 16, 2, dtype=np.uint16)) & np.uint16(3)  # (n, 8)
+    ls = low.reshape(len(b), 8) | (high.astype(np.uint8) << np.uint8(4))
+    return (ls - np.uint8(32)).view(np.int8)
+
+
+@block_kernel(QuantType.IQ4_XS, chunk_elems=CHUNK_ELEMS)
+def _iq4_xs(b: U8Array, out: F32Array) -> None:  # d, scales_h: u16, scales_l[4], qs[128]
+    dl = f16_at(b, 0) * _iq4_xs_scales(b).astype(np.float32)
+    decode_codes(_bytes(b, 8, 136, 8), IQ4NL_TABLE, dl, out)
+
+
+@block_kernel(QuantType.MXFP4, chunk_elems=CHUNK_ELEMS)
+def _mxfp4(b: U8Array, out: F32Array) -> None:  # e: e8m0, qs[16]
+    decode_codes(_bytes(b, 1, 17, 1), MXFP4_TABLE, E8M0_HALF[b[:, :1]], out)
+
+
+@block_kernel(QuantType.NVFP4, chunk_elems=CHUNK_ELEMS)
+def _nvfp4(b: U8Array, out: F32Array) -> None:  # d[4]: ue4m3, one per 16; qs[32]
+    decode_codes(_bytes(b, 4, 36, 4), MXFP4_TABLE, UE4M3_HALF[b[:, :4]], out)

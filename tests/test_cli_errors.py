@@ -1,0 +1,85 @@
+"""One error style for every command: click's usage errors and bad thresholds are one line and exit 2,
+`--json` errors are also a JSON object on stdout, and the global flags work before or after the command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.fixtures.cli import run
+
+DIFF, BISECT = "Try 'apr diff --help'.", "Try 'apr bisect --help'."
+
+
+def invalid(option: str, why: str, hint: str = DIFF) -> str:
+    return f"Invalid value for '{option}': {why}. {hint}"
+
+
+USAGE = [
+    (["diff", "a", "b", "--bogus"], f"No such option '--bogus'. {DIFF}"),
+    (["diff", "a", "b", "--jsn"], f"No such option '--jsn'. Did you mean '--json'? {DIFF}"),
+    (["diff", "a"], f"Missing argument 'B'. {DIFF}"),
+    (["trace", "m.gguf", "--engine", "vllm"],
+     invalid("--engine", "'vllm' is not one of 'reference', 'transformers', 'llama.cpp'",
+             "Try 'apr trace --help'.")),
+    (["bogus"], "No such command 'bogus'. Try 'apr --help'."),
+    (["--bogus", "stages"], "No such option '--bogus'. Try 'apr --help'."),
+    (["diff", "a", "b", "--min-cos", "1.5"], invalid("--min-cos", "1.5 is not in the range -1<=x<=1")),
+    (["diff", "a", "b", "--min-cos", "-1.01"], invalid("--min-cos", "-1.01 is not in the range -1<=x<=1")),
+    (["diff", "a", "b", "--min-cos", "nan"], invalid("--min-cos", "nan is not a finite number")),
+    (["diff", "a", "b", "--min-cos", "abc"], invalid("--min-cos", "'abc' is not a valid float")),
+    (["diff", "a", "b", "--max-rel", "-0.1"], invalid("--max-rel", "-0.1 is not in the range x>=0")),
+    (["diff", "a", "b", "--max-rel", "NaN"], invalid("--max-rel", "NaN is not a finite number")),
+    (["diff", "a", "b", "--max-rel", "inf"], invalid("--max-rel", "inf is not a finite number")),
+    (["bisect", "a", "b", "--growth", "0"], invalid("--growth", "0.0 is not in the range x>0", BISECT)),
+    (["bisect", "a", "b", "--growth", "nan"], invalid("--growth", "nan is not a finite number", BISECT)),
+    (["bisect", "a", "b", "--floor", "-1e-9"], invalid("--floor", "-1e-09 is not in the range x>=0", BISECT)),
+    (["bisect", "a", "b", "--floor", "nan"], invalid("--floor", "nan is not a finite number", BISECT)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), USAGE)
+def test_usage_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    assert run(*args) == (2, "", f"error: {message}\n")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["diff", "a", "b", "--min-cos", "-1"],
+        ["diff", "a", "b", "--min-cos", "1", "--max-rel", "0"],
+        ["bisect", "a", "b", "--floor", "0", "--growth", "1e-9"],
+    ],
+)
+def test_thresholds_on_the_boundary_are_accepted(args: list[str]) -> None:
+    assert run(*args) == (3, "", "error: File not found: a\n")  # past the options, to the library
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["diff", "a"], 2, f"Missing argument 'B'. {DIFF}"),
+        (["diff", "a", "b", "--max-rel", "-1"], 2, invalid("--max-rel", "-1.0 is not in the range x>=0")),
+        (["diff", "a", "b", "--nope"], 2, f"No such option '--nope'. {DIFF}"),
+        (["inspect", "missing.gguf"], 3, "File not found: missing.gguf"),
+    ],
+)  # fmt: skip
+def test_json_errors_are_an_object_on_stdout_and_a_line_on_stderr(
+    where: str, args: list[str], code: int, message: str
+) -> None:
+    argv = ["--json", *args] if where == "before" else [*args, "--json"]
+    got, out, err = run(*argv)
+    assert (got, json.loads(out), err) == (code, {"error": message, "exit_code": code}, f"error: {message}\n")
+
+
+def test_global_flags_go_before_or_after_the_command() -> None:
+    assert run("-q", "stages") == (0, "", "") == run("stages", "--quiet")
+    before, after = run("--json", "stages"), run("stages", "--json")
+    assert before == after and before[0] == 0 and "aliases" in json.loads(before[1])
+    assert run("stages", "-q", "--json")[1] == before[1]  # --json output is never suppressed
+    for argv in (["--debug", "inspect", "missing.gguf"], ["inspect", "missing.gguf", "--debug"]):
+        code, out, err = run(*argv)
+        assert (code, out) == (3, "") and err.startswith("Traceback (most recent call last):\n")
+        assert err.endswith("\nerror: File not found: missing.gguf\n")
