@@ -110,11 +110,11 @@ def test_apr_of_an_unknown_architecture_is_refused(tmp_path: Path) -> None:
     src = open_model(hf_folder(tmp_path))
     keys = apr_keys_of(src.config)
     meta = metadata_for(keys, None, shapes={})
-    meta["architecture"] = meta["model_type"] = meta["model.architecture"] = "gemma2"
+    meta["architecture"] = meta["model_type"] = meta["model.architecture"] = "falcon"
     meta.pop("hf_architecture", None)
     out = tmp_path / "x.apr"
     write_apr(out, [AprTensor.from_array("token_embd.weight", np.zeros((V, D), np.float32))], meta)
-    with pytest.raises(ModelLoadError, match=r"architecture 'gemma2' is not supported"):
+    with pytest.raises(ModelLoadError, match=r"architecture 'falcon' is not supported"):
         open_model(out)
 
 

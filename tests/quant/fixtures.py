@@ -9,6 +9,12 @@ is not a multiple of 256, so only ffn_down can hold a K-quant; spec/oracles.md �
     Q4_K_M  Q4_K Q6_K Q5_0 Q8_0     Q5_K_M  Q5_K Q6_K Q5_1 Q8_0     Q3_K_M  Q4_K Q5_K Q4_0 Q5_0 Q5_1 Q8_0
     Q2_K    Q3_K Q4_0 Q8_0          Q2_K_PURE  Q2_K Q4_0            Q6_K    Q6_K Q8_0
     Q4_0, Q5_1, F16, BF16: that type (+ one Q8_0 token_embd for Q4_0/Q5_1); F32 norms in every file
+
+`llamacpp_blocks(qtype)` covers every type, the IQ ones included, one tensor at a time: real SmolLM2
+weights (`REAL_TENSOR`, `REAL_ROWS` rows) quantized by ggml's `ggml_quantize_chunk` — the call
+llama.cpp's quantizer makes per tensor — cached as .npy. llama.cpp refuses IQ1_S, IQ2_XXS and IQ2_XS
+without an importance matrix; those get a synthetic one (`synthetic_imatrix`: positive per-column
+weights from a fixed seed, not activation statistics), which only steers which codes ggml picks.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
+from apr.quant.types import QuantType
 from tests.fixtures import models
 
 # name → (llama_ftype suffix, pure: every tensor the file type's own type where the shape allows)
@@ -34,6 +44,10 @@ FILE_TYPES: Final[dict[str, tuple[str, bool]]] = {
     "F16": ("F16", False),
     "BF16": ("BF16", False),
 }
+
+
+REAL_TENSOR: Final = "blk.0.ffn_down.weight"  # 1536 columns: whole blocks of every type
+REAL_ROWS: Final = 192
 
 
 def _tag() -> str:
@@ -98,3 +112,34 @@ def quantized_gguf(name: str) -> Path:
             raise RuntimeError(f"llama_model_quantize({name}) failed with status {status}")
 
     return _atomic(out, build)
+
+
+def synthetic_imatrix(cols: int) -> npt.NDArray[np.float32]:
+    return (np.random.default_rng(15).random(cols) + 0.25).astype(np.float32)
+
+
+def real_weights() -> npt.NDArray[np.float32]:
+    """(REAL_ROWS, 1536) float32: the first rows of SmolLM2's blk.0.ffn_down, from the F32 fixture."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(tensors_only_f32_gguf())
+    tensor = next(t for t in reader.tensors if t.name == REAL_TENSOR)
+    return np.array(tensor.data[:REAL_ROWS], np.float32)
+
+
+def llamacpp_blocks(qtype: QuantType) -> npt.NDArray[np.uint8]:
+    """`real_weights()` quantized to `qtype` by ggml (needs llama-cpp-python): (REAL_ROWS, row bytes)."""
+    from tests.quant import ggml_ref
+
+    out = Path(models.cache_dir()) / "fixtures" / f"smollm2-ffn-down-{qtype.name.lower()}-{_tag()}.npy"
+    if not out.is_file():
+        x = real_weights()
+        imatrix = synthetic_imatrix(x.shape[1]) if ggml_ref.requires_imatrix(qtype) else None
+        raw = ggml_ref.ggml_quantize(x, qtype, imatrix)
+
+        def build(tmp: Path) -> None:
+            with tmp.open("wb") as f:
+                np.save(f, raw)
+
+        _atomic(out, build)
+    return np.asarray(np.load(out), np.uint8)

@@ -1,10 +1,10 @@
 """apr.quant.dequantize against independent oracles: gguf-py (GGML types), numpy (plain types), and a
 line-by-line transcription of aprender's readers (APR_Q4, APR_Q8). Every comparison is on uint32 views,
-so signed zeros and NaN payloads must match too."""
+so signed zeros and NaN payloads must match too. ggml's C dequantizers and real llama.cpp-quantized
+blocks: test_dequant_llamacpp.py."""
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Final
 
 import numpy as np
@@ -18,25 +18,13 @@ from apr.quant import DEQUANT_TYPES, QuantType, dequantize
 from apr.quant.types import QUANT_LAYOUT
 
 gguf = pytest.importorskip("gguf")
-from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+from tests.quant.gguf_ref import assert_bits_equal, bits, dequantizable  # noqa: E402
+from tests.quant.gguf_ref import gguf_dequantize as oracle  # noqa: E402
 
 F32 = npt.NDArray[np.float32]
 
-
-def _gguf_has(qtype: QuantType) -> bool:
-    """gguf-py dequantizes `qtype` (F32 is a plain view there and here; tested apart)."""
-    gtype = gguf.GGMLQuantizationType.__members__.get(qtype.name)
-    if gtype is None or qtype is QuantType.F32:
-        return False
-    try:
-        gguf_dequantize(np.zeros(QUANT_LAYOUT[qtype].type_size, np.uint8), gtype)
-    except NotImplementedError:
-        return False
-    return True
-
-
-# The registry's types that gguf-py can check, bit for bit.
-GGML_BLOCK_TYPES: Final = sorted(filter(_gguf_has, DEQUANT_TYPES))
+# The registry's types that gguf-py can check, bit for bit (F32 is a plain view there and here).
+GGML_BLOCK_TYPES: Final = sorted(q for q in DEQUANT_TYPES if q.name in dequantizable() - {"F32"})
 PLAIN_TYPES: Final = {
     QuantType.I8: "i1",
     QuantType.U8: "u1",
@@ -48,15 +36,7 @@ PLAIN_TYPES: Final = {
 # f16 bit patterns written over whole blocks, so every scale field takes them: ±inf, signalling and
 # quiet NaN, negative NaN, the smallest subnormal, the largest finite, -0.
 SPECIAL_F16: Final = (0x7C00, 0xFC00, 0x7C01, 0x7E00, 0xFFFF, 0x0001, 0x7BFF, 0x8000)
-
-
-def bits(a: npt.NDArray[np.float32]) -> npt.NDArray[np.uint32]:
-    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-
-
-def oracle(raw: npt.NDArray[np.uint8], qtype: QuantType) -> F32:
-    with np.errstate(all="ignore"):  # inf * 0 in the scales of random blocks
-        return np.asarray(gguf_dequantize(raw, gguf.GGMLQuantizationType[qtype.name]), np.float32)
+NO_DEQUANTIZER: Final = sorted(q for q in QuantType if q not in DEQUANT_TYPES)
 
 
 def random_blocks(qtype: QuantType, rows: int, blocks_per_row: int, seed: int) -> npt.NDArray[np.uint8]:
@@ -72,10 +52,18 @@ def random_blocks(qtype: QuantType, rows: int, blocks_per_row: int, seed: int) -
 
 
 def test_registry_covers_the_promised_types() -> None:
-    ggml = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    legacy = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+    iq = {"IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_NL", "IQ4_XS"}
+    ggml = legacy | iq | {"TQ1_0", "TQ2_0", "MXFP4", "NVFP4"}
     plain = {"F32", "F64", "I8", "I16", "I32", "I64", "U8"}
     assert {q.name for q in DEQUANT_TYPES} == ggml | plain | {"APR_Q4", "APR_Q8"}
     assert {q.name for q in GGML_BLOCK_TYPES} == ggml
+
+
+def test_every_type_gguf_dequantizes_is_registered() -> None:
+    """A type gguf-py can dequantize and apr cannot is a missing dequantizer (gguf-py asked, not listed)."""
+    missing = {name for name in dequantizable() if QuantType[name] not in DEQUANT_TYPES}
+    assert not missing, f"gguf-py dequantizes {sorted(missing)}, apr does not"
 
 
 @pytest.mark.parametrize("qtype", GGML_BLOCK_TYPES, ids=lambda q: q.name)
@@ -93,7 +81,7 @@ def test_random_bytes_bit_identical_to_gguf(qtype: QuantType, seed: int) -> None
 @pytest.mark.parametrize("qtype", GGML_BLOCK_TYPES, ids=lambda q: q.name)
 def test_more_blocks_than_one_chunk(qtype: QuantType) -> None:
     layout = QUANT_LAYOUT[qtype]
-    n_blocks = (1 << 19) // layout.block_size + 3  # two full chunks and a ragged third
+    n_blocks = (1 << 19) // layout.block_size + 3  # more than one chunk, the last one ragged
     raw = random_blocks(qtype, 1, n_blocks, seed=7)
     got = dequantize(raw, qtype, (n_blocks * layout.block_size,))
     np.testing.assert_array_equal(bits(got), bits(oracle(raw, qtype).reshape(-1)))
@@ -110,6 +98,19 @@ def test_any_block_bytes_bit_identical(data: st.DataObject) -> None:
     )
     got = dequantize(raw, qtype, (n * layout.block_size,))
     np.testing.assert_array_equal(bits(got), bits(oracle(raw.reshape(1, -1), qtype).reshape(-1)))
+
+
+@pytest.mark.parametrize("pattern", SPECIAL_F16, ids=hex)
+def test_iq1_m_special_scales(pattern: int) -> None:
+    """IQ1_M keeps its f16 d in the top nibbles of its four u16 scales, where `random_blocks` cannot
+    put the special values: set them there."""
+    raw = random_blocks(QuantType.IQ1_M, 4, 8, seed=pattern).reshape(-1, 56)
+    scales = raw[:, 48:56].copy().view("<u2")
+    nibbles = (np.uint16(pattern) >> np.arange(0, 16, 4, dtype=np.uint16)) & np.uint16(0xF)
+    scales = (scales & np.uint16(0x0FFF)) | (nibbles << np.uint16(12))
+    raw[:, 48:56] = scales.view(np.uint8)
+    got = dequantize(raw, QuantType.IQ1_M, (len(raw) * 256,))
+    assert_bits_equal(got, oracle(raw, QuantType.IQ1_M).reshape(-1))
 
 
 def test_f16_and_bf16_every_bit_pattern() -> None:
@@ -196,60 +197,16 @@ def test_apr_q8_matches_aprender() -> None:
         )
 
 
-# --- real tensors: the SmolLM2 Q4_1 GGUF and files llama.cpp quantized from its F32 copy ------------
-
-
-@cache
-def _reader(path: str) -> object:
-    return gguf.GGUFReader(path)
-
-
-def assert_file_matches(path: str, per_type: int) -> set[str]:
-    """Every type in the file: up to `per_type` tensors (+ the embedding) vs gguf-py, bit for bit."""
-    seen: dict[str, int] = {}
-    for t in _reader(path).tensors:  # type: ignore[attr-defined]
-        name = t.tensor_type.name
-        if seen.get(name, 0) >= per_type and t.name != "token_embd.weight":
-            continue
-        seen[name] = seen.get(name, 0) + 1
-        shape = tuple(int(d) for d in reversed(t.shape))
-        got = dequantize(t.data.view(np.uint8), QuantType[name], shape)
-        want = oracle(t.data, QuantType[name]).reshape(shape)
-        assert np.array_equal(bits(got), bits(want)), f"{path}: {t.name} ({name})"
-    return set(seen)
-
-
-@pytest.mark.oracle
-def test_smollm2_q4_1_tensors(smollm2_gguf: object) -> None:
-    assert assert_file_matches(str(smollm2_gguf), per_type=6) == {"Q4_1", "Q8_0", "F32"}
-
-
-@pytest.mark.oracle
-@pytest.mark.parametrize(
-    "name", ["Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "Q2_K_PURE", "Q6_K", "Q4_0", "Q5_1", "F16", "BF16"]
-)
-def test_llamacpp_quantized_tensors(name: str) -> None:
-    pytest.importorskip("llama_cpp")
-    from tests.quant.fixtures import quantized_gguf
-
-    types = assert_file_matches(str(quantized_gguf(name)), per_type=4)
-    assert types - {"F32"}, name
-
-
-def test_real_files_cover_every_ggml_type() -> None:
-    """The fixture table above really contains every GGML block type apr dequantizes."""
-    pytest.importorskip("llama_cpp")
-    from tests.quant.fixtures import FILE_TYPES, quantized_gguf
-
-    found = {t.tensor_type.name for name in FILE_TYPES for t in _reader(str(quantized_gguf(name))).tensors}  # type: ignore[attr-defined]
-    found |= {"Q4_1"}  # the original SmolLM2 file (test_smollm2_q4_1_tensors)
-    assert {q.name for q in GGML_BLOCK_TYPES} <= found
-
-
 # --- errors -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("qtype", [QuantType.Q8_1, QuantType.Q8_K], ids=lambda q: q.name)
+def test_types_without_dequantizer() -> None:
+    """The GGML types neither gguf-py nor apr can dequantize (those only apr can: the plain ones)."""
+    assert {q.name for q in NO_DEQUANTIZER} == {"Q8_1", "Q8_K", "Q1_0"}
+    assert not {q.name for q in NO_DEQUANTIZER} & dequantizable()
+
+
+@pytest.mark.parametrize("qtype", NO_DEQUANTIZER, ids=lambda q: q.name)
 def test_type_without_dequantizer(qtype: QuantType) -> None:
     with pytest.raises(UnsupportedQuantError) as e:
         dequantize(np.zeros(292, np.uint8), qtype, (256,))
@@ -287,7 +244,7 @@ def test_shapes_and_layouts() -> None:
     assert dequantize(np.ones(4, np.uint8), QuantType.F32, ()).shape == ()
 
 
-@pytest.mark.parametrize("qtype", [QuantType.Q4_K, QuantType.Q5_K, QuantType.F16, QuantType.F32])
+@pytest.mark.parametrize("qtype", [*GGML_BLOCK_TYPES, QuantType.F32], ids=lambda q: q.name)
 def test_unaligned_bytes(qtype: QuantType) -> None:
     """Bytes at an odd address (a sliced buffer, a memmap at an odd offset) decode the same."""
     aligned = random_blocks(qtype, 3, 4, seed=11).reshape(-1)

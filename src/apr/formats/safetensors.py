@@ -107,7 +107,7 @@ def _shard_files(folder: Path) -> list[Path]:
 
 
 class HFSource:
-    """config.json as a ConfigSource (`get` of a top-level key; nested values stay dicts)."""
+    """config.json as a ConfigSource (`get` of a key or dotted path; nested values stay dicts)."""
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.kind = "hf"
@@ -118,7 +118,13 @@ class HFSource:
         self.architecture = first or (model_type if isinstance(model_type, str) else "")
 
     def get(self, key: str) -> Any:
-        return self.cfg.get(key)
+        """A top-level key, or a dotted path into nested objects (`rope_parameters.rope_theta`)."""
+        value: Any = self.cfg
+        for part in key.split("."):
+            if not isinstance(value, dict):
+                return None
+            value = value.get(part)
+        return value
 
     def keys(self) -> Collection[str]:
         return self.cfg.keys()

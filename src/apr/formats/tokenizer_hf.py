@@ -1,28 +1,35 @@
 """Hugging Face tokenizer files (tokenizer.json + tokenizer_config.json), tokenized as transformers 5 does.
 
-transformers' TokenizersBackend loads tokenizer.json into a `tokenizers.Tokenizer`, then:
-- A class that rebuilds its pipeline from the file's vocab and merges (`REBUILT`; today LlamaTokenizer,
-  the class of Llama-2 / Mistral / TinyLlama folders) gets that class's pieces instead of the file's: no
-  normalizer, Metaspace("▁", split=False) prepending "first" ("always" with `legacy: true`, "never" with
-  `add_prefix_space: false`), BPE with byte fallback and fused unknowns. The file's added tokens stay.
-  Other classes that rebuild (Qwen2Tokenizer, GemmaTokenizer, ...) are taken as tokenizer.json says.
+transformers' AutoTokenizer picks a class, loads tokenizer.json into a `tokenizers.Tokenizer`, and:
+- The class (`tokenizer_class`), reduced to what matters for the model types apr runs: the declared
+  class, except that a model type whose Hub class transformers calls wrong (`WRONG_HUB_CLASS`) gets the
+  registered one (`REGISTERED`; qwen2 → Qwen2Tokenizer), and a LlamaTokenizer whose tokenizer.json is
+  byte-level (Llama 3) is read as the file says.
+- A class that rebuilds its pipeline from the file's vocab and merges (`REBUILDS`) gets its own pieces
+  instead of the file's. LlamaTokenizer: no normalizer, Metaspace("▁", split=False) prepending "first"
+  ("always" with `legacy: true`, "never" with `add_prefix_space: false`), byte fallback, fused unknowns.
+  Qwen2Tokenizer: NFC, Qwen2's regex, byte-level. The file's added tokens stay. Other classes that
+  rebuild (GemmaTokenizer, ...) are taken as tokenizer.json says.
+- Its special tokens (bos / eos / unk / pad from tokenizer_config.json, else the class's defaults) that
+  are not added tokens yet are added as special tokens (matched whole in the text).
 - The file's post-processor adds BOS / EOS (Llama-2's adds BOS); a file without one adds nothing.
   tokenizer_config.json's `add_bos_token` / `add_eos_token` do not count: transformers 5 drops them
   whenever there is a tokenizer.json (`_from_pretrained` pops both), then rebuilds a missing
   post-processor with both false. (transformers 4 honoured them for LlamaTokenizerFast.)
-`hf_spec` reads the same files for `apr inspect`: vocab, merges, special tokens, BOS/EOS and whether they
+`hf_spec` reads the same files for `apr inspect`: vocab, merges, special tokens, BOS / EOS and whether they
 are added; `hf_backend` builds the tokenizer.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import tokenizers
-from tokenizers import pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 
 from apr.errors import AprIOError, FormatError
 from apr.formats.base import TokenizerSpec
@@ -30,62 +37,70 @@ from apr.formats.tokenizer_bpe import load
 
 TOKENIZER_JSON: Final = "tokenizer.json"
 TOKENIZER_CONFIG: Final = "tokenizer_config.json"
+CONFIG_JSON: Final = "config.json"
 MODEL: Final = "tokenizer.json"  # TokenizerSpec.model of an HF tokenizer
 CONTROL, USER_DEFINED = 3, 4  # GGUF token types given to added tokens (special or not), for the summary
-
-
-@dataclass(frozen=True, slots=True)
-class Rebuild:
-    bos: str  # the class's default bos_token / eos_token
-    eos: str
-
-
-REBUILT: Final[dict[str, Rebuild]] = {
-    "LlamaTokenizer": Rebuild("<s>", "</s>"),
-    "LlamaTokenizerFast": Rebuild("<s>", "</s>"),
-}
+SPECIAL_KEYS: Final = ("bos_token", "eos_token", "unk_token", "pad_token")
+# transformers 5 TOKENIZER_MAPPING_NAMES / MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, for apr's model types
+REGISTERED: Final = {"qwen2": "Qwen2Tokenizer", "qwen3": "Qwen2Tokenizer"}
+WRONG_HUB_CLASS: Final = frozenset({"qwen2", "phi3"})
+QWEN2_REGEX: Final = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class HfConfig:
-    """What transformers takes from tokenizer_config.json."""
+    """What transformers takes from tokenizer_config.json (and config.json's model_type)."""
 
     tokenizer_class: str | None = None
-    bos: str | None = None
-    eos: str | None = None
+    special: tuple[tuple[str, str], ...] = ()  # (key, token) for the SPECIAL_KEYS it sets
     legacy: bool = False
     add_prefix_space: bool | None = None
+    model_type: str | None = None
+    byte_level: bool = False  # tokenizer.json mentions "ByteLevel" (transformers' own test)
 
     @property
-    def rebuild(self) -> Rebuild | None:
-        return REBUILT.get(self.tokenizer_class or "")
+    def klass(self) -> str:
+        """The class AutoTokenizer instantiates, without "Fast"."""
+        hub = (self.tokenizer_class or "").removesuffix("Fast")
+        registered = REGISTERED.get(self.model_type or "")
+        if hub == "LlamaTokenizer" and self.model_type not in WRONG_HUB_CLASS and self.byte_level:
+            return "TokenizersBackend"
+        if registered and (not hub or self.model_type in WRONG_HUB_CLASS):
+            return registered
+        return hub or "TokenizersBackend"
 
-    @property
-    def bos_token(self) -> str | None:
-        return self.bos or (self.rebuild.bos if self.rebuild else None)
+    def token(self, key: str) -> str | None:
+        """A special token: the config's, else the class's default."""
+        given = dict(self.special)
+        if key in given:
+            return given[key]
+        rebuild = REBUILDS.get(self.klass)
+        return rebuild.defaults.get(key) if rebuild else None
 
-    @property
-    def eos_token(self) -> str | None:
-        return self.eos or (self.rebuild.eos if self.rebuild else None)
 
-
-def read_config(folder: Path) -> HfConfig:
+def read_config(folder: Path, tokenizer_json: str = "") -> HfConfig:
     path = folder / TOKENIZER_CONFIG
-    if not path.is_file():
-        return HfConfig()
-    raw = _json(path)
+    raw = _json(path) if path.is_file() else {}
     if not isinstance(raw, dict):
         raise FormatError(f"{path}: not a JSON object")
     flags = {k: raw.get(k) for k in ("legacy", "add_prefix_space")}
     for k, v in flags.items():
         if v is not None and not isinstance(v, bool):
             raise FormatError(f"{path}: '{k}' must be true or false, got {v!r}")
+    model = _json(folder / CONFIG_JSON) if (folder / CONFIG_JSON).is_file() else {}
+    model = model if isinstance(model, dict) else {}
+    klass = raw.get("tokenizer_class") or model.get("tokenizer_class")
+    special = ((k, t) for k in SPECIAL_KEYS if (t := _token_text(raw.get(k))) is not None)
     return HfConfig(
-        tokenizer_class=raw.get("tokenizer_class") if isinstance(raw.get("tokenizer_class"), str) else None,
-        bos=_token_text(raw.get("bos_token")),
-        eos=_token_text(raw.get("eos_token")),
+        tokenizer_class=klass if isinstance(klass, str) else None,
+        special=tuple(special),
         legacy=bool(flags["legacy"]),
         add_prefix_space=flags["add_prefix_space"],
+        model_type=model.get("model_type") if isinstance(model.get("model_type"), str) else None,
+        byte_level='"ByteLevel"' in tokenizer_json,
     )
 
 
@@ -107,26 +122,57 @@ def hf_backend(path: Path) -> Any:
     """The `tokenizers.Tokenizer` transformers encodes with, for tokenizer.json at `path`."""
     if not path.is_file():
         raise AprIOError(f"tokenizer file not found: {path}")
-    backend = load(lambda: tokenizers.Tokenizer.from_file(str(path)), f"{path}: ")
-    cfg = read_config(path.parent)
-    if cfg.rebuild is not None:
-        _rebuild(backend, cfg)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    backend = load(lambda: tokenizers.Tokenizer.from_str(text), f"{path}: ")
+    cfg = read_config(path.parent, text)
+    rebuild = REBUILDS.get(cfg.klass)
+    if rebuild is not None:
+        if not isinstance(backend.model, tokenizers.models.BPE):
+            raise FormatError(f"{path}: {cfg.klass} needs a BPE model, got {type(backend.model).__name__}")
+        rebuild.apply(backend, cfg)
+    added = {a.content for a in backend.get_added_tokens_decoder().values()}
+    missing = {t for k in SPECIAL_KEYS if (t := cfg.token(k)) is not None} - added
+    if missing:
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(missing)])
     if backend.post_processor is None:  # transformers' update_post_processor with both flags false
         backend.post_processor = processors.TemplateProcessing(single="$A:0", special_tokens=[])
     return backend
 
 
-def _rebuild(backend: Any, cfg: HfConfig) -> None:
-    if not isinstance(backend.model, tokenizers.models.BPE):
-        raise FormatError(
-            f"{cfg.tokenizer_class} expects a BPE tokenizer.json, got {type(backend.model).__name__}"
-        )
+def _llama(backend: Any, cfg: HfConfig) -> None:
     prefix = cfg.add_prefix_space is not False
     scheme = ("always" if cfg.legacy else "first") if prefix else "never"
     backend.normalizer = None
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
     backend.model.byte_fallback = True
     backend.model.fuse_unk = True
+
+
+def _qwen2(backend: Any, cfg: HfConfig) -> None:
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=bool(cfg.add_prefix_space), use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.model.byte_fallback = False
+    backend.model.fuse_unk = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuild:
+    apply: Callable[[Any, HfConfig], None]
+    defaults: dict[str, str]  # the class's special tokens
+
+
+REBUILDS: Final[dict[str, Rebuild]] = {
+    "LlamaTokenizer": Rebuild(_llama, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "Qwen2Tokenizer": Rebuild(
+        _qwen2, dict.fromkeys(("eos_token", "unk_token", "pad_token"), "<|endoftext|>")
+    ),
+}
 
 
 def hf_spec(folder: Path) -> TokenizerSpec | None:
@@ -139,7 +185,7 @@ def hf_spec(folder: Path) -> TokenizerSpec | None:
     if not isinstance(model, dict):
         raise FormatError(f"{path}: no 'model' object")
     tokens, types = _vocab(model, doc.get("added_tokens") or [], path)
-    cfg = read_config(folder)
+    cfg = read_config(folder, path.read_text(encoding="utf-8", errors="replace"))
     ids = {t: i for i, t in enumerate(tokens)}
     bos, eos = _ends(doc.get("post_processor"))
     merges = model.get("merges") or []
@@ -149,8 +195,8 @@ def hf_spec(folder: Path) -> TokenizerSpec | None:
         tokens=tokens,
         merges=[m if isinstance(m, str) else " ".join(m) for m in merges],
         token_types=types,
-        bos_id=ids.get(bos or cfg.bos_token or ""),
-        eos_id=ids.get(eos or cfg.eos_token or ""),
+        bos_id=ids.get(bos or cfg.token("bos_token") or ""),
+        eos_id=ids.get(eos or cfg.token("eos_token") or ""),
         add_bos=bos is not None and bos in ids,
         add_eos=eos is not None and eos in ids,
         json_path=path,

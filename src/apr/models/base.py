@@ -43,10 +43,15 @@ class Variant:
 
 @dataclass(frozen=True, slots=True)
 class TensorRole:
+    """A canonical tensor. A fused one (Phi-3's qkv) is a row range of a stored tensor: `rows` gives
+    [r0, r1) of the tensor named `gguf` (in GGUF) / `hf` (in HF) that holds it."""
+
     name: str  # canonical template: "blk.{i}.attn_q.weight", "token_embd.weight"
-    hf: str  # HF template: "model.layers.{i}.self_attn.q_proj.weight"
+    hf: str  # HF template: "model.layers.{i}.self_attn.q_proj.weight" ("" if HF files lack it)
     shape: Callable[[ModelConfig], tuple[int, ...]]
     presence: str = REQUIRED
+    gguf: str = ""  # the GGUF template when the GGUF stores it fused under another name
+    rows: Callable[[ModelConfig], tuple[int, int]] | None = None  # its rows in the fused tensor
 
     @property
     def per_layer(self) -> bool:

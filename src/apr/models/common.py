@@ -44,6 +44,9 @@ ROPE_GGUF_KEYS: Final = (
 HF_ROPE_KEYS: Final = ("rope_scaling", "rope_parameters")
 # rope_parameters / rope_scaling entries that change the math and that apr does not implement
 ROPE_UNSUPPORTED_KEYS: Final = ("mscale", "mscale_all_dim", "partial_rotary_factor", "truncate")
+ROPE_KNOWN_KEYS: Final = frozenset({"rope_type", "type", "rope_theta", "factor", "low_freq_factor",
+                                    "high_freq_factor", "original_max_position_embeddings", "beta_fast",
+                                    "beta_slow", "attention_factor", *ROPE_UNSUPPORTED_KEYS})  # fmt: skip
 
 
 def vocab_size(source: ConfigSource, present: frozenset[str], where: str) -> int:
@@ -87,9 +90,17 @@ def rope_scaling(source: ConfigSource, freq_factors: bool, where: str) -> RopeSc
     params = next((v for k in HF_ROPE_KEYS if isinstance(v := source.get(k), dict)), None)
     if params is None:
         return RopeScaling()
+    if isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3): the global layers'
+        local = params.get("sliding_attention") or {}
+        if (local.get("rope_type") or "default") != "default":
+            raise ModelLoadError(f"{where}: rope scaling of sliding-window layers is not implemented")
+        params = params["full_attention"]
     kind = params.get("rope_type", params.get("type")) or "default"
     if kind not in ROPE_KINDS:
         raise ModelLoadError(f"{where}: rope scaling type {kind!r} is not implemented")
+    unknown = sorted(set(params) - ROPE_KNOWN_KEYS)
+    if unknown:
+        raise ModelLoadError(f"{where}: rope parameter '{unknown[0]}' is not implemented")
     bad = [k for k in ROPE_UNSUPPORTED_KEYS if params.get(k) not in (None, 1, 1.0, True)]
     if bad:
         raise ModelLoadError(f"{where}: rope scaling '{bad[0]}' = {params[bad[0]]!r} is not implemented")

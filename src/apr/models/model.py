@@ -31,7 +31,11 @@ from apr.models.base import OPTIONAL, REQUIRED, Family, StageNode, TensorRole, V
 from apr.models.config import ModelConfig
 from apr.models.params import GGUF_HARMLESS, gguf_consistency, read_params
 from apr.models.registry import families, find_family
+from apr.quant import row_nbytes
 from apr.stages import Stage
+
+
+Mapped = list[tuple[str, tuple[int | None, str]]]  # (role template, (layer, file tensor name))
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Model:
     config: ModelConfig
     _infos: dict[str, TensorInfo]
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (file tensor name, why it is not used)
+    _slices: dict[str, tuple[int, int]] = field(default_factory=dict)  # canonical → rows of a fused tensor
 
     @property
     def path(self) -> Path:
@@ -81,13 +86,24 @@ class Model:
         return info.source_name or info.name
 
     def read(self, name: str) -> F32Array:
+        if name in self._slices:
+            r0, r1 = self._slices[name]
+            return self.ckpt.read_rows(self._file_name(name), slice(r0, r1))
         return self.ckpt.read(self._file_name(name))
 
     def read_rows(self, name: str, rows: npt.NDArray[np.int64] | slice) -> F32Array:
+        if name in self._slices:
+            r0, r1 = self._slices[name]
+            rows = np.arange(r0, r1, dtype=np.int64)[rows]
         return self.ckpt.read_rows(self._file_name(name), rows)
 
     def raw(self, name: str) -> npt.NDArray[np.uint8]:
-        return self.ckpt.raw(self._file_name(name))
+        data = self.ckpt.raw(self._file_name(name))
+        if name not in self._slices:
+            return data
+        info, (r0, r1) = self.info(name), self._slices[name]
+        size = info.nbytes // max(1, r1 - r0)
+        return data[r0 * size : r1 * size]
 
     def tokenizer_spec(self) -> TokenizerSpec | None:
         return self.ckpt.tokenizer_spec()
@@ -130,12 +146,12 @@ def resolve(ckpt: Checkpoint) -> Model:
     if cfg.vocab_size == 0 and ("token_embd.weight", 0) in {(r, 0) for r, _ in mapped}:
         cfg = dataclasses.replace(cfg, vocab_size=_embedding_rows(mapped, by_file))
     roles = {r.name: r for r in family.roles(cfg)}
-    infos = _account(roles, mapped, by_file, cfg, where)
+    infos, slices = _account(roles, mapped, by_file, cfg, where)
     ignored = _ignorable(family, by_file, {i.source_name or i.name for i in infos.values()}, where)
     if source.kind == "gguf":
         _check_gguf_keys(family, source, where)
         gguf_consistency(source, cfg.head_dim, not cfg.moe, where)
-    return Model(ckpt, family, variant, cfg, infos, ignored)
+    return Model(ckpt, family, variant, cfg, infos, ignored, slices)
 
 
 def supported_names(kind: str) -> list[str]:
@@ -163,38 +179,41 @@ def _check_heads(values: dict[str, Any], where: str) -> None:
         raise FormatError(f"{where}: head_dim {values['head_dim']} is odd; RoPE pairs need an even one")
 
 
+def _spellings(role: TensorRole, layer: int | None, kind: str) -> tuple[str, ...]:
+    """The file names a role instance may have: GGUF's, HF's, or (for .apr, which holds either, or a split
+    import of a fused tensor) the canonical name first."""
+    canon, hf = role.name.format(i=layer), role.hf.format(i=layer)
+    gguf = role.gguf.format(i=layer) if role.gguf else canon
+    return {"gguf": (gguf,), "hf": (hf,), "apr": (canon, gguf, hf)}[kind]
+
+
 def _map_names(
     roles: tuple[TensorRole, ...], n_layers: int, by_file: dict[str, TensorInfo], kind: str
-) -> list[tuple[str, tuple[int | None, str]]]:
+) -> Mapped:
     """[(role template, (layer, file name))] for every role instance the file has."""
     found = []
     for role in roles:
         for layer in range(n_layers) if role.per_layer else (None,):
-            canon = role.name.format(i=layer)
-            spellings = {
-                "gguf": (canon,),
-                "hf": (role.hf.format(i=layer),),
-                "apr": (canon, role.hf.format(i=layer)),
-            }
-            name = next((s for s in spellings[kind] if s and s in by_file), None)
+            name = next((s for s in _spellings(role, layer, kind) if s and s in by_file), None)
             if name is not None:
                 found.append((role.name, (layer, name)))
     return found
 
 
-def _embedding_rows(mapped: list[tuple[str, tuple[int | None, str]]], by_file: dict[str, TensorInfo]) -> int:
+def _embedding_rows(mapped: Mapped, by_file: dict[str, TensorInfo]) -> int:
     name = next(n for r, (_, n) in mapped if r == "token_embd.weight")
     return by_file[name].shape[0] if by_file[name].shape else 0
 
 
 def _account(
     roles: dict[str, TensorRole],
-    mapped: list[tuple[str, tuple[int | None, str]]],
+    mapped: Mapped,
     by_file: dict[str, TensorInfo],
     cfg: ModelConfig,
     where: str,
-) -> dict[str, TensorInfo]:
-    """Every role's presence rule and shape; the canonical TensorInfos, in file order."""
+) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]]]:
+    """Every role's presence rule and shape; the canonical TensorInfos in file order, and the row ranges of
+    the ones that are slices of a fused tensor."""
     layers: dict[str, set[int | None]] = {}
     for template, (layer, _) in mapped:
         layers.setdefault(template, set()).add(layer)
@@ -209,15 +228,40 @@ def _account(
             raise ModelLoadError(f"{where}: tensor {what} is missing" + (
                 f" (present in {len(have)} of {len(want)} layers)" if have else ""))  # fmt: skip
     infos: dict[str, TensorInfo] = {}
+    slices: dict[str, tuple[int, int]] = {}
+    fused: dict[str, int] = {}  # file name → rows its slices cover
     for template, (layer, name) in mapped:
-        info, canon = by_file[name], roles[template].name.format(i=layer)
-        want_shape = roles[template].shape(cfg)
-        if info.shape != want_shape:
-            raise FormatError(f"{where}: tensor {name} has shape {list(info.shape)}; the config needs "
-                              f"{list(want_shape)}")  # fmt: skip
-        infos[canon] = dataclasses.replace(info, name=canon, source_name=name if name != canon else "")
+        role, info, canon = roles[template], by_file[name], roles[template].name.format(i=layer)
+        want_shape = role.shape(cfg)
+        if info.shape == want_shape or role.rows is None:
+            if info.shape != want_shape:
+                raise FormatError(f"{where}: tensor {name} has shape {list(info.shape)}; the config needs "
+                                  f"{list(want_shape)}")  # fmt: skip
+            infos[canon] = dataclasses.replace(info, name=canon, source_name=name if name != canon else "")
+            continue
+        r0, r1 = role.rows(cfg)
+        infos[canon], slices[canon] = _slice(info, canon, r0, r1, want_shape, where), (r0, r1)
+        fused[name] = fused.get(name, 0) + r1 - r0
+    for name, covered in fused.items():
+        if covered != by_file[name].shape[0]:
+            raise FormatError(f"{where}: fused tensor {name} has {by_file[name].shape[0]} rows; the config "
+                              f"splits {covered}")  # fmt: skip
     order = {n: k for k, n in enumerate(by_file)}
-    return dict(sorted(infos.items(), key=lambda kv: order[kv[1].source_name or kv[1].name]))
+    ordered = dict(sorted(infos.items(), key=lambda kv: order[kv[1].source_name or kv[1].name]))
+    return ordered, slices
+
+
+def _slice(info: TensorInfo, canon: str, r0: int, r1: int, shape: tuple[int, ...], where: str) -> TensorInfo:
+    """Rows [r0, r1) of a fused 2-D tensor as a TensorInfo of their own (its bytes, when rows are whole)."""
+    if len(info.shape) != 2 or info.shape[1:] != shape[1:] or r1 > info.shape[0] or shape[0] != r1 - r0:
+        raise FormatError(f"{where}: fused tensor {info.name} has shape {list(info.shape)}; the config needs "
+                          f"rows [{r0}, {r1}) of width {shape[1:]}")  # fmt: skip
+    size = row_nbytes(info.qtype, info.shape[1])
+    if size is None or size * info.shape[0] != info.nbytes:
+        raise ModelLoadError(f"{where}: fused tensor {info.name} ({info.qtype.name}) does not store whole rows; "
+                             "apr cannot split it")  # fmt: skip
+    return dataclasses.replace(info, name=canon, shape=shape, offset=info.offset + r0 * size,
+                               nbytes=(r1 - r0) * size, source_name=info.name)  # fmt: skip
 
 
 def _ignorable(

@@ -128,7 +128,15 @@ COMMON: Final[tuple[Param, ...]] = (
         ("max_position_embeddings",),
         default=2048,
     ),
-    Param("rope_theta", "{arch}.rope.freq_base", ("rope_theta",), ("rope_theta",), float, default=10000.0),
+    Param(
+        "rope_theta",
+        "{arch}.rope.freq_base",
+        # transformers 5 writes rope_parameters (per layer type for Gemma 3); older configs rope_theta
+        ("rope_theta", "rope_parameters.rope_theta", "rope_parameters.full_attention.rope_theta"),
+        ("rope_theta",),
+        float,
+        default=10000.0,
+    ),
     Param(
         "rms_eps",
         "{arch}.attention.layer_norm_rms_epsilon",

@@ -17,7 +17,7 @@ from apr.models.base import Family, StageNode, Variant
 from apr.models.config import ModelConfig
 from apr.stages import FORWARD_ORDER, Stage
 
-FAMILY_MODULES: Final = ("apr.models.llama",)
+FAMILY_MODULES: Final = ("apr.models.llama", "apr.models.gemma", "apr.models.phi3", "apr.models.olmo2")
 
 
 @cache

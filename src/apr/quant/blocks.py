@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +34,7 @@ U8Array = npt.NDArray[np.uint8]
 F32Array = npt.NDArray[np.float32]
 Decode = Callable[[U8Array, int], F32Array]  # (flat stored bytes, element count) -> flat float32
 Kernel = Callable[[U8Array, F32Array], None]  # ((n, type_size) blocks, (n, block_size) out) -> None
+Table = TypeVar("Table", bound=np.ndarray[Any, Any])
 
 CHUNK_ELEMS: Final = 1 << 19  # outputs per kernel call: 2 MiB of float32, about L2-sized
 APR_Q4_MIN_SCALE: Final = np.float32(6.1e-5)  # aprender's F16_MIN_NORMAL (GH-186), not 2**-14
@@ -130,6 +131,12 @@ def scale_groups(out: F32Array, scale: F32Array) -> None:
     np.multiply(flat, np.repeat(scale.reshape(-1), out.shape[1] // scale.shape[1]), out=flat)
 
 
+def readonly(table: Table) -> Table:
+    """`table`, made read-only: the lookup tables are shared by every call (and thread)."""
+    table.flags.writeable = False
+    return table
+
+
 def gather(table: F32Array, index: npt.NDArray[np.intp], out: F32Array) -> None:
     """`out` = the rows `table[index]` back to back: `table` (entries, w), `index` (n, k), `out` a
     contiguous (n, k·w) chunk.
@@ -182,30 +189,8 @@ for _qtype, _dtype in (
 
 @register(QuantType.F16)
 def _f16(raw: U8Array, n: int) -> F32Array:
-    half, out = raw.view("<u2"), np.empty(n, np.float32)
-    with np.errstate(all="ignore"):
-        for i in range(0, n, CHUNK_ELEMS):
-            half_to_float(half[i : i + CHUNK_ELEMS], out[i : i + CHUNK_ELEMS])
-    return out
-
-
-def half_to_float(half: npt.NDArray[np.uint16], out: F32Array) -> None:
-    """IEEE f16 bits → float32, bit for bit as numpy's astype (NaN payloads kept) but ~2× faster.
-
-    The 15 magnitude bits shifted into place read as a float32 2**112 times too small (subnormal
-    halves included); one exact multiply rebiases them. Infinities and NaNs get their exponent set.
-    """
-    bits = out.view(np.uint32)
-    wide = half.astype(np.uint32)
-    np.left_shift(wide, np.uint32(13), out=bits)
-    bits &= np.uint32(0x0FFFE000)
-    inf_nan = bits >= np.uint32(0x0F800000)
-    out *= np.float32(2.0**112)
-    wide &= np.uint32(0x8000)
-    wide <<= np.uint32(16)
-    bits |= wide
-    if inf_nan.any():
-        bits[inf_nan] |= np.uint32(0x7F800000)
+    """numpy's own cast: what gguf-py does, and (numpy 2) a SIMD loop faster than any bit trick here."""
+    return raw.view("<f2").astype(np.float32)
 
 
 @register(QuantType.F32)

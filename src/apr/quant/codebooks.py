@@ -5,9 +5,9 @@ IQ4_NL/IQ4_XS use ggml's non-linear `kvalues_iq4nl`, MXFP4/NVFP4 the E2M1 values
 (`kvalues_mxfp4`; their scales are halved to match). A run of 2k weights sits in k bytes, the first k
 in the low nibbles and the next k in the high ones, as in Q4_0.
 
-A kernel gathers float32 levels straight into the output from a 512-entry table (entry b: the level of
-byte b's low nibble, entry 256 + b: of its high nibble), so the nibbles are never split out, then
-multiplies by the scales (`scale_groups`): `scale * float(level)`, bit for bit as ggml and gguf-py.
+A kernel splits the code bytes into nibbles (flat, on a contiguous copy), copies them into an int64
+index in output order, gathers the float32 levels straight into the output (`gather`) and multiplies
+by the scales (`scale_groups`): `scale * float(level)`, bit for bit as ggml and gguf-py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.quant.blocks import F32Array, U8Array, block_kernel, f16_at, gather, scale_groups
+from apr.quant.blocks import F32Array, U8Array, block_kernel, f16_at, gather, readonly, scale_groups
 from apr.quant.types import QuantType
 
 # An int64 index per output: a smaller chunk than the default keeps it in L2 (~20 % faster).
@@ -26,11 +26,9 @@ KVALUES_IQ4NL: Final = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38,
 KVALUES_MXFP4: Final = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 × 2
 
 
-def byte_table(levels: tuple[int, ...]) -> F32Array:
-    """(512, 1) float32: row b the level of b's low nibble, row 256 + b of its high nibble."""
-    b = np.arange(256)
-    values = np.array(levels, np.float32)
-    return np.concatenate([values[b & 0x0F], values[b >> 4]]).reshape(-1, 1)
+def levels(values: tuple[int, ...]) -> F32Array:
+    """The 16 levels as a (16, 1) float32 table for `gather`."""
+    return readonly(np.array(values, np.float32).reshape(16, 1))
 
 
 def e8m0_half(e: U8Array) -> F32Array:
@@ -49,18 +47,19 @@ def ue4m3_half(x: U8Array) -> F32Array:
     return np.where(x == 0x7F, np.float32(0.0), value).astype(np.float32)
 
 
-IQ4NL_TABLE: Final = byte_table(KVALUES_IQ4NL)
-MXFP4_TABLE: Final = byte_table(KVALUES_MXFP4)
-E8M0_HALF: Final = e8m0_half(np.arange(256, dtype=np.uint8))
-UE4M3_HALF: Final = ue4m3_half(np.arange(256, dtype=np.uint8))
+IQ4NL_LEVELS: Final = levels(KVALUES_IQ4NL)
+MXFP4_LEVELS: Final = levels(KVALUES_MXFP4)
+E8M0_HALF: Final = readonly(e8m0_half(np.arange(256, dtype=np.uint8)))  # by scale byte
+UE4M3_HALF: Final = readonly(ue4m3_half(np.arange(256, dtype=np.uint8)))
 
 
 def decode_codes(qs: U8Array, table: F32Array, scale: F32Array, out: F32Array) -> None:
     """`out` = `scale` × the levels coded by `qs` (n, g, k): g runs of 2k weights, one scale each."""
-    n, g, k = qs.shape
-    index = np.empty((n, g, 2, k), np.intp)
-    index[:, :, 0] = qs
-    np.add(qs, np.intp(256), out=index[:, :, 1])
+    codes = np.ascontiguousarray(qs)
+    # Nibble ops on the contiguous bytes are one flat loop; into the interleaved index, plain copies.
+    index = np.empty((*qs.shape[:2], 2, qs.shape[2]), np.intp)
+    index[:, :, 0] = codes & np.uint8(0x0F)
+    index[:, :, 1] = codes >> np.uint8(4)
     gather(table, index, out)
     scale_groups(out, scale)
 
@@ -71,7 +70,7 @@ def _bytes(b: U8Array, start: int, stop: int, runs: int) -> U8Array:
 
 @block_kernel(QuantType.IQ4_NL, chunk_elems=CHUNK_ELEMS)
 def _iq4_nl(b: U8Array, out: F32Array) -> None:  # d, qs[16]
-    decode_codes(_bytes(b, 2, 18, 1), IQ4NL_TABLE, f16_at(b, 0), out)
+    decode_codes(_bytes(b, 2, 18, 1), IQ4NL_LEVELS, f16_at(b, 0), out)
 
 
 def _iq4_xs_scales(b: U8Array) -> npt.NDArray[np.int8]:
@@ -86,14 +85,14 @@ def _iq4_xs_scales(b: U8Array) -> npt.NDArray[np.int8]:
 @block_kernel(QuantType.IQ4_XS, chunk_elems=CHUNK_ELEMS)
 def _iq4_xs(b: U8Array, out: F32Array) -> None:  # d, scales_h: u16, scales_l[4], qs[128]
     dl = f16_at(b, 0) * _iq4_xs_scales(b).astype(np.float32)
-    decode_codes(_bytes(b, 8, 136, 8), IQ4NL_TABLE, dl, out)
+    decode_codes(_bytes(b, 8, 136, 8), IQ4NL_LEVELS, dl, out)
 
 
 @block_kernel(QuantType.MXFP4, chunk_elems=CHUNK_ELEMS)
 def _mxfp4(b: U8Array, out: F32Array) -> None:  # e: e8m0, qs[16]
-    decode_codes(_bytes(b, 1, 17, 1), MXFP4_TABLE, E8M0_HALF[b[:, :1]], out)
+    decode_codes(_bytes(b, 1, 17, 1), MXFP4_LEVELS, E8M0_HALF[b[:, :1]], out)
 
 
 @block_kernel(QuantType.NVFP4, chunk_elems=CHUNK_ELEMS)
 def _nvfp4(b: U8Array, out: F32Array) -> None:  # d[4]: ue4m3, one per 16; qs[32]
-    decode_codes(_bytes(b, 4, 36, 4), MXFP4_TABLE, UE4M3_HALF[b[:, :4]], out)
+    decode_codes(_bytes(b, 4, 36, 4), MXFP4_LEVELS, UE4M3_HALF[b[:, :4]], out)

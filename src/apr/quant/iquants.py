@@ -27,7 +27,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.quant.blocks import F32Array, U8Array, block_kernel, f16_at, gather, scale_groups
+from apr.quant.blocks import F32Array, U8Array, block_kernel, f16_at, gather, readonly, scale_groups
 from apr.quant.grids import (
     IQ1S_GRID,
     IQ2S_GRID,
@@ -54,8 +54,8 @@ _HALVES: Final = np.array([0, 1], np.intp)
 
 
 def _outer(a: F32Array, b: F32Array) -> F32Array:
-    """Rows `a[i] * b[j]` at row i·len(b) + j: (len(a)·len(b), width)."""
-    return (a[:, None, :] * b[None, :, :]).reshape(-1, a.shape[1])
+    """Rows `a[i] * b[j]` at row i·len(b) + j: (len(a)·len(b), width), read-only."""
+    return readonly((a[:, None, :] * b[None, :, :]).reshape(-1, a.shape[1]))
 
 
 def _halves(vectors: F32Array) -> F32Array:
@@ -95,7 +95,7 @@ def iq3s_table() -> F32Array:
 @cache
 def iq1_table() -> F32Array:
     deltas = np.array([[IQ1S_DELTA], [-IQ1S_DELTA]], np.float32)  # (2, 1)
-    return (deltas[:, None, :] + _grid(IQ1S_GRID)[None, :, :]).reshape(-1, 8)
+    return readonly((deltas[:, None, :] + _grid(IQ1S_GRID)[None, :, :]).reshape(-1, 8))
 
 
 # --- shared pieces ------------------------------------------------------------------------------------
@@ -132,8 +132,9 @@ def _iq2_xxs(b: U8Array, out: F32Array) -> None:  # d; per 32: 4 grid bytes, u32
     n = len(b)
     qs = b[:, 2:].reshape(n, 8, 8)
     aux = _u32(qs[:, :, 4:]).reshape(n, 8)
-    index = qs[:, :, :4] * np.intp(128)  # (n, 8, 4)
-    index += (aux[:, :, None] >> _SHIFTS_7) & np.uint32(0x7F)
+    index = qs[:, :, :4].astype(np.intp)  # (n, 8, 4)
+    index <<= 7
+    index |= (aux[:, :, None] >> _SHIFTS_7) & np.uint32(0x7F)
     gather(iq2xxs_table(), index, out)
     scale_groups(out, _half_plus(f16_at(b, 0), aux >> np.uint32(28), 0.25))
 
@@ -163,16 +164,16 @@ def _iq3_xxs(b: U8Array, out: F32Array) -> None:  # d, qs[64] grid bytes, u32[8]
     aux = _u32(b[:, 66:98])  # (n, 8)
     signs = ((aux[:, :, None] >> _SHIFTS_7) & np.uint32(0x7F)).astype(np.intp)  # (n, 8, 4)
     signs <<= 1
-    index = b[:, 2:66].reshape(n, 8, 4, 2) * np.intp(256)
-    index += signs[:, :, :, None]
-    index += _HALVES
+    index = b[:, 2:66].reshape(n, 8, 4, 2).astype(np.intp)
+    index <<= 8
+    index |= signs[:, :, :, None]
+    index |= _HALVES
     gather(iq3xxs_table(), index, out)
     scale_groups(out, _half_plus(f16_at(b, 0), aux >> np.uint32(28), 0.5))
 
 
 @block_kernel(QuantType.IQ3_S)
 def _iq3_s(b: U8Array, out: F32Array) -> None:  # d, qs[64], qh[8] (bit 8 of each), signs[32], sc[4]
-    n = len(b)
     index = np.unpackbits(b[:, 66:74], axis=1, bitorder="little").astype(np.intp)  # (n, 64)
     index <<= 8
     index |= b[:, 2:66]

@@ -46,6 +46,7 @@ from apr.runtimes.base import (
     missing_stages,
     model_stages,
 )
+from apr.models.base import HookMap
 from apr.models.common import LLAMA_LAYER_HOOKS
 from apr.stages import Stage, StageId, Tap
 
@@ -59,7 +60,6 @@ _LOGITS: Final = "logits"  # hook the `logits` field of the module's output
 # (submodule of a decoder layer, which side, stage); "" is the decoder layer itself. The embedding is the
 # input of the first layer (after Gemma's / Granite's scaling) and lm_head the model's own logits output
 # (after Granite's division, Gemma 2's soft-cap): the same values the reference engine emits.
-LAYER_HOOKS: Final = LLAMA_LAYER_HOOKS
 MODEL_HOOKS: Final[tuple[tuple[str, str, StageId], ...]] = (
     ("model.layers.0", _IN, StageId(Stage.EMBEDDING, 0)),
     ("model.norm", _OUT, StageId(Stage.FINAL_NORM)),
@@ -69,7 +69,13 @@ QKV_PROJECTIONS: Final = ("q_proj", "k_proj", "v_proj")
 
 
 def run_transformers(
-    model_path: Path, token_ids: Sequence[int], tap: Tap, *, dtype: str = "float32"
+    model_path: Path,
+    token_ids: Sequence[int],
+    tap: Tap,
+    *,
+    dtype: str = "float32",
+    hooks: HookMap | None = None,
+    expected: Sequence[Stage] | None = None,
 ) -> RuntimeRun:
     """Run `token_ids` through transformers (eager attention, no KV cache) and tap every stage.
 
@@ -80,6 +86,9 @@ def run_transformers(
         dtype: "float32", or "float64": the model is cast after loading and the float32 islands transformers
             keeps for half precision (RMSNorm, RoPE angles, eager softmax) are lifted to float64, so the
             run is a true float64 reference; taps then get float64 arrays.
+        hooks: where the model's family exposes each stage (apr.models: `Family.hooks`); default the llama
+            family's module names. A hooked submodule the model lacks makes that stage unavailable.
+        expected: the stages the model has (its family's graph); default the dense llama stages.
 
     Example:
         >>> run = run_transformers(Path("smollm2.gguf"), [1780, 314, 216], tap)  # doctest: +SKIP
@@ -91,13 +100,15 @@ def run_transformers(
         raise ValidationError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     model = _load(transformers, torch, Path(model_path), getattr(torch, dtype))
     ids = check_token_ids(token_ids, int(model.config.vocab_size))
-    qkv_bias = any(getattr(model.model.layers[0].self_attn, p).bias is not None for p in QKV_PROJECTIONS)
+    attn = model.model.layers[0].self_attn
+    qkv_bias = any(getattr(getattr(attn, p, None), "bias", None) is not None for p in QKV_PROJECTIONS)
     ordered = ForwardOrderTap(tap, ENGINE_TRANSFORMERS)
     exact64 = dtype == "float64"
     capture = _Capture(ordered, torch, qkv_bias, exact64)
+    hooks = hooks or HookMap(LLAMA_LAYER_HOOKS, ())
     if exact64:
-        _lift_float32_islands(model, torch)
-    with _hooks(model, capture), torch.no_grad():
+        _lift_float32_islands(model, torch, hooks.rms_norm_offset)
+    with _hooks(model, capture, hooks), torch.no_grad():
         token = _ACTIVE.set(capture)
         try:
             model(input_ids=torch.tensor([ids]), use_cache=False)
@@ -105,7 +116,12 @@ def run_transformers(
             _ACTIVE.reset(token)
     ordered.close()
     n_layers = len(model.model.layers)
-    unavailable = missing_stages(model_stages(qkv_bias=qkv_bias), ordered.seen, n_layers, ENGINE_TRANSFORMERS)
+    want = (
+        [s for s in expected if qkv_bias or s is not Stage.QKV_BIAS]
+        if expected
+        else model_stages(qkv_bias=qkv_bias)
+    )
+    unavailable = missing_stages(want, ordered.seen, n_layers, ENGINE_TRANSFORMERS)
     return RuntimeRun(
         engine=ENGINE_TRANSFORMERS,
         engine_version=f"transformers {transformers.__version__} / torch {torch.__version__}",
@@ -313,16 +329,20 @@ def _softmax_probe(torch: Any, exact64: bool = False) -> Any:
     return SoftmaxProbe()
 
 
-def _lift_float32_islands(model: Any, torch: Any) -> None:
-    """Make RMSNorm and the rotary embedding compute in the model's float64 (per instance, this run only)."""
+def _lift_float32_islands(model: Any, torch: Any, norm_offset: float = 0.0) -> None:
+    """Make RMSNorm and the rotary embedding compute in the model's float64 (per instance, this run only).
+
+    `norm_offset` is what the family's RMSNorm adds to its weight (Gemma: 1)."""
 
     def rms_norm(self: Any, x: Any) -> Any:
         variance = x.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+        eps = getattr(self, "variance_epsilon", None) or self.eps
+        return (self.weight + norm_offset) * (x * torch.rsqrt(variance + eps))
 
-    def rotary(self: Any, x: Any, position_ids: Any) -> Any:
-        dim = self.inv_freq.shape[0] * 2
-        inv = 1.0 / (self.apr_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    def rotary(self: Any, x: Any, position_ids: Any, layer_type: str | None = None) -> Any:
+        theta = self.apr_theta if layer_type is None else self.apr_thetas[layer_type]
+        dim = model.config.head_dim or model.config.hidden_size // model.config.num_attention_heads
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         freqs = position_ids[..., None].to(torch.float64) * inv
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
@@ -332,19 +352,28 @@ def _lift_float32_islands(model: Any, torch: Any) -> None:
             module.forward = types.MethodType(rms_norm, module)
     rope = model.model.rotary_emb
     params = getattr(model.config, "rope_parameters", None) or {}
-    if getattr(rope, "rope_type", "default") != "default":
-        raise ValidationError(f"float64 oracle supports default RoPE only, not {rope.rope_type!r}")
-    rope.apr_theta = float(params.get("rope_theta") or model.config.rope_theta)
+    kinds = (
+        rope.rope_type if isinstance(rope.rope_type, dict) else {None: getattr(rope, "rope_type", "default")}
+    )
+    if any(k != "default" for k in kinds.values()):
+        bad = next(k for k in kinds.values() if k != "default")
+        raise ValidationError(f"float64 oracle supports default RoPE only, not {bad!r}")
+    if isinstance(rope.rope_type, dict):  # per layer type (Gemma 3)
+        rope.apr_thetas = {t: float(params[t]["rope_theta"]) for t in rope.rope_type}
+    else:
+        rope.apr_theta = float(params.get("rope_theta") or model.config.rope_theta)
     rope.forward = types.MethodType(rotary, rope)
 
 
 @contextlib.contextmanager
-def _hooks(model: Any, capture: _Capture) -> Iterator[None]:
+def _hooks(model: Any, capture: _Capture, hooks: HookMap) -> Iterator[None]:
     handles = []
     for i, layer in enumerate(model.model.layers):
-        for sub, side, stage in LAYER_HOOKS:
-            handles.append(_hook(layer.get_submodule(sub), side, StageId(stage, i), capture))
-        for p in QKV_PROJECTIONS:
+        for sub, side, stage in hooks.layer:
+            module = _submodule(layer, sub)
+            if module is not None:  # a module this model lacks: the stage is reported unavailable
+                handles.append(_hook(module, side, StageId(stage, i), capture))
+        for p in QKV_PROJECTIONS if hooks.qkv else ():  # a fused qkv projection is hooked as a layer stage
             proj = getattr(layer.self_attn, p)
             handles.append(proj.register_forward_hook(_projection_hook(capture, i, p)))
     for sub, side, sid in MODEL_HOOKS:
@@ -354,6 +383,13 @@ def _hooks(model: Any, capture: _Capture) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def _submodule(parent: Any, name: str) -> Any:
+    try:
+        return parent.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _hook(module: Any, side: str, sid: StageId, capture: _Capture) -> Any:
@@ -369,6 +405,14 @@ def _hook(module: Any, side: str, sid: StageId, capture: _Capture) -> Any:
             capture.emit(sid, args[0])
 
         return module.register_forward_pre_hook(pre)
+
+    if side.startswith(_OUT + ":"):  # "out:k/n": the k-th of n equal chunks of the last axis (fused)
+        k, n = (int(x) for x in side.split(":")[1].split("/"))
+
+        def chunk(_m: Any, _args: tuple[Any, ...], out: Any) -> None:
+            capture.emit(sid, out.chunk(n, dim=-1)[k])
+
+        return module.register_forward_hook(chunk)
 
     def post(_m: Any, _args: tuple[Any, ...], out: Any) -> None:
         capture.emit(sid, out[0] if isinstance(out, tuple) else out)

@@ -81,7 +81,12 @@ def _engine_run(r: RuntimeRun) -> EngineRun:
 
 
 def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
-    return _engine_run(run_transformers(path, ids, tap, dtype=TORCH_DTYPES[opt.precision]))
+    stages = [n.stage for n in model.graph()]
+    return _engine_run(
+        run_transformers(
+            path, ids, tap, dtype=TORCH_DTYPES[opt.precision], hooks=model.family.hooks, expected=stages
+        )
+    )
 
 
 def _llamacpp(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
