@@ -3,7 +3,8 @@
     .venv/bin/python bench/dequant.py [--mb 8] [--repeat 5] [--types IQ4_NL,IQ4_XS]
 
 For each type: ≥ `mb` MB of random blocks (rows of 4096 elements) whose f16 scale fields are replaced by
-finite, normal values (so neither side spends its time in NaN/denormal arithmetic), the best of
+finite, normal values (IQ1_M's f16 split over four nibbles and MXFP4's E8M0 exponents likewise, so
+neither side spends its time in NaN/denormal arithmetic), the best of
 `repeat` timed runs for each implementation, alternating, and MB/s of *input* bytes. `rows()` returns
 the table for bench/run.py; gguf-py is optional (its columns are then empty).
 """
@@ -162,10 +163,14 @@ def render(table: list[Row]) -> str:
     for r in table:
         gguf = "—" if r.gguf_mbs is None else f"{r.gguf_mbs:10.0f}"
         ratio = "—" if r.ratio is None else f"{r.ratio:6.2f}×"
-        target = "—" if r.ratio is None else _verdict(r.ratio, TARGET_RATIO.get(QuantType[r.qtype], 1.0))
+        target = "—" if r.ratio is None or r.qtype == "F32" else _verdict(r.ratio, _target(r.qtype))
         lines.append(f"{r.qtype:8} {r.mbytes:6.1f} {r.apr_mbs:10.0f} {gguf:>10} {ratio:>7} {target:>7}")
     lines.append("F32 is a zero-copy view on both sides: its times are per-call overhead, a few µs.")
     return "\n".join(lines)
+
+
+def _target(qtype: str) -> float:
+    return TARGET_RATIO.get(QuantType[qtype], 1.0)
 
 
 def _verdict(ratio: float, need: float) -> str:

@@ -45,9 +45,9 @@ from tests.fixtures import models  # noqa: E402
 
 from apr.engine.weights import default_threads  # noqa: E402
 from apr.quant import QuantType  # noqa: E402
+from apr.stages import Stage, StageId  # noqa: E402
 from apr.trace.reader import read_trace  # noqa: E402
 from apr.trace.run import prepare_trace  # noqa: E402
-from apr.stages import Stage, StageId  # noqa: E402
 
 PROMPT: Final = "The quick brown fox jumps over the lazy dog."
 SYNTH_TAG: Final = "v1"  # bump when bench/synth.py's output changes, so the cached file is rewritten
@@ -145,8 +145,8 @@ def llamacpp(model: Path, ids: Sequence[int], runs: int) -> Proc:
 
 def trace_rows(label: str, model: Path, runs: int, target: bool) -> list[Row]:
     prepared = prepare_trace(model, PROMPT)
-    ids, n_layers = prepared.token_ids, prepared.ckpt.config.n_layers
-    prepared.ckpt.close()
+    ids, n_layers = prepared.token_ids, prepared.model.config.n_layers
+    prepared.model.close()
     warm(model)
     ours, theirs = apr_trace(model, n_layers, runs), llamacpp(model, ids, runs)
     ratio = ours.seconds / theirs.seconds

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from apr.diff.compare import Tolerance, diff_traces
-from apr.models import open_model
 from apr.formats.config import QKLayout
+from apr.models import open_model
 from apr.trace.plan import TracePlan
 from apr.trace.reader import read_trace
 from apr.trace.run import TraceOptions, prepare_trace

@@ -13,10 +13,10 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
+from apr.stages import Stage, StageId
 from apr.trace.plan import TracePlan
 from apr.trace.reader import read_trace
 from apr.trace.run import TraceOptions, prepare_trace
-from apr.stages import Stage, StageId
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_LAYERS = 3  # use_more_bits(i, 3) holds for layer 2 only: both attn_v / ffn_down types occur

@@ -13,6 +13,7 @@ def angles(t: int, dh: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
     freqs, mult = rope.inv_freq(RopeScaling(), dh, theta)
     return rope.angles(np.arange(t), freqs, mult, np.float64)
 
+
 rng = np.random.default_rng(0)
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apr.models.llama import forward
 from apr.engine.weights import Weights
 from apr.errors import ValidationError
 from apr.models import open_model
+from apr.models.llama import forward
 from apr.runtimes import run_llamacpp, run_transformers
 from apr.stages import Stage, StageId
 from tests.runtimes import PROMPT_IDS, Recorder, cosine, rel_err

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from apr.engine import weights as weights_module
-from apr.models.llama import forward
 from apr.engine.weights import Weights, single_threaded_blas
 from apr.errors import UnsupportedQuantError
-from apr.models import open_model
 from apr.formats.apr import open_apr
 from apr.formats.aprwrite import AprTensor, write_apr
+from apr.models import open_model
+from apr.models.llama import forward
 from apr.quant import QuantType
 from apr.stages import StageId
 from tests.formats.test_apr import CFG_FULL, _apr_q8, _with_scales

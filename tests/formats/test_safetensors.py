@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from apr.errors import FormatError, ModelLoadError
 from apr.formats import detect_format, open_checkpoint
-from apr.models import open_model
 from apr.formats.config import QKLayout
 from apr.formats.safetensors import parse_header
+from apr.models import open_model
 from apr.quant.types import QuantType
 
 

@@ -33,8 +33,20 @@ from tests.fixtures.zoo import ZooModel
 from tests.runtimes import Recorder
 
 pytestmark = pytest.mark.oracle
-DENSE = ("llama", "llama3", "llama_linear", "llama_yarn", "mistral", "qwen2", "qwen3", "granite", "gemma2",
-         "gemma3", "phi3", "olmo2")  # fmt: skip
+DENSE = (
+    "llama",
+    "llama3",
+    "llama_linear",
+    "llama_yarn",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "granite",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "olmo2",
+)
 LLAMACPP_TOL = {"gemma2": 5e-4, "gemma3": 5e-4}  # ggml's f16-table GELU (module docstring)
 F32_TOL, F64_TOL, CROSS_TOL = 1e-5, 1e-10, 1e-5
 
@@ -56,9 +68,12 @@ def family(request: pytest.FixtureRequest, zoo: Callable[[str], ZooModel]) -> Zo
     return zoo(str(request.param))
 
 
-@pytest.mark.parametrize(("precision", "dtype", "tol"), [("float32", np.float32, F32_TOL),
-                                                         ("float64", np.float64, F64_TOL)])  # fmt: skip
-def test_hf_every_stage_matches_transformers(family: ZooModel, precision: str, dtype: Any, tol: float) -> None:
+@pytest.mark.parametrize(
+    ("precision", "dtype", "tol"), [("float32", np.float32, F32_TOL), ("float64", np.float64, F64_TOL)]
+)
+def test_hf_every_stage_matches_transformers(
+    family: ZooModel, precision: str, dtype: Any, tol: float
+) -> None:
     ids = family.token_ids()
     model = open_model(family.hf_dir)
     graph = [n.stage for n in model.graph()]
@@ -73,7 +88,9 @@ def test_hf_every_stage_matches_transformers(family: ZooModel, precision: str, d
     result = run()
     ours = reference(family.hf_dir, ids, dtype)
     assert set(result.unavailable) <= {Stage.QKV_BIAS}, result.unavailable  # every stage is compared
-    assert {sid.stage for sid in theirs.order} == {s for s in graph if s is not Stage.QKV_BIAS or model.config.qkv_bias}
+    assert {sid.stage for sid in theirs.order} == {
+        s for s in graph if s is not Stage.QKV_BIAS or model.config.qkv_bias
+    }
     errors = {sid: rel_l2(ours.arrays[sid], theirs.arrays[sid]) for sid in theirs.order}
     worst = max(errors, key=errors.__getitem__)
     print(f"{family.family} {precision}: {len(errors)} stages, worst {worst} {errors[worst]:.2e}")
@@ -120,3 +137,30 @@ def test_imported_apr_trace_is_bit_identical_to_the_gguf(family: ZooModel, tmp_p
     assert a.order == b.order
     for sid in a.order:
         assert np.array_equal(a.arrays[sid], b.arrays[sid]), sid
+
+
+def test_export_of_the_gguf_loads_in_transformers_with_the_same_logits(
+    family: ZooModel, tmp_path: Path
+) -> None:
+    """GGUF → `apr export` → transformers: its logits (every position) equal the reference on the GGUF.
+
+    Llama 3's GGUF carries per-frequency RoPE divisors (rope_freqs.weight), which no HF config spells:
+    refused by name."""
+    from apr.convert.export import export_safetensors
+
+    ids = family.token_ids()
+    model = open_model(family.gguf)
+    if model.config.rope_scaling.freq_factors:
+        with pytest.raises(ValidationError, match="tensor rope_freqs.weight has no Hugging Face name"):
+            export_safetensors(model, tmp_path / "hf")
+        return
+    export_safetensors(model, tmp_path / "hf")
+    theirs = Recorder()
+    run_transformers(
+        tmp_path / "hf", ids, theirs, hooks=model.family.hooks, expected=[n.stage for n in model.graph()]
+    )
+    ours = reference(family.gguf, ids)
+    lm = StageId(Stage.LM_HEAD)
+    window = model.config.sliding_window if family.family == "mistral" else 0
+    assert window == 0  # the GGUF carries no window, so neither does its export
+    assert rel_l2(ours.arrays[lm], theirs.arrays[lm]) <= CROSS_TOL

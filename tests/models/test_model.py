@@ -22,12 +22,21 @@ from apr.models.exchange import apr_keys_of
 from apr.models.registry import stage_graph
 from apr.stages import Stage
 
-D, I, H, HKV, DH, V, L = 16, 24, 4, 2, 4, 32, 2
+D, FFN, H, HKV, DH, V, L = 16, 24, 4, 2, 4, 32, 2
 CONFIG: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": D, "intermediate_size": I,
-    "num_hidden_layers": L, "num_attention_heads": H, "num_key_value_heads": HKV, "vocab_size": V,
-    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 64, "hidden_act": "silu",
-}  # fmt: skip
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": D,
+    "intermediate_size": FFN,
+    "num_hidden_layers": L,
+    "num_attention_heads": H,
+    "num_key_value_heads": HKV,
+    "vocab_size": V,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 64,
+    "hidden_act": "silu",
+}
 
 
 def hf_tensors() -> dict[str, np.ndarray]:
@@ -35,11 +44,17 @@ def hf_tensors() -> dict[str, np.ndarray]:
     t = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
     for i in range(L):
         p = f"model.layers.{i}."
-        t |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-              p + "self_attn.q_proj.weight": (H * DH, D), p + "self_attn.k_proj.weight": (HKV * DH, D),
-              p + "self_attn.v_proj.weight": (HKV * DH, D), p + "self_attn.o_proj.weight": (D, H * DH),
-              p + "mlp.gate_proj.weight": (I, D), p + "mlp.up_proj.weight": (I, D),
-              p + "mlp.down_proj.weight": (D, I)}  # fmt: skip
+        t |= {
+            p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (H * DH, D),
+            p + "self_attn.k_proj.weight": (HKV * DH, D),
+            p + "self_attn.v_proj.weight": (HKV * DH, D),
+            p + "self_attn.o_proj.weight": (D, H * DH),
+            p + "mlp.gate_proj.weight": (FFN, D),
+            p + "mlp.up_proj.weight": (FFN, D),
+            p + "mlp.down_proj.weight": (D, FFN),
+        }
     return {k: rng.standard_normal(s).astype(np.float32) for k, s in t.items()}
 
 
@@ -82,17 +97,31 @@ def test_missing_and_partial_tensors(tmp_path: Path) -> None:
 
 
 def test_shape_contradicting_the_config_is_refused(tmp_path: Path) -> None:
-    t = hf_tensors() | {"model.layers.1.mlp.down_proj.weight": np.zeros((D, I + 1), np.float32)}
-    with pytest.raises(FormatError, match=r"down_proj\.weight has shape \[16, 25\]; the config needs \[16, 24\]"):
+    t = hf_tensors() | {"model.layers.1.mlp.down_proj.weight": np.zeros((D, FFN + 1), np.float32)}
+    with pytest.raises(
+        FormatError, match=r"down_proj\.weight has shape \[16, 25\]; the config needs \[16, 24\]"
+    ):
         open_model(hf_folder(tmp_path, t))
 
 
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling type 'dynamic' is not implemented"),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8,
-                           "mscale": 0.7}}, "rope scaling 'mscale' = 0.7 is not implemented"),
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+            "rope scaling type 'dynamic' is not implemented",
+        ),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "yarn",
+                    "factor": 2.0,
+                    "original_max_position_embeddings": 8,
+                    "mscale": 0.7,
+                }
+            },
+            "rope scaling 'mscale' = 0.7 is not implemented",
+        ),
         ({"hidden_act": "gelu"}, "config 'hidden_act' = 'gelu': activation 'gelu'"),
         ({"final_logit_softcapping": 30.0}, "final logit soft-capping"),
         ({"architectures": ["FalconForCausalLM"]}, "architecture 'FalconForCausalLM' is not supported"),
@@ -100,8 +129,10 @@ def test_shape_contradicting_the_config_is_refused(tmp_path: Path) -> None:
         ({"num_attention_heads": 0}, "config key 'num_attention_heads' must be > 0, got 0"),
         ({"hidden_size": "16"}, "config key 'hidden_size' must be an integer, got '16'"),
     ],
-)  # fmt: skip
-def test_config_apr_does_not_implement_is_refused(tmp_path: Path, config: dict[str, Any], message: str) -> None:
+)
+def test_config_apr_does_not_implement_is_refused(
+    tmp_path: Path, config: dict[str, Any], message: str
+) -> None:
     with pytest.raises((ModelLoadError, FormatError), match=message.replace("(", r"\(").replace(")", r"\)")):
         open_model(hf_folder(tmp_path, **config))
 
@@ -137,7 +168,7 @@ def gguf_file(
         w.add_block_count(L)
     w.add_embedding_length(D)
     if f"{arch}.feed_forward_length" not in drop:
-        w.add_feed_forward_length(I)
+        w.add_feed_forward_length(FFN)
     if f"{arch}.attention.head_count" not in (kv or {}):
         w.add_head_count(H)
     w.add_head_count_kv(HKV)
@@ -150,12 +181,27 @@ def gguf_file(
         w.add_uint32(*extra_key)
     names = {"token_embd.weight": (V, D), "output_norm.weight": (D,)}
     for i in range(L):
-        names |= {f"blk.{i}.{n}": s for n, s in {"attn_norm.weight": (D,), "ffn_norm.weight": (D,),
-                  "attn_q.weight": (H * DH, D), "attn_k.weight": (HKV * DH, D), "attn_v.weight": (HKV * DH, D),
-                  "attn_output.weight": (D, H * DH), "ffn_gate.weight": (I, D), "ffn_up.weight": (I, D),
-                  "ffn_down.weight": (D, I)}.items()}  # fmt: skip
-    shapes = {"attn_q.bias": (H * DH,), "attn_k.bias": (HKV * DH,), "attn_v.bias": (HKV * DH,),
-              "attn_q_norm.weight": (DH,), "attn_k_norm.weight": (DH,)}  # fmt: skip
+        names |= {
+            f"blk.{i}.{n}": s
+            for n, s in {
+                "attn_norm.weight": (D,),
+                "ffn_norm.weight": (D,),
+                "attn_q.weight": (H * DH, D),
+                "attn_k.weight": (HKV * DH, D),
+                "attn_v.weight": (HKV * DH, D),
+                "attn_output.weight": (D, H * DH),
+                "ffn_gate.weight": (FFN, D),
+                "ffn_up.weight": (FFN, D),
+                "ffn_down.weight": (D, FFN),
+            }.items()
+        }
+    shapes = {
+        "attn_q.bias": (H * DH,),
+        "attn_k.bias": (HKV * DH,),
+        "attn_v.bias": (HKV * DH,),
+        "attn_q_norm.weight": (DH,),
+        "attn_k_norm.weight": (DH,),
+    }
     for suffix in extra_tensors:
         names |= {f"blk.{i}.{suffix}": shapes[suffix] for i in range(L)}
     for n, s in names.items():
@@ -169,11 +215,15 @@ def gguf_file(
 
 def test_gguf_resolves_and_refuses_unknown_keys_and_experts(tmp_path: Path) -> None:
     m = open_model(gguf_file(tmp_path))
-    assert (m.config.qk_layout, m.config.tied_embeddings, m.config.vocab_size) == (QKLayout.INTERLEAVED, True, V)
+    assert (m.config.qk_layout, m.config.tied_embeddings, m.config.vocab_size) == (
+        QKLayout.INTERLEAVED,
+        True,
+        V,
+    )
     with pytest.raises(ModelLoadError, match=r"GGUF key 'llama\.attention\.mystery' is not understood"):
         open_model(gguf_file(tmp_path, ("llama.attention.mystery", 3)))
-    with pytest.raises(FormatError, match=r"'llama\.expert_count' is 4: a mixture-of-experts llama model"):
-        open_model(gguf_file(tmp_path, experts=4))
+    with pytest.raises(FormatError, match=r"config key 'llama\.expert_used_count' is missing"):
+        open_model(gguf_file(tmp_path, experts=4))  # a llama GGUF with experts is a Mixtral: the MoE family's
 
 
 def test_stage_graph_of_bare_traces_has_every_aprender_stage() -> None:
@@ -202,14 +252,24 @@ def test_gguf_config_flags_from_tensors(
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"drop": ("llama.feed_forward_length",)}, FormatError, "config key 'llama.feed_forward_length' is missing"),
-        ({"kv": {"llama.block_count": ("one", __import__("gguf").GGUFValueType.STRING)}}, FormatError,
-         "config key 'llama.block_count' must be an integer, got 'one'"),
-        ({"kv": {"llama.attention.head_count": (0, __import__("gguf").GGUFValueType.UINT32)}}, FormatError,
-         "config key 'llama.attention.head_count' must be > 0, got 0"),
+        (
+            {"drop": ("llama.feed_forward_length",)},
+            FormatError,
+            "config key 'llama.feed_forward_length' is missing",
+        ),
+        (
+            {"kv": {"llama.block_count": ("one", __import__("gguf").GGUFValueType.STRING)}},
+            FormatError,
+            "config key 'llama.block_count' must be an integer, got 'one'",
+        ),
+        (
+            {"kv": {"llama.attention.head_count": (0, __import__("gguf").GGUFValueType.UINT32)}},
+            FormatError,
+            "config key 'llama.attention.head_count' must be > 0, got 0",
+        ),
         ({"arch": "gemma"}, ModelLoadError, "architecture 'gemma' is not supported"),
     ],
-)  # fmt: skip
+)
 def test_gguf_bad_config(tmp_path: Path, kwargs: dict[str, Any], error: type, message: str) -> None:
     path = gguf_file(tmp_path, **kwargs)
     with pytest.raises(error) as e:

@@ -131,7 +131,8 @@ def llamacpp_blocks(qtype: QuantType) -> npt.NDArray[np.uint8]:
     """`real_weights()` quantized to `qtype` by ggml (needs llama-cpp-python): (REAL_ROWS, row bytes)."""
     from tests.quant import ggml_ref
 
-    out = Path(models.cache_dir()) / "fixtures" / f"smollm2-ffn-down-{qtype.name.lower()}-{_tag()}.npy"
+    name = f"smollm2-ffn-down-r{REAL_ROWS}-{qtype.name.lower()}-{_tag()}.npy"
+    out = Path(models.cache_dir()) / "fixtures" / name
     if not out.is_file():
         x = real_weights()
         imatrix = synthetic_imatrix(x.shape[1]) if ggml_ref.requires_imatrix(qtype) else None

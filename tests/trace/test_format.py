@@ -13,9 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from apr.errors import NotFoundError, TraceFormatError
+from apr.stages import Stage, StageId
 from apr.trace import format as aprt
 from apr.trace.layout import default_output_dir, relative_path, stage_files, stage_id_for
-from apr.stages import Stage, StageId
 
 
 def test_golden_headers_from_the_spec() -> None:

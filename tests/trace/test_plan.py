@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from apr.errors import PlanError, StageParseError
-from apr.trace.plan import TracePlan, parse_layer_range, parse_stage_list
 from apr.stages import DENSE_STAGES, STAGE_ORDER, Stage, StageId
+from apr.trace.plan import TracePlan, parse_layer_range, parse_stage_list
 
 
 def test_all_is_every_stage_in_canonical_order_any_case() -> None:

@@ -82,7 +82,9 @@ def test_parse_stage_errors() -> None:
         parse_stage("  ")
     with pytest.raises(StageParseError) as e:
         parse_stage("x")
-    assert str(e.value) == 'unknown save-tensor stage "x"; valid stages: ' + ",".join(SPEC_NAMES + APR_ADDITIONS)
+    assert str(e.value) == 'unknown save-tensor stage "x"; valid stages: ' + ",".join(
+        SPEC_NAMES + APR_ADDITIONS
+    )
 
 
 @pytest.mark.parametrize(

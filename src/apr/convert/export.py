@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,7 +22,7 @@ from apr.atomicfile import atomic_output, write_bytes_atomic
 from apr.errors import ValidationError
 from apr.formats import names
 from apr.formats.config import QKLayout, interleaved_to_hf
-from apr.formats.tokenizer import build_tokenizer
+from apr.formats.tokenizer import Tokenizer, build_tokenizer
 from apr.models import Model
 from apr.models.config import ModelConfig
 from apr.models.exchange import hf_config, hf_name
@@ -37,6 +37,7 @@ class ExportResult:
     files: list[Path]
     tensors: int
     permuted: list[str]  # tensors whose Q/K rows were put back in HF order
+    notes: list[str] = field(default_factory=list)  # what was not exported, and why
 
 
 def _qk_heads(cfg: ModelConfig, name: str) -> int | None:
@@ -49,23 +50,30 @@ def _qk_heads(cfg: ModelConfig, name: str) -> int | None:
     return heads.get(suffix)
 
 
-def _tensor_plan(ckpt: Model) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(canonical, HF name, shape) of every tensor to write, in file order."""
-    cfg = ckpt.config
-    plan = []
+Plan = list[tuple[tuple[str, ...], str, tuple[int, ...]]]  # (canonical parts, HF name, shape)
+
+
+def _tensor_plan(ckpt: Model) -> Plan:
+    """Every HF tensor to write, in name order: canonical tensors that share an HF name (Phi-3's fused
+    qkv_proj, gate_up_proj) are its row blocks, in role order."""
+    groups: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
     for t in ckpt.tensors():
-        if t.name == names.OUTPUT and cfg.tied_embeddings:
+        if t.name == names.OUTPUT and ckpt.config.tied_embeddings:
             continue
         hf = hf_name(ckpt, t.name)
         if hf is None:
             raise ValidationError(f"tensor {t.name} has no Hugging Face name; cannot export it")
-        plan.append((t.name, hf, t.shape))
+        groups.setdefault(hf, []).append((t.name, t.shape))
+    plan: Plan = []
+    for hf, parts in groups.items():
+        rows = sum(shape[0] for _, shape in parts)
+        plan.append(
+            (tuple(n for n, _ in parts), hf, (rows, *parts[0][1][1:]) if len(parts) > 1 else parts[0][1])
+        )
     return sorted(plan, key=lambda p: p[1])
 
 
-def _write_safetensors(
-    path: Path, plan: list[tuple[str, str, tuple[int, ...]]], read: Callable[[str], npt.NDArray[Any]], dt: str
-) -> None:
+def _write_safetensors(path: Path, plan: Plan, read: Callable[[str], npt.NDArray[Any]], dt: str) -> None:
     st_dtype, np_dtype = DTYPES[dt]
     itemsize = np.dtype(np_dtype).itemsize
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -78,8 +86,9 @@ def _write_safetensors(
     blob += b" " * (-len(blob) % HEADER_ALIGN)
     with atomic_output(path) as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for canon, _, shape in plan:
-            f.write(np.ascontiguousarray(read(canon).reshape(shape), dtype=np_dtype).tobytes())
+        for parts, _, shape in plan:
+            block = np.concatenate([read(c) for c in parts]) if len(parts) > 1 else read(parts[0])
+            f.write(np.ascontiguousarray(block.reshape(shape), dtype=np_dtype).tobytes())
 
 
 def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> ExportResult:
@@ -92,8 +101,12 @@ def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> Export
     spec = ckpt.tokenizer_spec()
     permuted: list[str] = []
 
+    shift = cfg.norm_offset - ckpt.family.hooks.rms_norm_offset  # HF stores w of the family's (offset + w)
+
     def read(name: str) -> npt.NDArray[Any]:
         x = ckpt.read(name)
+        if shift and name.endswith("norm.weight"):
+            x = x + np.float32(shift)
         heads = _qk_heads(cfg, name)
         if heads is not None:
             permuted.append(name)
@@ -107,13 +120,19 @@ def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> Export
     bos, eos = (spec.bos_id, spec.eos_id) if spec else (None, None)
     files.append(out_dir / "config.json")
     write_bytes_atomic(files[-1], (json.dumps(hf_config(ckpt, bos, eos), indent=2) + "\n").encode())
+    notes: list[str] = []
     if spec is not None:
-        files += _write_tokenizer(spec, out_dir)
-    return ExportResult(out_dir, files, len(plan), permuted)
+        tok = build_tokenizer(spec)
+        if tok.backend is None:
+            notes.append(
+                f"tokenizer not exported: a {spec.model} vocabulary cannot be written as tokenizer.json yet"
+            )
+        else:
+            files += _write_tokenizer(spec, tok, out_dir)
+    return ExportResult(out_dir, files, len(plan), permuted, notes)
 
 
-def _write_tokenizer(spec: Any, out_dir: Path) -> list[Path]:
-    tok = build_tokenizer(spec)
+def _write_tokenizer(spec: Any, tok: Tokenizer, out_dir: Path) -> list[Path]:
     tj, tc = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
     write_bytes_atomic(tj, tok.backend.to_str().encode())
     vocab = tok.backend.get_vocab()

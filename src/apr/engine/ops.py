@@ -98,3 +98,22 @@ def softcap(x: Array, cap: float) -> Array:
     c = x.dtype.type(cap)
     out: Array = np.tanh(x / c) * c
     return out
+
+
+def softmax(x: Array) -> Array:
+    """Softmax over the last axis (max-subtracted)."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))  # (..., N)
+    out: Array = e / e.sum(axis=-1, keepdims=True)  # (..., N)
+    return out
+
+
+def sigmoid(x: Array) -> Array:
+    out: Array = 1 / (1 + np.exp(-x))
+    return out
+
+
+def top_k(x: Array, k: int) -> npt.NDArray[np.int64]:
+    """Indices of the k largest entries of each row, largest first; equal entries: lowest index first
+    (a stable sort; torch.topk leaves the order of ties unspecified). x: (..., N) → (..., k)."""
+    order: npt.NDArray[np.int64] = np.argsort(-x, axis=-1, kind="stable")[..., :k]
+    return order

@@ -4,7 +4,9 @@ A forward pass touches each weight once, so nothing is kept: peak memory is one 
 thread plus activations. `linear` multiplies a matrix in row blocks of ~`ROW_BLOCK_ELEMS` elements (4 MiB
 of f32): each block is dequantized straight from the file's bytes, mapped for that block only, and
 multiplied right away, so neither the f32 matrix nor its stored bytes are ever resident whole; a 7B lm_head
-(152064 × 3584) is ~500 such blocks. The embedding lookup reads only the prompt's rows.
+(152064 × 3584) is ~500 such blocks. The embedding lookup reads only the prompt's rows, and `expert_linear`
+only one expert's rows of a stacked (E, out, in) expert tensor: a MoE layer dequantizes just the experts some
+token selects.
 
 Row blocks run on `threads` threads (numpy's heavy calls and BLAS release the GIL), with BLAS itself held to
 one thread (below). Each output element is one BLAS dot product over a block that depends only on the
@@ -101,8 +103,27 @@ class Weights:
         self._need(name)
         info = self.ckpt.info(name)
         rows, cols = info.shape
+        return self._blocked(x, rows, cols, self._row_reader(info))
+
+    def expert_linear(self, x: Array, name: str, expert: int) -> Array:
+        """x @ W[expert]ᵀ for a stack of expert matrices W (E, out, in), reading only that expert's bytes:
+        rows [e·out, (e+1)·out) of W viewed as (E·out, in), in row blocks as `linear`. (T, in) → (T, out)
+
+        A stack the file does not hold as one tensor (HF per-expert tensors) is read one expert at a time."""
+        self._need(name)
+        info = self.ckpt.info(name)
+        n, rows, cols = info.shape
+        if not 0 <= expert < n:
+            raise InferenceError(f"expert {expert} is outside {name} ({n} experts)")
+        size = row_nbytes(info.qtype, cols)
+        if info.parts or size is None or size * n * rows != info.nbytes:
+            w = self.ckpt.read_rows(name, slice(expert, expert + 1))[0].astype(self.dtype, copy=False)
+            return self._blocked(x, rows, cols, lambda r0, r1: w[r0:r1])
+        return self._blocked(x, rows, cols, self._raw_rows(info, size, cols, expert * rows))
+
+    def _blocked(self, x: Array, rows: int, cols: int, read: Callable[[int, int], Array]) -> Array:
+        """x @ Wᵀ with W (rows, cols) read as row blocks [r0, r1) by `read`. (T, cols) → (T, rows)"""
         step = max(1, min(ROW_BLOCK_ELEMS // cols, -(-rows // 2)))  # ≥ 2 blocks to share
-        read = self._row_reader(info)
         out = np.empty((rows, x.shape[0]), dtype=self.dtype)  # (out, T): blocks of rows are contiguous
 
         def block(r0: int) -> None:
@@ -119,9 +140,13 @@ class Weights:
         size = row_nbytes(info.qtype, cols)
         if size is None or size * rows != info.nbytes:
             return lambda r0, r1: self.ckpt.read_rows(info.name, slice(r0, r1)).astype(self.dtype, copy=False)
+        return self._raw_rows(info, size, cols)
+
+    def _raw_rows(self, info: TensorInfo, size: int, cols: int, base: int = 0) -> Callable[[int, int], Array]:
+        """Rows [base + r0, base + r1) of `info` viewed as (rows, cols), dequantized from their bytes only."""
 
         def read(r0: int, r1: int) -> Array:
-            raw = self.ckpt.raw(info.name)[r0 * size : r1 * size]  # mapped until the block is done with
+            raw = self.ckpt.raw(info.name)[(base + r0) * size : (base + r1) * size]  # mapped for this block
             return dequantize(raw, info.qtype, (r1 - r0, cols)).astype(self.dtype, copy=False)
 
         return read

@@ -2,9 +2,10 @@
 
 Opening reads the 64-byte header, the JSON metadata and the tensor index, checks all of them strictly
 (formats/aprcodec.py has the byte layout and every rule), and exposes the metadata as a ConfigSource for
-the family registry; no tensor data is touched. The footer CRC covers every byte of the file, so checking it means reading all of it: open
-does not (for a 7B file that is gigabytes of I/O before the first layer is traced, and aprender itself
-never checks it); `check_footer()` / `verify()` do, and `open_apr(path, verify=True)` does both.
+the family registry; no tensor data is touched. The footer CRC covers every byte of the file, so checking
+it means reading all of it: open does not (for a 7B file that is gigabytes of I/O before the first layer
+is traced, and aprender itself never checks it); `check_footer()` / `verify()` do, and
+`open_apr(path, verify=True)` does both.
 
 Tensors appear under their stored names (aprender stores HF names for Qwen2 imports and GGUF names for
 LLaMA imports; the family maps either spelling to its roles). Each read maps just that tensor's bytes

@@ -301,7 +301,11 @@ class AprSource:
         self.architecture = arch.lower()
 
     def get(self, key: str) -> Any:
-        value = _Reader(self.meta, self.where).get(key)[1]
+        """A key (or a realizar alias of it), or a dotted path into nested objects."""
+        head, *rest = key.split(".") if key not in self.meta else (key,)
+        value = _Reader(self.meta, self.where).get(head)[1]
+        for part in rest:
+            value = value.get(part) if isinstance(value, dict) else None
         if TYPED_KEYS.get(key) == "f32" and isinstance(value, int | float) and not isinstance(value, bool):
             return float(np.float32(value))  # what aprender's f32 field holds
         return value

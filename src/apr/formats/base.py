@@ -32,6 +32,9 @@ class TensorInfo:
     offset: int  # absolute byte offset in the file holding it
     nbytes: int
     source_name: str = ""  # the file's name when `name` is a canonical (family-mapped) one
+    # a family-mapped tensor stacked from several file tensors on a new first axis (HF per-expert
+    # weights): their names, in order; such a tensor has no single byte range (`offset` is its first part's)
+    parts: tuple[str, ...] = ()
 
     @property
     def n_elements(self) -> int:

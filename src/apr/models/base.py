@@ -2,9 +2,11 @@
 the runtime maps. Everything that knows about architectures reads these records (STYLE §4b).
 
 - `Variant`: one member of a family as the files name it (GGUF `general.architecture`, HF `architectures`),
-  with its RoPE pairing in GGUF (llama.cpp's NORM or NEOX rope type).
-- `TensorRole`: a canonical tensor (GGUF spelling, `{i}` for the layer) with its HF spelling, expected shape
-  and presence rule. `Ignorable`: a tensor a checkpoint may carry that the math does not use, with why.
+  with its RoPE pairing in GGUF (llama.cpp's NORM or NEOX rope type); a variant that shares its names with
+  another (Mixtral's GGUF says "llama") `claims` the files that are its own.
+- `TensorRole`: a canonical tensor (GGUF spelling, `{i}` for the layer) with its HF spelling(s) (`{e}` for
+  the expert: one file tensor per expert, stacked on a new first axis), expected shape and presence rule.
+  `Ignorable`: a tensor a checkpoint may carry that the math does not use, with why.
 - `StageNode`: a stage with the stages it is computed from, the tensor roles it consumes and its dims;
   growth analysis, manifest dims, stage order and "first divergence" derive from the graph.
 - `Family`: the above plus `forward` and the transformers / llama.cpp capture maps.
@@ -39,6 +41,10 @@ class Variant:
     gguf: tuple[str, ...]  # general.architecture values
     hf: tuple[str, ...]  # HF `architectures` class names
     rope: str = ROPE_NORM  # how its GGUF stores Q/K rows (llama.cpp's rope type for the arch)
+    hf_model_type: str = ""  # config.json `model_type` when it is not `name` (Gemma 3 text: gemma3_text)
+    # names shared with another family's variant: this one takes only the sources `claims` is true for,
+    # and is tried before the variants without a claim (models/registry.py)
+    claims: Callable[[ConfigSource], bool] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,7 @@ class TensorRole:
     presence: str = REQUIRED
     gguf: str = ""  # the GGUF template when the GGUF stores it fused under another name
     rows: Callable[[ModelConfig], tuple[int, int]] | None = None  # its rows in the fused tensor
+    hf_alt: str = ""  # a second HF spelling, tried after `hf` (transformers 5's fused expert parameters)
 
     @property
     def per_layer(self) -> bool:
@@ -99,6 +106,10 @@ class HookMap:
     model: tuple[tuple[str, str, Stage], ...]
     qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # or fused
     rms_norm_offset: float = 0.0  # what the family's RMSNorm adds to its weight (float64 lift)
+    # (submodule, gate submodule, stage): stage = sigmoid(gate's output) · submodule's output, a product no
+    # module returns (Qwen2-MoE's shared expert); both outputs are hooked and multiplied by torch as the
+    # model does
+    gated: tuple[tuple[str, str, Stage], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +127,7 @@ class Family:
     ignorable: tuple[Ignorable, ...] = ()
     gguf_keys: tuple[str, ...] = ()  # {arch}.* keys the family reads or knows to be harmless
     hf_refuse: Mapping[str, Callable[[Any], str | None]] = field(default_factory=dict)  # key → why not
+    hf_extra: Callable[[ModelConfig], dict[str, Any]] = lambda cfg: {}  # config.json keys no Param writes
 
     def variant(self, name: str) -> Variant:
         return next(v for v in self.variants if v.name == name)

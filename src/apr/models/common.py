@@ -28,6 +28,7 @@ Array = npt.NDArray[Any]
 ROPE_FN: Final = {QKLayout.HF: ops.rope_half_split, QKLayout.INTERLEAVED: ops.rope_adjacent}
 IN: Final = "in"
 OUT: Final = "out"
+ITEM: Final = "item:"  # + k: item k of a module's tuple output of flat (batch·S, …) tensors (a MoE router's)
 
 # ---- config readers -------------------------------------------------------------------------------
 
@@ -44,9 +45,21 @@ ROPE_GGUF_KEYS: Final = (
 HF_ROPE_KEYS: Final = ("rope_scaling", "rope_parameters")
 # rope_parameters / rope_scaling entries that change the math and that apr does not implement
 ROPE_UNSUPPORTED_KEYS: Final = ("mscale", "mscale_all_dim", "partial_rotary_factor", "truncate")
-ROPE_KNOWN_KEYS: Final = frozenset({"rope_type", "type", "rope_theta", "factor", "low_freq_factor",
-                                    "high_freq_factor", "original_max_position_embeddings", "beta_fast",
-                                    "beta_slow", "attention_factor", *ROPE_UNSUPPORTED_KEYS})  # fmt: skip
+ROPE_KNOWN_KEYS: Final = frozenset(
+    {
+        "rope_type",
+        "type",
+        "rope_theta",
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+        "beta_fast",
+        "beta_slow",
+        "attention_factor",
+        *ROPE_UNSUPPORTED_KEYS,
+    }
+)
 
 
 def vocab_size(source: ConfigSource, present: frozenset[str], where: str) -> int:
@@ -90,11 +103,14 @@ def rope_scaling(source: ConfigSource, freq_factors: bool, where: str) -> RopeSc
     params = next((v for k in HF_ROPE_KEYS if isinstance(v := source.get(k), dict)), None)
     if params is None:
         return RopeScaling()
-    if isinstance(params.get("full_attention"), dict):  # per layer type (Gemma 3): the global layers'
+    if "full_attention" in params or "sliding_attention" in params:  # per layer type (Gemma 3)
         local = params.get("sliding_attention") or {}
-        if (local.get("rope_type") or "default") != "default":
+        if not isinstance(local, dict) or (local.get("rope_type") or "default") != "default":
             raise ModelLoadError(f"{where}: rope scaling of sliding-window layers is not implemented")
-        params = params["full_attention"]
+        rest = {k: v for k, v in params.items() if k != "sliding_attention"}
+        params = rest.get("full_attention", rest)  # the global layers' (an .apr keeps only the local theta)
+        if not isinstance(params, dict):
+            raise FormatError(f"{where}: rope_parameters 'full_attention' must be an object")
     kind = params.get("rope_type", params.get("type")) or "default"
     if kind not in ROPE_KINDS:
         raise ModelLoadError(f"{where}: rope scaling type {kind!r} is not implemented")
@@ -117,16 +133,20 @@ def rope_scaling(source: ConfigSource, freq_factors: bool, where: str) -> RopeSc
         return float(x)
 
     orig = params.get("original_max_position_embeddings")
-    return RopeScaling(
-        kind,
-        factor=num("factor"),
-        low_freq_factor=num("low_freq_factor", 1.0),
-        high_freq_factor=num("high_freq_factor", 4.0),
-        original_max_position=int(num("original_max_position_embeddings")) if kind != "linear" else 0,
-        beta_fast=num("beta_fast", 32.0),
-        beta_slow=num("beta_slow", 1.0),
-        attention_factor=float(params.get("attention_factor") or 0.0),
-    ) if orig is not None or kind == "linear" else _missing_orig(kind, where)  # fmt: skip
+    return (
+        RopeScaling(
+            kind,
+            factor=num("factor"),
+            low_freq_factor=num("low_freq_factor", 1.0),
+            high_freq_factor=num("high_freq_factor", 4.0),
+            original_max_position=int(num("original_max_position_embeddings")) if kind != "linear" else 0,
+            beta_fast=num("beta_fast", 32.0),
+            beta_slow=num("beta_slow", 1.0),
+            attention_factor=float(params.get("attention_factor") or 0.0),
+        )
+        if orig is not None or kind == "linear"
+        else _missing_orig(kind, where)
+    )
 
 
 def _missing_orig(kind: str, where: str) -> RopeScaling:
@@ -182,17 +202,20 @@ def attention_roles(c: ModelConfig) -> tuple[TensorRole, ...]:
         TensorRole("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight", lambda _: (q, D)),
         TensorRole("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight", lambda _: (kv, D)),
         TensorRole("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight", lambda _: (kv, D)),
-        TensorRole("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight", lambda _: (D, q)),
-        TensorRole("blk.{i}.attn_output.bias", "model.layers.{i}.self_attn.o_proj.bias", lambda _: (D,),
-                   OPTIONAL),
-    )  # fmt: skip
+        TensorRole(
+            "blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight", lambda _: (D, q)
+        ),
+        TensorRole(
+            "blk.{i}.attn_output.bias", "model.layers.{i}.self_attn.o_proj.bias", lambda _: (D,), OPTIONAL
+        ),
+    )
 
 
-def swiglu_roles(D: int, I: int) -> tuple[TensorRole, ...]:
+def swiglu_roles(D: int, ffn: int) -> tuple[TensorRole, ...]:
     return (
-        TensorRole("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight", lambda _: (I, D)),
-        TensorRole("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight", lambda _: (I, D)),
-        TensorRole("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight", lambda _: (D, I)),
+        TensorRole("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight", lambda _: (ffn, D)),
+        TensorRole("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight", lambda _: (ffn, D)),
+        TensorRole("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight", lambda _: (D, ffn)),
     )
 
 
@@ -203,23 +226,44 @@ def attention_nodes(c: ModelConfig, norm_stage: Stage | str) -> tuple[StageNode,
     qk_in = (Stage.QKV_BIAS,) if c.qkv_bias else (Stage.QKV_MATMUL,)
     qkv_w = ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight")
     bias = (
-        (StageNode(Stage.QKV_BIAS, (Stage.QKV_MATMUL,), ("blk.{i}.attn_q.bias", "blk.{i}.attn_k.bias",
-                                                         "blk.{i}.attn_v.bias"), ("seq", "q|k|v")),)
-        if c.qkv_bias else ()
-    )  # fmt: skip
+        (
+            StageNode(
+                Stage.QKV_BIAS,
+                (Stage.QKV_MATMUL,),
+                ("blk.{i}.attn_q.bias", "blk.{i}.attn_k.bias", "blk.{i}.attn_v.bias"),
+                ("seq", "q|k|v"),
+            ),
+        )
+        if c.qkv_bias
+        else ()
+    )
     return (
         StageNode(Stage.QKV_MATMUL, (norm_stage,), qkv_w, ("seq", "q|k|v"), matmul=True),
         *bias,
-        StageNode(Stage.Q_POST_ROPE, qk_in, ("blk.{i}.attn_q_norm.weight",), ("seq", "head*head_dim"),
-                  norm=c.qk_norm),
-        StageNode(Stage.K_POST_ROPE, qk_in, ("blk.{i}.attn_k_norm.weight",), ("seq", "kv_head*head_dim"),
-                  norm=c.qk_norm),
+        StageNode(
+            Stage.Q_POST_ROPE,
+            qk_in,
+            ("blk.{i}.attn_q_norm.weight",),
+            ("seq", "head*head_dim"),
+            norm=c.qk_norm,
+        ),
+        StageNode(
+            Stage.K_POST_ROPE,
+            qk_in,
+            ("blk.{i}.attn_k_norm.weight",),
+            ("seq", "kv_head*head_dim"),
+            norm=c.qk_norm,
+        ),
         StageNode(Stage.ATTN_SCORES, (Stage.Q_POST_ROPE, Stage.K_POST_ROPE), (), ("head", "query", "key")),
         StageNode(Stage.ATTN_SOFTMAX, (Stage.ATTN_SCORES,), (), ("head", "query", "key")),
         StageNode(Stage.ATTENTION, (Stage.ATTN_SOFTMAX, *qk_in), (), ("seq", "head*head_dim")),
-        StageNode(Stage.ATTN_OUT, (Stage.ATTENTION,), ("blk.{i}.attn_output.weight", "blk.{i}.attn_output.bias"),
-                  matmul=True),
-    )  # fmt: skip
+        StageNode(
+            Stage.ATTN_OUT,
+            (Stage.ATTENTION,),
+            ("blk.{i}.attn_output.weight", "blk.{i}.attn_output.bias"),
+            matmul=True,
+        ),
+    )
 
 
 def swiglu_nodes(norm_stage: Stage) -> tuple[StageNode, ...]:
@@ -233,26 +277,62 @@ def swiglu_nodes(norm_stage: Stage) -> tuple[StageNode, ...]:
     )
 
 
-def moe_nodes(norm_stage: Stage) -> tuple[StageNode, ...]:
-    """aprender's MoE stages (and apr's router logits / shared expert), between ffn_norm and the residual."""
+def moe_nodes(norm_stage: Stage, shared: bool = True) -> tuple[StageNode, ...]:
+    """aprender's MoE stages (and apr's router logits / shared expert), between ffn_norm and the residual.
+    Router logits → top-k weights and expert ids; the routed experts' weighted sum (+ the shared expert)."""
+    shexp = (
+        (
+            StageNode(
+                Stage.MOE_SHARED_OUT,
+                (norm_stage,),
+                (
+                    "blk.{i}.ffn_gate_shexp.weight",
+                    "blk.{i}.ffn_up_shexp.weight",
+                    "blk.{i}.ffn_down_shexp.weight",
+                    "blk.{i}.ffn_gate_inp_shexp.weight",
+                ),
+                matmul=True,
+            ),
+        )
+        if shared
+        else ()
+    )
     return (
-        StageNode(Stage.MOE_ROUTER_LOGITS, (norm_stage,), ("blk.{i}.ffn_gate_inp.weight",), ("seq", "expert"),
-                  matmul=True),
-        StageNode(Stage.MOE_ROUTER, (Stage.MOE_ROUTER_LOGITS, norm_stage), (), ("seq", "k")),
-        StageNode(Stage.MOE_ROUTER_INDICES, (Stage.MOE_ROUTER_LOGITS, norm_stage), (), ("seq", "k")),
-        StageNode(Stage.MOE_SHARED_OUT, (norm_stage,), ("blk.{i}.ffn_gate_shexp.weight", "blk.{i}.ffn_up_shexp.weight",
-                  "blk.{i}.ffn_down_shexp.weight", "blk.{i}.ffn_gate_inp_shexp.weight"), matmul=True),
-        StageNode(Stage.MOE_FFN_OUT, (Stage.MOE_ROUTER, norm_stage), ("blk.{i}.ffn_gate_exps.weight",
-                  "blk.{i}.ffn_up_exps.weight", "blk.{i}.ffn_down_exps.weight"), matmul=True),
-    )  # fmt: skip
+        StageNode(
+            Stage.MOE_ROUTER_LOGITS,
+            (norm_stage,),
+            ("blk.{i}.ffn_gate_inp.weight",),
+            ("seq", "expert"),
+            matmul=True,
+        ),
+        StageNode(Stage.MOE_ROUTER, (Stage.MOE_ROUTER_LOGITS,), (), ("seq", "k")),
+        StageNode(Stage.MOE_ROUTER_INDICES, (Stage.MOE_ROUTER_LOGITS,), (), ("seq", "k")),
+        *shexp,
+        StageNode(
+            Stage.MOE_FFN_OUT,
+            (Stage.MOE_ROUTER, Stage.MOE_ROUTER_INDICES, norm_stage, *(n.stage for n in shexp)),
+            (
+                "blk.{i}.ffn_gate_exps.weight",
+                "blk.{i}.ffn_up_exps.weight",
+                "blk.{i}.ffn_gate_up_exps.weight",
+                "blk.{i}.ffn_down_exps.weight",
+            ),
+            matmul=True,
+        ),
+    )
 
 
 def head_nodes() -> tuple[StageNode, ...]:
     return (
         StageNode(Stage.FINAL_NORM, (PREV_OUTPUT,), ("output_norm.weight",), norm=True),
-        StageNode(Stage.LM_HEAD, (Stage.FINAL_NORM,), ("output.weight", "token_embd.weight"), ("seq", "vocab"),
-                  matmul=True),
-    )  # fmt: skip
+        StageNode(
+            Stage.LM_HEAD,
+            (Stage.FINAL_NORM,),
+            ("output.weight", "token_embd.weight"),
+            ("seq", "vocab"),
+            matmul=True,
+        ),
+    )
 
 
 # ---- forward pieces -------------------------------------------------------------------------------

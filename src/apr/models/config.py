@@ -53,7 +53,11 @@ class ModelConfig:
     tied_embeddings: bool = False
     qk_layout: QKLayout = QKLayout.HF
     max_position: int = 2048
-    n_experts: int = 0
+    n_experts: int = 0  # mixture of experts: experts per layer (0: a dense FFN)
+    n_experts_used: int = 0  # experts each token is routed to (top-k)
+    expert_ffn: int = 0  # an expert's FFN width
+    shared_expert_ffn: int = 0  # the shared expert's FFN width (Qwen2-MoE; 0: none)
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     sliding_window: int = 0  # 0: none; else a key j is seen by query i when i - j < window
     sliding_layers: tuple[int, ...] = ()  # layers with the window (all layers when empty and window > 0)

@@ -59,10 +59,22 @@ def _family_extras(cfg: ModelConfig, apr: bool) -> dict[str, object]:
         value = getattr(cfg, p.field)
         default = p.default if not callable(p.default) else None
         if value != default:
-            out[(p.apr[0] if apr and p.apr else p.hf[0])] = list(value) if isinstance(value, tuple) else value
+            _put(
+                out,
+                (p.apr[0] if apr and p.apr else p.hf[0]),
+                list(value) if isinstance(value, tuple) else value,
+            )
     if (rs := rope_scaling_dict(cfg.rope_scaling)) is not None:
         out["rope_scaling"] = rs
     return out
+
+
+def _put(out: dict[str, Any], key: str, value: object) -> None:
+    """out[key] = value, a dotted key (`rope_parameters.sliding_attention.rope_theta`) as nested objects."""
+    *path, last = key.split(".")
+    for part in path:
+        out = out.setdefault(part, {})
+    out[last] = value
 
 
 def apr_keys(model: Model) -> AprModelKeys:
@@ -88,7 +100,7 @@ def apr_keys_of(cfg: ModelConfig) -> AprModelKeys:
         head_dim=cfg.head_dim,
         n_experts=cfg.n_experts,
         tied_embeddings=cfg.tied_embeddings,
-        extra=_family_extras(cfg, apr=True),
+        extra=_family_extras(cfg, apr=True) | ({"norm_offset": cfg.norm_offset} if cfg.norm_offset else {}),
     )
 
 
@@ -97,18 +109,20 @@ def hf_config(model: Model, bos: int | None, eos: int | None) -> dict[str, Any]:
     cfg = model.config
     out: dict[str, Any] = {
         "architectures": [model.variant.hf[0]],
-        "model_type": model.variant.name,
+        "model_type": model.variant.hf_model_type or model.variant.name,
     }
     for p in model.family.params:
         if p.field in COMMON_FIELDS and p.hf:
             out[p.hf[0]] = getattr(cfg, p.field)
     out |= _family_extras(cfg, apr=False)
+    out |= model.family.hf_extra(cfg)
     out |= {
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tied_embeddings,
         "attention_bias": cfg.qkv_bias,
         "bos_token_id": bos,
         "eos_token_id": eos,
+        "pad_token_id": None,  # some configs default it to an id past a small vocabulary (Phi-3: 32000)
         "torch_dtype": "float32",
     }
     return out

@@ -29,6 +29,7 @@ from apr.formats.base import ConfigSource
 from apr.models import common
 from apr.models.base import OPTIONAL, PREV_OUTPUT, ROPE_NEOX, Family, HookMap, StageNode, TensorRole, Variant
 from apr.models.config import ModelConfig
+from apr.models.exchange import rope_scaling_dict
 from apr.models.params import COMMON, Param
 from apr.stages import Stage, StageId, Tap
 
@@ -37,22 +38,41 @@ IN, OUT = common.IN, common.OUT
 
 VARIANTS: Final = (
     Variant("gemma2", ("gemma2",), ("Gemma2ForCausalLM",), ROPE_NEOX),
-    Variant("gemma3", ("gemma3",), ("Gemma3ForCausalLM",), ROPE_NEOX),
+    Variant("gemma3", ("gemma3",), ("Gemma3ForCausalLM",), ROPE_NEOX, hf_model_type="gemma3_text"),
 )
 DEFAULT_PATTERN: Final = {"gemma2": 2, "gemma3": 6}  # llama.cpp's load_swa_pattern defaults
 LAYER_TYPES: Final = {"sliding_attention": True, "full_attention": False}
 
 PARAMS: Final = (
     *COMMON,
-    Param("attn_softcap", "{arch}.attn_logit_softcapping", ("attn_logit_softcapping",), kind=float,
-          default=0.0, check="nonneg"),
-    Param("final_softcap", "{arch}.final_logit_softcapping", ("final_logit_softcapping",), kind=float,
-          default=0.0, check="nonneg"),
-    Param("sliding_window", "{arch}.attention.sliding_window", ("sliding_window",), default=0, check="nonneg"),
-    Param("rope_local_theta", "{arch}.rope.freq_base_swa",
-          ("rope_parameters.sliding_attention.rope_theta", "rope_local_base_freq"), kind=float, default=0.0,
-          check="nonneg"),
-)  # fmt: skip
+    Param(
+        "attn_softcap",
+        "{arch}.attn_logit_softcapping",
+        ("attn_logit_softcapping",),
+        kind=float,
+        default=0.0,
+        check="nonneg",
+    ),
+    Param(
+        "final_softcap",
+        "{arch}.final_logit_softcapping",
+        ("final_logit_softcapping",),
+        kind=float,
+        default=0.0,
+        check="nonneg",
+    ),
+    Param(
+        "sliding_window", "{arch}.attention.sliding_window", ("sliding_window",), default=0, check="nonneg"
+    ),
+    Param(
+        "rope_local_theta",
+        "{arch}.rope.freq_base_swa",
+        ("rope_parameters.sliding_attention.rope_theta", "rope_local_base_freq"),
+        kind=float,
+        default=0.0,
+        check="nonneg",
+    ),
+)
 
 
 def _sliding_layers(variant: Variant, source: ConfigSource, n_layers: int, where: str) -> tuple[int, ...]:
@@ -62,8 +82,11 @@ def _sliding_layers(variant: Variant, source: ConfigSource, n_layers: int, where
                 f"{where}: 'layer_types' {types!r} is not {n_layers} of {sorted(LAYER_TYPES)}"
             )
         return tuple(i for i, t in enumerate(types) if LAYER_TYPES[t])
-    key = f"{source.architecture}.attention.sliding_window_pattern" if source.kind == "gguf" else (
-        "sliding_window_pattern")  # fmt: skip
+    key = (
+        f"{source.architecture}.attention.sliding_window_pattern"
+        if source.kind == "gguf"
+        else ("sliding_window_pattern")
+    )
     pattern = source.get(key)
     if isinstance(pattern, list):  # per layer: true = sliding
         if len(pattern) != n_layers or not all(isinstance(p, bool) for p in pattern):
@@ -115,14 +138,21 @@ def roles(c: ModelConfig) -> tuple[TensorRole, ...]:
         *common.global_roles(c),
         TensorRole("blk.{i}.attn_norm.weight", layer + "input_layernorm.weight", lambda _: (D,)),
         *common.attention_roles(c),
-        TensorRole("blk.{i}.attn_q_norm.weight", layer + "self_attn.q_norm.weight", lambda _: (Dh,), OPTIONAL),
-        TensorRole("blk.{i}.attn_k_norm.weight", layer + "self_attn.k_norm.weight", lambda _: (Dh,), OPTIONAL),
-        TensorRole("blk.{i}.post_attention_norm.weight", layer + "post_attention_layernorm.weight",
-                   lambda _: (D,)),
+        TensorRole(
+            "blk.{i}.attn_q_norm.weight", layer + "self_attn.q_norm.weight", lambda _: (Dh,), OPTIONAL
+        ),
+        TensorRole(
+            "blk.{i}.attn_k_norm.weight", layer + "self_attn.k_norm.weight", lambda _: (Dh,), OPTIONAL
+        ),
+        TensorRole(
+            "blk.{i}.post_attention_norm.weight", layer + "post_attention_layernorm.weight", lambda _: (D,)
+        ),
         TensorRole("blk.{i}.ffn_norm.weight", layer + "pre_feedforward_layernorm.weight", lambda _: (D,)),
         *common.swiglu_roles(D, c.intermediate_size),
-        TensorRole("blk.{i}.post_ffw_norm.weight", layer + "post_feedforward_layernorm.weight", lambda _: (D,)),
-    )  # fmt: skip
+        TensorRole(
+            "blk.{i}.post_ffw_norm.weight", layer + "post_feedforward_layernorm.weight", lambda _: (D,)
+        ),
+    )
 
 
 def graph(c: ModelConfig) -> tuple[StageNode, ...]:
@@ -131,14 +161,16 @@ def graph(c: ModelConfig) -> tuple[StageNode, ...]:
         StageNode(Stage.EMBEDDING, (), ("token_embd.weight",)),
         StageNode(Stage.ATTN_NORM, (PREV_OUTPUT,), ("blk.{i}.attn_norm.weight",), norm=True),
         *common.attention_nodes(c, Stage.ATTN_NORM),
-        StageNode(Stage.ATTN_POST_NORM, (Stage.ATTN_OUT,), ("blk.{i}.post_attention_norm.weight",), norm=True),
+        StageNode(
+            Stage.ATTN_POST_NORM, (Stage.ATTN_OUT,), ("blk.{i}.post_attention_norm.weight",), norm=True
+        ),
         StageNode(Stage.POST_ATTN_RESIDUAL, (Stage.ATTN_POST_NORM, PREV_OUTPUT)),
         StageNode(Stage.FFN_NORM, (Stage.POST_ATTN_RESIDUAL,), ("blk.{i}.ffn_norm.weight",), norm=True),
         *ffn,
         StageNode(Stage.FFN_POST_NORM, (Stage.FFN_OUT,), ("blk.{i}.post_ffw_norm.weight",), norm=True),
         StageNode(Stage.POST_FFN_RESIDUAL, (Stage.FFN_POST_NORM, Stage.POST_ATTN_RESIDUAL)),
         *common.head_nodes(),
-    )  # fmt: skip
+    )
 
 
 def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.Rotary) -> Array:
@@ -224,6 +256,25 @@ def _refuse_act(v: Any) -> str | None:
     return None if v == "gelu_pytorch_tanh" else f"activation {v!r} (Gemma computes gelu_pytorch_tanh)"
 
 
+def hf_extra(cfg: ModelConfig) -> dict[str, Any]:
+    """config.json keys of a Gemma export that no Param writes (transformers 5 spelling)."""
+    types = ["sliding_attention" if cfg.layer_window(i) else "full_attention" for i in range(cfg.n_layers)]
+    scalar = cfg.attn_scale**-2 if cfg.attn_scale else cfg.head_dim
+    out: dict[str, Any] = {
+        "query_pre_attn_scalar": scalar,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "layer_types": types,
+        "sliding_window": cfg.sliding_window or None,
+    }
+    if cfg.architecture == "gemma3":  # RoPE per layer type; the scaling (if any) is the global layers'
+        full = {"rope_type": "default", "rope_theta": cfg.rope_theta} | (
+            rope_scaling_dict(cfg.rope_scaling) or {}
+        )
+        local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
+        out |= {"rope_parameters": {"full_attention": full, "sliding_attention": local}, "rope_scaling": None}
+    return out
+
+
 FAMILY: Final = Family(
     name="gemma",
     variants=VARIANTS,
@@ -236,6 +287,7 @@ FAMILY: Final = Family(
     hooks=HookMap(LAYER_HOOKS, common.MODEL_HOOKS, rms_norm_offset=1.0),
     ggml_nodes=GGML_NODES,
     gguf_keys=(*common.ROPE_GGUF_KEYS, "{arch}.attention.sliding_window_pattern"),
+    hf_extra=hf_extra,
     hf_refuse={
         "hidden_activation": _refuse_act,
         "use_bidirectional_attention": lambda v: "bidirectional attention" if v else None,

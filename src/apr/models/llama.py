@@ -2,8 +2,10 @@
 
     x = embed(ids) · embed_scale
     per layer:  h = rmsnorm(x);  q,k,v = h·Wq,k,v (+ bias: Qwen2);  q,k = rmsnorm per head (Qwen3)
-                q,k = rope(q,k) (scaling: linear / llama3 / yarn);  a = softmax(q·kᵀ·scale, causal[, window])·v
-                x = x + residual_scale · a·Wo;   h = rmsnorm(x);  x = x + residual_scale · (silu(h·Wg) ⊙ h·Wu)·Wd
+                q,k = rope(q,k) (scaling: linear / llama3 / yarn)
+                a = softmax(q·kᵀ·scale, causal[, window])·v
+                x = x + residual_scale · a·Wo;   h = rmsnorm(x)
+                x = x + residual_scale · (silu(h·Wg) ⊙ h·Wu)·Wd
     logits = rmsnorm(x)·Wout / logit_divisor
 
 Variants differ only in flags: Qwen2's q/k/v bias and Qwen3's QK-norm follow from the tensors; Mistral's
@@ -53,13 +55,21 @@ VARIANTS: Final = (
 
 PARAMS: Final = (
     *COMMON,
-    Param("sliding_window", "{arch}.attention.sliding_window", ("sliding_window",), default=0, check="nonneg"),
+    Param(
+        "sliding_window", "{arch}.attention.sliding_window", ("sliding_window",), default=0, check="nonneg"
+    ),
     Param("embed_scale", "{arch}.embedding_scale", ("embedding_multiplier",), kind=float, default=1.0),
     Param("residual_scale", "{arch}.residual_scale", ("residual_multiplier",), kind=float, default=1.0),
-    Param("attn_scale", "{arch}.attention.scale", ("attention_multiplier",), kind=float, default=0.0,
-          check="nonneg"),
+    Param(
+        "attn_scale",
+        "{arch}.attention.scale",
+        ("attention_multiplier",),
+        kind=float,
+        default=0.0,
+        check="nonneg",
+    ),
     Param("logit_divisor", "{arch}.logit_scale", ("logits_scaling",), kind=float, default=1.0),
-)  # fmt: skip
+)
 
 
 def finish(
@@ -82,24 +92,37 @@ def finish(
 
 
 def roles(c: ModelConfig) -> tuple[TensorRole, ...]:
-    D, I, Dh = c.hidden_size, c.intermediate_size, c.head_dim
+    D, Dh = c.hidden_size, c.head_dim
     q, kv = c.q_dim, c.kv_dim
     return (
         *common.global_roles(c),
         TensorRole("rope_freqs.weight", "", lambda c: (c.head_dim // 2,), OPTIONAL),
         TensorRole("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight", lambda _: (D,)),
         *common.attention_roles(c),
-        TensorRole("blk.{i}.attn_q_norm.weight", "model.layers.{i}.self_attn.q_norm.weight", lambda _: (Dh,),
-                   OPTIONAL),
-        TensorRole("blk.{i}.attn_k_norm.weight", "model.layers.{i}.self_attn.k_norm.weight", lambda _: (Dh,),
-                   OPTIONAL),
+        TensorRole(
+            "blk.{i}.attn_q_norm.weight",
+            "model.layers.{i}.self_attn.q_norm.weight",
+            lambda _: (Dh,),
+            OPTIONAL,
+        ),
+        TensorRole(
+            "blk.{i}.attn_k_norm.weight",
+            "model.layers.{i}.self_attn.k_norm.weight",
+            lambda _: (Dh,),
+            OPTIONAL,
+        ),
         TensorRole("blk.{i}.attn_q.bias", "model.layers.{i}.self_attn.q_proj.bias", lambda _: (q,), OPTIONAL),
-        TensorRole("blk.{i}.attn_k.bias", "model.layers.{i}.self_attn.k_proj.bias", lambda _: (kv,), OPTIONAL),
-        TensorRole("blk.{i}.attn_v.bias", "model.layers.{i}.self_attn.v_proj.bias", lambda _: (kv,), OPTIONAL),
-        TensorRole("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight",
-                   lambda _: (D,)),
-        *common.swiglu_roles(D, I),
-    )  # fmt: skip
+        TensorRole(
+            "blk.{i}.attn_k.bias", "model.layers.{i}.self_attn.k_proj.bias", lambda _: (kv,), OPTIONAL
+        ),
+        TensorRole(
+            "blk.{i}.attn_v.bias", "model.layers.{i}.self_attn.v_proj.bias", lambda _: (kv,), OPTIONAL
+        ),
+        TensorRole(
+            "blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight", lambda _: (D,)
+        ),
+        *common.swiglu_roles(D, c.intermediate_size),
+    )
 
 
 def graph(c: ModelConfig) -> tuple[StageNode, ...]:
@@ -186,7 +209,9 @@ FAMILY: Final = Family(
     hf_refuse={
         "hidden_act": _refuse_act,
         "mlp_bias": lambda v: "MLP biases (mlp_bias: true)" if v else None,
-        "use_sliding_window": lambda v: "Qwen's per-layer sliding window (use_sliding_window: true)" if v else None,
+        "use_sliding_window": lambda v: (
+            "Qwen's per-layer sliding window (use_sliding_window: true)" if v else None
+        ),
         **common.HF_REFUSE,
     },
-)  # fmt: skip
+)

@@ -10,7 +10,10 @@ naming the culprit, before any compute — whatever it does not fully understand
 - a GGUF `{arch}.*` key the family neither reads nor knows to be harmless, a config.json value that changes
   the math in a way the family does not implement (an unknown `rope_scaling` type, soft-capping on llama).
 
-The `Model` then behaves as a Checkpoint whose names are canonical (GGUF spelling), whatever the file's.
+The `Model` then behaves as a Checkpoint whose names are canonical (GGUF spelling), whatever the file's. HF
+per-expert tensors (a role spelled with `{e}`) are one stacked (E, out, in) tensor, as GGUF stores them: its
+TensorInfo names the parts, `read`/`read_rows` (first axis: experts) read only the experts asked for, and it
+has no `raw` bytes.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from apr.errors import FormatError, ModelLoadError, NotFoundError
+from apr.errors import FormatError, ModelLoadError, NotFoundError, ValidationError
 from apr.formats import open_checkpoint
 from apr.formats.base import Checkpoint, ConfigSource, F32Array, TensorInfo, TokenizerSpec
 from apr.models.base import OPTIONAL, REQUIRED, Family, StageNode, TensorRole, Variant
@@ -34,8 +37,8 @@ from apr.models.registry import families, find_family
 from apr.quant import row_nbytes
 from apr.stages import Stage
 
-
 Mapped = list[tuple[str, tuple[int | None, str]]]  # (role template, (layer, file tensor name))
+EXPERTS: Final = "*"  # the expert index in the name of a stacked per-expert tensor
 
 
 @dataclass
@@ -86,18 +89,28 @@ class Model:
         return info.source_name or info.name
 
     def read(self, name: str) -> F32Array:
+        if parts := self.info(name).parts:
+            return np.stack([self.ckpt.read(p) for p in parts])
         if name in self._slices:
             r0, r1 = self._slices[name]
             return self.ckpt.read_rows(self._file_name(name), slice(r0, r1))
         return self.ckpt.read(self._file_name(name))
 
     def read_rows(self, name: str, rows: npt.NDArray[np.int64] | slice) -> F32Array:
+        if parts := self.info(name).parts:
+            picked = np.arange(len(parts), dtype=np.int64)[rows]
+            return np.stack([self.ckpt.read(parts[e]) for e in np.atleast_1d(picked)])
         if name in self._slices:
             r0, r1 = self._slices[name]
             rows = np.arange(r0, r1, dtype=np.int64)[rows]
         return self.ckpt.read_rows(self._file_name(name), rows)
 
     def raw(self, name: str) -> npt.NDArray[np.uint8]:
+        if parts := self.info(name).parts:
+            raise ValidationError(
+                f"{self.path}: tensor {name} is stacked from {len(parts)} per-expert tensors "
+                "of the file; it has no single byte range"
+            )
         data = self.ckpt.raw(self._file_name(name))
         if name not in self._slices:
             return data
@@ -132,14 +145,18 @@ def resolve(ckpt: Checkpoint) -> Model:
     source = ckpt.source
     found = find_family(source)
     if found is None:
-        raise ModelLoadError(f"{where}: architecture {source.architecture or '(none)'!r} is not supported "
-                             f"(supported: {', '.join(supported_names(source.kind))})")  # fmt: skip
+        raise ModelLoadError(
+            f"{where}: architecture {source.architecture or '(none)'!r} is not supported "
+            f"(supported: {', '.join(supported_names(source.kind))})"
+        )
     family, variant = found
     _refuse_config(family, source, where)
     values = read_params(family.params, source, where)
     _check_heads(values, where)
-    by_file = {t.name: t for t in ckpt.tensors()}
     provisional = ModelConfig(architecture=variant.name, vocab_size=1, **values)
+    by_file = _stack_experts(
+        family.roles(provisional), provisional, {t.name: t for t in ckpt.tensors()}, where
+    )
     mapped = _map_names(family.roles(provisional), provisional.n_layers, by_file, source.kind)
     present = frozenset(role for role, _ in mapped)
     cfg = family.finish(variant, source, values, present, where)
@@ -173,8 +190,10 @@ def _refuse_config(family: Family, source: ConfigSource, where: str) -> None:
 
 def _check_heads(values: dict[str, Any], where: str) -> None:
     if values["n_heads"] % values["n_kv_heads"]:
-        raise FormatError(f"{where}: {values['n_heads']} attention heads are not a multiple of "
-                          f"{values['n_kv_heads']} key/value heads")  # fmt: skip
+        raise FormatError(
+            f"{where}: {values['n_heads']} attention heads are not a multiple of "
+            f"{values['n_kv_heads']} key/value heads"
+        )
     if values["head_dim"] % 2:
         raise FormatError(f"{where}: head_dim {values['head_dim']} is odd; RoPE pairs need an even one")
 
@@ -182,9 +201,45 @@ def _check_heads(values: dict[str, Any], where: str) -> None:
 def _spellings(role: TensorRole, layer: int | None, kind: str) -> tuple[str, ...]:
     """The file names a role instance may have: GGUF's, HF's, or (for .apr, which holds either, or a split
     import of a fused tensor) the canonical name first."""
-    canon, hf = role.name.format(i=layer), role.hf.format(i=layer)
+    canon = role.name.format(i=layer)
     gguf = role.gguf.format(i=layer) if role.gguf else canon
-    return {"gguf": (gguf,), "hf": (hf,), "apr": (canon, gguf, hf)}[kind]
+    hf = tuple(t.format(i=layer, e=EXPERTS) for t in (role.hf, role.hf_alt) if t)
+    return {"gguf": (gguf,), "hf": hf, "apr": (canon, gguf, *hf)}[kind]
+
+
+def _stack_experts(
+    roles: tuple[TensorRole, ...], cfg: ModelConfig, by_file: dict[str, TensorInfo], where: str
+) -> dict[str, TensorInfo]:
+    """`by_file` with each layer's per-expert tensors of a role spelled with `{e}` (HF: experts.{e}.w1)
+    replaced by one stacked TensorInfo (E, out, in), named with `*` for the expert, at the first's place."""
+    stacks: dict[str, TensorInfo] = {}
+    for template in (t for r in roles for t in (r.hf, r.hf_alt) if "{e}" in t):
+        for layer in range(cfg.n_layers):
+            names = [template.format(i=layer, e=e) for e in range(cfg.n_experts)]
+            have = [by_file[n] for n in names if n in by_file]
+            if not have:
+                continue
+            stacked = template.format(i=layer, e=EXPERTS)
+            if len(have) < len(names):
+                missing = next(n for n in names if n not in by_file)
+                raise ModelLoadError(
+                    f"{where}: tensor {missing} is missing ({len(have)} of {len(names)} experts present)"
+                )
+            if len({(t.qtype, t.shape) for t in have}) > 1:
+                raise FormatError(f"{where}: tensors {stacked} differ in type or shape between experts")
+            first = have[0]
+            nbytes = sum(t.nbytes for t in have)
+            stacks[names[0]] = TensorInfo(
+                stacked, first.qtype, (len(names), *first.shape), first.offset, nbytes, parts=tuple(names)
+            )
+    stacked_parts = {p for t in stacks.values() for p in t.parts}
+    out: dict[str, TensorInfo] = {}
+    for name, info in by_file.items():
+        if name in stacks:
+            out[stacks[name].name] = stacks[name]
+        elif name not in stacked_parts:
+            out[name] = info
+    return out
 
 
 def _map_names(
@@ -225,8 +280,10 @@ def _account(
         missing = sorted(want - have, key=lambda x: -1 if x is None else x)
         what = role.name.format(i=missing[0]) if missing[0] is not None else role.name
         if role.presence == REQUIRED or have:
-            raise ModelLoadError(f"{where}: tensor {what} is missing" + (
-                f" (present in {len(have)} of {len(want)} layers)" if have else ""))  # fmt: skip
+            raise ModelLoadError(
+                f"{where}: tensor {what} is missing"
+                + (f" (present in {len(have)} of {len(want)} layers)" if have else "")
+            )
     infos: dict[str, TensorInfo] = {}
     slices: dict[str, tuple[int, int]] = {}
     fused: dict[str, int] = {}  # file name → rows its slices cover
@@ -235,8 +292,10 @@ def _account(
         want_shape = role.shape(cfg)
         if info.shape == want_shape or role.rows is None:
             if info.shape != want_shape:
-                raise FormatError(f"{where}: tensor {name} has shape {list(info.shape)}; the config needs "
-                                  f"{list(want_shape)}")  # fmt: skip
+                raise FormatError(
+                    f"{where}: tensor {name} has shape {list(info.shape)}; the config needs "
+                    f"{list(want_shape)}"
+                )
             infos[canon] = dataclasses.replace(info, name=canon, source_name=name if name != canon else "")
             continue
         r0, r1 = role.rows(cfg)
@@ -244,8 +303,9 @@ def _account(
         fused[name] = fused.get(name, 0) + r1 - r0
     for name, covered in fused.items():
         if covered != by_file[name].shape[0]:
-            raise FormatError(f"{where}: fused tensor {name} has {by_file[name].shape[0]} rows; the config "
-                              f"splits {covered}")  # fmt: skip
+            raise FormatError(
+                f"{where}: fused tensor {name} has {by_file[name].shape[0]} rows; the config splits {covered}"
+            )
     order = {n: k for k, n in enumerate(by_file)}
     ordered = dict(sorted(infos.items(), key=lambda kv: order[kv[1].source_name or kv[1].name]))
     return ordered, slices
@@ -254,14 +314,24 @@ def _account(
 def _slice(info: TensorInfo, canon: str, r0: int, r1: int, shape: tuple[int, ...], where: str) -> TensorInfo:
     """Rows [r0, r1) of a fused 2-D tensor as a TensorInfo of their own (its bytes, when rows are whole)."""
     if len(info.shape) != 2 or info.shape[1:] != shape[1:] or r1 > info.shape[0] or shape[0] != r1 - r0:
-        raise FormatError(f"{where}: fused tensor {info.name} has shape {list(info.shape)}; the config needs "
-                          f"rows [{r0}, {r1}) of width {shape[1:]}")  # fmt: skip
+        raise FormatError(
+            f"{where}: fused tensor {info.name} has shape {list(info.shape)}; the config needs "
+            f"rows [{r0}, {r1}) of width {shape[1:]}"
+        )
     size = row_nbytes(info.qtype, info.shape[1])
     if size is None or size * info.shape[0] != info.nbytes:
-        raise ModelLoadError(f"{where}: fused tensor {info.name} ({info.qtype.name}) does not store whole rows; "
-                             "apr cannot split it")  # fmt: skip
-    return dataclasses.replace(info, name=canon, shape=shape, offset=info.offset + r0 * size,
-                               nbytes=(r1 - r0) * size, source_name=info.name)  # fmt: skip
+        raise ModelLoadError(
+            f"{where}: fused tensor {info.name} ({info.qtype.name}) does not store whole rows; "
+            "apr cannot split it"
+        )
+    return dataclasses.replace(
+        info,
+        name=canon,
+        shape=shape,
+        offset=info.offset + r0 * size,
+        nbytes=(r1 - r0) * size,
+        source_name=info.name,
+    )
 
 
 def _ignorable(
@@ -273,8 +343,10 @@ def _ignorable(
             continue
         reason = next((ig.reason for ig in family.ignorable if ig.matches(name)), None)
         if reason is None:
-            raise ModelLoadError(f"{where}: tensor {name} is not used by the {family.name} family's math; "
-                                 "refusing to trace a model apr does not fully understand")  # fmt: skip
+            raise ModelLoadError(
+                f"{where}: tensor {name} is not used by the {family.name} family's math; "
+                "refusing to trace a model apr does not fully understand"
+            )
         ignored.append((name, reason))
     return ignored
 
@@ -285,5 +357,7 @@ def _check_gguf_keys(family: Family, source: ConfigSource, where: str) -> None:
     known |= {k.format(arch=arch) for k in (*GGUF_HARMLESS, *family.gguf_keys)}
     for key in source.keys():  # noqa: SIM118 (a ConfigSource is not a mapping)
         if key.startswith(f"{arch}.") and key not in known:
-            raise ModelLoadError(f"{where}: GGUF key '{key}' is not understood by the {family.name} family; "
-                                 "refusing to trace with math that may ignore it")  # fmt: skip
+            raise ModelLoadError(
+                f"{where}: GGUF key '{key}' is not understood by the {family.name} family; "
+                "refusing to trace with math that may ignore it"
+            )

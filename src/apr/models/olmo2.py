@@ -53,24 +53,29 @@ def roles(c: ModelConfig) -> tuple[TensorRole, ...]:
         *common.attention_roles(c),
         TensorRole("blk.{i}.attn_q_norm.weight", layer + "self_attn.q_norm.weight", lambda _: (q,)),
         TensorRole("blk.{i}.attn_k_norm.weight", layer + "self_attn.k_norm.weight", lambda _: (kv,)),
-        TensorRole("blk.{i}.post_attention_norm.weight", layer + "post_attention_layernorm.weight",
-                   lambda _: (D,)),
+        TensorRole(
+            "blk.{i}.post_attention_norm.weight", layer + "post_attention_layernorm.weight", lambda _: (D,)
+        ),
         *common.swiglu_roles(D, c.intermediate_size),
-        TensorRole("blk.{i}.post_ffw_norm.weight", layer + "post_feedforward_layernorm.weight", lambda _: (D,)),
-    )  # fmt: skip
+        TensorRole(
+            "blk.{i}.post_ffw_norm.weight", layer + "post_feedforward_layernorm.weight", lambda _: (D,)
+        ),
+    )
 
 
 def graph(c: ModelConfig) -> tuple[StageNode, ...]:
     return (
         StageNode(Stage.EMBEDDING, (), ("token_embd.weight",)),
         *common.attention_nodes(c, PREV_OUTPUT),
-        StageNode(Stage.ATTN_POST_NORM, (Stage.ATTN_OUT,), ("blk.{i}.post_attention_norm.weight",), norm=True),
+        StageNode(
+            Stage.ATTN_POST_NORM, (Stage.ATTN_OUT,), ("blk.{i}.post_attention_norm.weight",), norm=True
+        ),
         StageNode(Stage.POST_ATTN_RESIDUAL, (Stage.ATTN_POST_NORM, PREV_OUTPUT)),
         *common.swiglu_nodes(Stage.POST_ATTN_RESIDUAL),
         StageNode(Stage.FFN_POST_NORM, (Stage.FFN_OUT,), ("blk.{i}.post_ffw_norm.weight",), norm=True),
         StageNode(Stage.POST_FFN_RESIDUAL, (Stage.FFN_POST_NORM, Stage.POST_ATTN_RESIDUAL)),
         *common.head_nodes(),
-    )  # fmt: skip
+    )
 
 
 def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.Rotary) -> Array:

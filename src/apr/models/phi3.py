@@ -43,7 +43,7 @@ def finish(
 
 
 def roles(c: ModelConfig) -> tuple[TensorRole, ...]:
-    D, I, q, kv = c.hidden_size, c.intermediate_size, c.q_dim, c.kv_dim
+    D, ffn, q, kv = c.hidden_size, c.intermediate_size, c.q_dim, c.kv_dim
     layer = "model.layers.{i}."
     qkv, gate_up = layer + "self_attn.qkv_proj.weight", layer + "mlp.gate_up_proj.weight"
     fused_qkv, fused_ffn = "blk.{i}.attn_qkv.weight", "blk.{i}.ffn_up.weight"
@@ -51,15 +51,30 @@ def roles(c: ModelConfig) -> tuple[TensorRole, ...]:
         *common.global_roles(c),
         TensorRole("blk.{i}.attn_norm.weight", layer + "input_layernorm.weight", lambda _: (D,)),
         TensorRole("blk.{i}.attn_q.weight", qkv, lambda _: (q, D), gguf=fused_qkv, rows=lambda _: (0, q)),
-        TensorRole("blk.{i}.attn_k.weight", qkv, lambda _: (kv, D), gguf=fused_qkv, rows=lambda _: (q, q + kv)),
-        TensorRole("blk.{i}.attn_v.weight", qkv, lambda _: (kv, D), gguf=fused_qkv,
-                   rows=lambda _: (q + kv, q + 2 * kv)),
+        TensorRole(
+            "blk.{i}.attn_k.weight", qkv, lambda _: (kv, D), gguf=fused_qkv, rows=lambda _: (q, q + kv)
+        ),
+        TensorRole(
+            "blk.{i}.attn_v.weight",
+            qkv,
+            lambda _: (kv, D),
+            gguf=fused_qkv,
+            rows=lambda _: (q + kv, q + 2 * kv),
+        ),
         TensorRole("blk.{i}.attn_output.weight", layer + "self_attn.o_proj.weight", lambda _: (D, q)),
         TensorRole("blk.{i}.ffn_norm.weight", layer + "post_attention_layernorm.weight", lambda _: (D,)),
-        TensorRole("blk.{i}.ffn_gate.weight", gate_up, lambda _: (I, D), gguf=fused_ffn, rows=lambda _: (0, I)),
-        TensorRole("blk.{i}.ffn_up.weight", gate_up, lambda _: (I, D), gguf=fused_ffn, rows=lambda _: (I, 2 * I)),
-        TensorRole("blk.{i}.ffn_down.weight", layer + "mlp.down_proj.weight", lambda _: (D, I)),
-    )  # fmt: skip
+        TensorRole(
+            "blk.{i}.ffn_gate.weight", gate_up, lambda _: (ffn, D), gguf=fused_ffn, rows=lambda _: (0, ffn)
+        ),
+        TensorRole(
+            "blk.{i}.ffn_up.weight",
+            gate_up,
+            lambda _: (ffn, D),
+            gguf=fused_ffn,
+            rows=lambda _: (ffn, 2 * ffn),
+        ),
+        TensorRole("blk.{i}.ffn_down.weight", layer + "mlp.down_proj.weight", lambda _: (D, ffn)),
+    )
 
 
 LAYER_HOOKS: Final = (

@@ -3,7 +3,8 @@
 A new family is one module exporting `FAMILY: Family` plus one line in `FAMILY_MODULES` (STYLE §4b).
 `find_family` picks the family and variant a checkpoint's architecture names: GGUF `general.architecture`,
 HF `architectures[0]`, or the `.apr` `architecture` (aprender writes the GGUF spelling) — and an `.apr`
-file's `hf_architecture` when the first is unknown.
+file's `hf_architecture` when the first is unknown. Of the variants a name matches, one that `claims` the
+source wins (Mixtral: a "llama" GGUF with experts); a variant whose claim fails is skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from apr.models.base import Family, StageNode, Variant
 from apr.models.config import ModelConfig
 from apr.stages import FORWARD_ORDER, Stage
 
-FAMILY_MODULES: Final = ("apr.models.llama", "apr.models.gemma", "apr.models.phi3", "apr.models.olmo2")
+FAMILY_MODULES: Final = (
+    "apr.models.llama",
+    "apr.models.gemma",
+    "apr.models.phi3",
+    "apr.models.olmo2",
+    "apr.models.moe",
+)
 
 
 @cache
@@ -31,20 +38,20 @@ def family_named(name: str) -> Family:
 
 def find_family(source: ConfigSource) -> tuple[Family, Variant] | None:
     arch = source.architecture
-    for fam in families():
-        for v in fam.variants:
-            if source.kind == "gguf" and arch in v.gguf:
-                return fam, v
-            if source.kind == "hf" and arch in v.hf:
-                return fam, v
-            if source.kind == "apr" and (arch == v.name or arch in v.gguf):
-                return fam, v
-    hf_arch = source.get("hf_architecture") if source.kind == "apr" else None
-    for fam in families():
-        for v in fam.variants:
-            if hf_arch in v.hf:
-                return fam, v
-    return None
+    named = [(f, v) for f in families() for v in f.variants if _names(v, source.kind, arch)]
+    if source.kind == "apr" and not named:
+        hf_arch = source.get("hf_architecture")
+        named = [(f, v) for f in families() for v in f.variants if hf_arch in v.hf]
+    claimed = [(f, v) for f, v in named if v.claims is not None and v.claims(source)]
+    return next(iter(claimed + [(f, v) for f, v in named if v.claims is None]), None)
+
+
+def _names(v: Variant, kind: str, arch: str) -> bool:
+    if kind == "gguf":
+        return arch in v.gguf
+    if kind == "hf":
+        return arch in v.hf
+    return kind == "apr" and (arch == v.name or arch in v.gguf)
 
 
 def stage_graph(cfg: ModelConfig | None) -> tuple[StageNode, ...]:

@@ -5,6 +5,7 @@ Nothing here reads tensor data: the tensor table, parameter counts and layer ske
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +47,43 @@ class CheckpointSummary:
     integrity: str | None = None  # result of --verify (whole-file checksums), None when not asked
 
 
+SHOWN_FIELDS: Final = frozenset(
+    {
+        "architecture",
+        "family",
+        "hidden_size",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "intermediate_size",
+        "vocab_size",
+        "rope_theta",
+        "rms_eps",
+        "qkv_bias",
+        "qk_norm",
+        "tied_embeddings",
+        "qk_layout",
+        "max_position",
+    }
+)
+
+
+def config_extras(cfg: ModelConfig) -> dict[str, Any]:
+    """The config values beyond the common ones that differ from their neutral defaults (what makes this
+    family member's math differ: windows, caps, multipliers, RoPE scaling)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in SHOWN_FIELDS:
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        value = getattr(cfg, f.name)
+        if value != default:
+            is_record = dataclasses.is_dataclass(value) and not isinstance(value, type)
+            out[f.name] = dataclasses.asdict(value) if is_record else value
+    return out
+
+
 def _integrity(model: Model) -> str:
     """Checksums a format keeps beyond its header (today: the .apr footer CRC32); reads the whole file."""
     check = getattr(model.ckpt, "check_footer", None)
@@ -64,9 +102,15 @@ def summarize(ckpt: Model, verify: bool = False) -> CheckpointSummary:
     if spec is not None:
         special = sum(1 for t in spec.token_types if t in (2, 3, 4))
         tok = TokenizerSummary(
-            spec.model, spec.pre, len(spec.tokens), len(spec.merges), special,
-            spec.bos_id, spec.eos_id, spec.add_bos,
-        )  # fmt: skip
+            spec.model,
+            spec.pre,
+            len(spec.tokens),
+            len(spec.merges),
+            special,
+            spec.bos_id,
+            spec.eos_id,
+            spec.add_bos,
+        )
     return CheckpointSummary(
         path=str(ckpt.path),
         format=ckpt.format_name,

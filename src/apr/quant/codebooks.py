@@ -5,9 +5,11 @@ IQ4_NL/IQ4_XS use ggml's non-linear `kvalues_iq4nl`, MXFP4/NVFP4 the E2M1 values
 (`kvalues_mxfp4`; their scales are halved to match). A run of 2k weights sits in k bytes, the first k
 in the low nibbles and the next k in the high ones, as in Q4_0.
 
-A kernel splits the code bytes into nibbles (flat, on a contiguous copy), copies them into an int64
-index in output order, gathers the float32 levels straight into the output (`gather`) and multiplies
-by the scales (`scale_groups`): `scale * float(level)`, bit for bit as ggml and gguf-py.
+A kernel works on byte *pairs*: the low nibbles of bytes j, j+1 are the adjacent weights j, j+1, and
+their high nibbles weights k+j, k+j+1. So it forms, with a few flat u16 ops on a contiguous copy of the
+codes, one 8-bit index per output pair (two nibbles), copies them into an int64 index in output order,
+gathers float32 level pairs from a 256-row table straight into the output (`gather`) and multiplies by
+the scales (`scale_groups`): `scale * float(level)`, bit for bit as ggml and gguf-py.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ from apr.quant.types import QuantType
 CHUNK_ELEMS: Final = 1 << 16
 KVALUES_IQ4NL: Final = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 KVALUES_MXFP4: Final = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # E2M1 × 2
+_NIBBLE_SHIFTS: Final = np.array([0, 4], np.uint8)
+_PAIR_SHIFTS: Final = np.arange(0, 16, 2, dtype=np.uint16)  # IQ4_XS: 2 high scale bits each in a u16
 
 
-def levels(values: tuple[int, ...]) -> F32Array:
-    """The 16 levels as a (16, 1) float32 table for `gather`."""
-    return readonly(np.array(values, np.float32).reshape(16, 1))
+def level_pairs(values: tuple[int, ...]) -> F32Array:
+    """(256, 2) float32: row `a | b << 4` holds the levels of codes a and b."""
+    i = np.arange(256)
+    levels = np.array(values, np.float32)
+    return readonly(np.stack([levels[i & 0x0F], levels[i >> 4]], axis=1))
 
 
 def e8m0_half(e: U8Array) -> F32Array:
@@ -47,20 +53,20 @@ def ue4m3_half(x: U8Array) -> F32Array:
     return np.where(x == 0x7F, np.float32(0.0), value).astype(np.float32)
 
 
-IQ4NL_LEVELS: Final = levels(KVALUES_IQ4NL)
-MXFP4_LEVELS: Final = levels(KVALUES_MXFP4)
+IQ4NL_PAIRS: Final = level_pairs(KVALUES_IQ4NL)
+MXFP4_PAIRS: Final = level_pairs(KVALUES_MXFP4)
 E8M0_HALF: Final = readonly(e8m0_half(np.arange(256, dtype=np.uint8)))  # by scale byte
 UE4M3_HALF: Final = readonly(ue4m3_half(np.arange(256, dtype=np.uint8)))
 
 
-def decode_codes(qs: U8Array, table: F32Array, scale: F32Array, out: F32Array) -> None:
+def decode_codes(qs: U8Array, pairs: F32Array, scale: F32Array, out: F32Array) -> None:
     """`out` = `scale` × the levels coded by `qs` (n, g, k): g runs of 2k weights, one scale each."""
-    codes = np.ascontiguousarray(qs)
-    # Nibble ops on the contiguous bytes are one flat loop; into the interleaved index, plain copies.
-    index = np.empty((*qs.shape[:2], 2, qs.shape[2]), np.intp)
-    index[:, :, 0] = codes & np.uint8(0x0F)
-    index[:, :, 1] = codes >> np.uint8(4)
-    gather(table, index, out)
+    w = np.ascontiguousarray(qs).view("<u2")  # (n, g, k/2): bytes j, j+1 of a run
+    t = w >> np.uint16(4)
+    index = np.empty((*w.shape[:2], 2, w.shape[2]), np.intp)  # the flat ops above, plain copies here
+    index[:, :, 0] = (w & np.uint16(0x0F)) | (t & np.uint16(0xF0))  # low nibbles: weights j, j+1
+    index[:, :, 1] = (t & np.uint16(0x0F)) | ((w >> np.uint16(8)) & np.uint16(0xF0))  # k+j, k+j+1
+    gather(pairs, index, out)
     scale_groups(out, scale)
 
 
@@ -70,14 +76,14 @@ def _bytes(b: U8Array, start: int, stop: int, runs: int) -> U8Array:
 
 @block_kernel(QuantType.IQ4_NL, chunk_elems=CHUNK_ELEMS)
 def _iq4_nl(b: U8Array, out: F32Array) -> None:  # d, qs[16]
-    decode_codes(_bytes(b, 2, 18, 1), IQ4NL_LEVELS, f16_at(b, 0), out)
+    decode_codes(_bytes(b, 2, 18, 1), IQ4NL_PAIRS, f16_at(b, 0), out)
 
 
 def _iq4_xs_scales(b: U8Array) -> npt.NDArray[np.int8]:
     """The 8 six-bit sub-block scales - 32: low 4 bits from scales_l nibbles, high 2 from scales_h."""
-    low = (b[:, 4:8, None] >> np.array([0, 4], np.uint8)) & np.uint8(0x0F)  # (n, 4, 2)
+    low = (b[:, 4:8, None] >> _NIBBLE_SHIFTS) & np.uint8(0x0F)  # (n, 4, 2)
     high = np.ascontiguousarray(b[:, 2:4]).view("<u2")  # (n, 1)
-    high = (high >> np.arange(0, 16, 2, dtype=np.uint16)) & np.uint16(3)  # (n, 8)
+    high = (high >> _PAIR_SHIFTS) & np.uint16(3)  # (n, 8)
     ls = low.reshape(len(b), 8) | (high.astype(np.uint8) << np.uint8(4))
     return (ls - np.uint8(32)).view(np.int8)
 
@@ -85,14 +91,14 @@ def _iq4_xs_scales(b: U8Array) -> npt.NDArray[np.int8]:
 @block_kernel(QuantType.IQ4_XS, chunk_elems=CHUNK_ELEMS)
 def _iq4_xs(b: U8Array, out: F32Array) -> None:  # d, scales_h: u16, scales_l[4], qs[128]
     dl = f16_at(b, 0) * _iq4_xs_scales(b).astype(np.float32)
-    decode_codes(_bytes(b, 8, 136, 8), IQ4NL_LEVELS, dl, out)
+    decode_codes(_bytes(b, 8, 136, 8), IQ4NL_PAIRS, dl, out)
 
 
 @block_kernel(QuantType.MXFP4, chunk_elems=CHUNK_ELEMS)
 def _mxfp4(b: U8Array, out: F32Array) -> None:  # e: e8m0, qs[16]
-    decode_codes(_bytes(b, 1, 17, 1), MXFP4_LEVELS, E8M0_HALF[b[:, :1]], out)
+    decode_codes(_bytes(b, 1, 17, 1), MXFP4_PAIRS, E8M0_HALF[b[:, :1]], out)
 
 
 @block_kernel(QuantType.NVFP4, chunk_elems=CHUNK_ELEMS)
 def _nvfp4(b: U8Array, out: F32Array) -> None:  # d[4]: ue4m3, one per 16; qs[32]
-    decode_codes(_bytes(b, 4, 36, 4), MXFP4_LEVELS, UE4M3_HALF[b[:, :4]], out)
+    decode_codes(_bytes(b, 4, 36, 4), MXFP4_PAIRS, UE4M3_HALF[b[:, :4]], out)

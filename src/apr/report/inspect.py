@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from apr.models.summary import CheckpointSummary, Skeleton
+from apr.models.summary import CheckpointSummary, Skeleton, config_extras
 
 
 def _shape(shape: tuple[int, ...]) -> str:
@@ -17,12 +17,13 @@ def render_inspect(s: CheckpointSummary, tensors: bool = True) -> str:
     out = [
         f"Model:        {s.path}",
         f"Format:       {s.format}",
-        f"Architecture: {c.architecture}",
+        f"Architecture: {c.architecture} (family {s.family})",
         f"Config:       hidden {c.hidden_size}, layers {c.n_layers}, heads {c.n_heads} (kv {c.n_kv_heads}, "
         f"head_dim {c.head_dim}), ffn {c.intermediate_size}, vocab {c.vocab_size}",
         f"              rope θ {c.rope_theta:g} ({c.qk_layout.rope_pairing} pairs, Q/K rows {c.qk_layout}), "
         f"rms eps {c.rms_eps:g}, qkv bias {c.qkv_bias}, qk norm {c.qk_norm}, "
         f"tied embeddings {c.tied_embeddings}",
+        *[f"              {k} {v}" for k, v in config_extras(c).items()],
         f"Parameters:   {s.parameters:,} in {len(s.tensors)} tensors, {s.bytes:,} bytes of tensor data",
         "Types:        " + ", ".join(f"{k} ×{v}" for k, v in sorted(s.qtypes.items())),
     ]
@@ -34,6 +35,7 @@ def render_inspect(s: CheckpointSummary, tensors: bool = True) -> str:
             f"Tokenizer:    {t.model} (pre {t.pre}), {t.vocab_size} tokens, {t.merges} merges, "
             f"{t.special_tokens} special; bos {t.bos_id}, eos {t.eos_id}, add_bos {t.add_bos}"
         )
+    out += [f"Ignored:      {name} ({why})" for name, why in s.ignored]
     out += [f"Integrity:    {s.integrity}"] * (s.integrity is not None)
     out += [f"warning: {w}" for w in s.warnings]
     if tensors:
@@ -51,7 +53,9 @@ def inspect_doc(s: CheckpointSummary) -> dict[str, Any]:
         "path": s.path,
         "format": s.format,
         "architecture": s.config.architecture,
+        "family": s.family,
         "config": s.config.to_dict(),
+        "ignored_tensors": [{"name": n, "reason": r} for n, r in s.ignored],
         "parameters": s.parameters,
         "tensor_bytes": s.bytes,
         "types": s.qtypes,

@@ -125,4 +125,5 @@ def export_doc(r: ExportResult) -> dict[str, Any]:
         "files": [str(f) for f in r.files],
         "tensors": r.tensors,
         "qk_permuted": r.permuted,
+        "notes": r.notes,
     }

@@ -184,4 +184,5 @@ def render_export(r: ExportResult) -> str:
     out += [f"  {f.name}" for f in r.files]
     if r.permuted:
         out.append(f"  {len(r.permuted)} Q/K tensors put back in Hugging Face row order")
+    out += [f"  note: {n}" for n in r.notes]
     return "\n".join(out) + "\n"

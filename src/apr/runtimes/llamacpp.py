@@ -4,19 +4,27 @@ Settings that make it an exact oracle (oracles §4–5): flash attention off (th
 only then), an F32 KV cache, fixed n_threads, CPU only, n_ctx = n_batch = n_ubatch = the next multiple of
 256 ≥ S so that the prompt is one ubatch and one graph.
 
-Graph node → stage (`name-{layer}`; when one name sits on several consecutive ops the last one is the value):
+Which node is which stage is the family's table (apr.models: `Family.ggml_nodes`, the names the model
+builder gives `cb(tensor, name, il)`; default the llama family's). A name is `name-{il}`, or bare when the
+builder passes il = -1: bare whole-model names (`embd`, Gemma's `inp_scaled`, `result_norm`,
+`result_output`) are the embedding / final_norm / lm_head; a bare per-layer name (gemma2's and olmo2's
+`ffn_post_norm`) belongs to the layer of the last `-{il}` node the callback saw, since the graph runs layer
+by layer. When one name sits on several consecutive ops, the last one is the value. What no table says:
 
-    embd → embedding        attn_norm → attn_norm       kqv_out → attention      attn_out → attn_out
-    ffn_inp → post_attn_residual   ffn_norm, ffn_gate, ffn_up, ffn_out → the same   ffn_swiglu → ffn_swigl
-    l_out → post_ffn_residual      result_norm → final_norm                          result_output → lm_head
-    Qcur/Kcur/Vcur: the MUL_MAT → qkv_matmul, the bias ADD → qkv_bias, the ROPE → q/k_post_rope
-    kq (unscaled Q·Kᵀ) × the SOFT_MAX's scale, [:, :S, :S], above-diagonal 0.0 → attn_scores
-    kq_soft_max [:, :S, :S] → attn_softmax       (both are padded to the KV-cache view, ≥ 256 cells)
+    Qcur/Kcur/Vcur (build_qkv): the MUL_MAT → qkv_matmul, the bias ADD → qkv_bias, the ROPE → q/k_post_rope
+    attn_scores: the SOFT_MAX's input (a table node: kq, or kq_scaled_2 after Gemma 2's soft-cap) × the
+        SOFT_MAX's scale, [:, :S, :S], entries its mask (src[1]) hides set to 0.0
+    attn_softmax: kq_soft_max [:, :S, :S]          (both are padded to the KV-cache view, ≥ 256 cells)
+    attn_out, post_attn_residual: by structure from kqv_out-i (`_AttnOutPath`); Phi-3's residual has no name
+    ffn_gate, ffn_up of a GLU op with one input (Phi-3's ffn_up is [gate|up]): the halves of that input
 
-Arrays come out of ggml innermost-first, so numpy shape = ne reversed. With a NORM-rope (llama) GGUF the
-Q/K-derived stages are in llama.cpp's per-head interleaved order (`QKLayout.INTERLEAVED`); with NEOX rope
-(qwen2/3) they are in HF order. llama.cpp's fused SWIGLU never materializes silu(gate): `ffn_silu` is
-unavailable. Everything else is a copy of a node llama.cpp computed, reshaped or sliced.
+The hidden entries come from the mask llama.cpp applied, not from apr's reading of the config: the oracle
+reports which keys llama.cpp's own sliding-window rules (pattern defaults, Phi-3's disabled SWA) hid, so a
+disagreement with apr shows up in the trace instead of being zeroed away. Arrays come out of ggml
+innermost-first, so numpy shape = ne reversed. With a NORM-rope (llama) GGUF the Q/K-derived stages are in
+llama.cpp's per-head interleaved order (`QKLayout.INTERLEAVED`); with NEOX rope (qwen2/3, gemma, phi3,
+olmo2) they are in HF order. A fused GLU op (SWIGLU, GEGLU) never materializes act(gate): `ffn_silu` is
+unavailable. Everything else is a copy of a node llama.cpp computed, reshaped, sliced or split.
 """
 
 from __future__ import annotations

@@ -75,8 +75,16 @@ class Node:
 
     def op_param_f32(self, index: int) -> float:
         """op_params[index] reinterpreted as float32 (SOFT_MAX keeps scale, max_bias there)."""
-        raw = GgmlTensor.from_address(self.address).op_params[index]
+        raw = self.op_param_i32(index)
         return float(np.array([raw], dtype=np.int32).view(np.float32)[0])
+
+    def op_param_i32(self, index: int) -> int:
+        """op_params[index] as int32 (a GLU keeps its `swapped` flag at 1)."""
+        return int(GgmlTensor.from_address(self.address).op_params[index])
+
+    def src_at(self, index: int) -> int | None:
+        """The address of input `index` (src[index]; `srcs` skips empty slots, this does not)."""
+        return GgmlTensor.from_address(self.address).src[index] or None
 
 
 class Ggml:
@@ -103,6 +111,10 @@ class Ggml:
         t = GgmlTensor.from_address(address)
         name = t.name.decode(errors="replace")
         return Node(address, name, self._lib.ggml_op_desc(address).decode(), tuple(filter(None, t.src)))
+
+    def is_leaf(self, address: int) -> bool:
+        """A tensor no op computes (op NONE): a weight, or an input such as the row ids or the mask."""
+        return bool(self._lib.ggml_op_desc(address) == b"NONE")
 
     def read(self, node: Node) -> npt.NDArray[np.float32]:
         """Copy a contiguous F32/F16 node out of its backend buffer; numpy shape = ne reversed."""

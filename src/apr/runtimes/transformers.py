@@ -10,6 +10,9 @@ Where each stage comes from (all from the model's own computation, nothing re-de
   that input with the above-diagonal part set to 0.0, `attn_softmax` is eager's returned probabilities.
 - one exception: with a q/k/v bias, HF adds the bias inside the projection (addmm), so the pre-bias
   `qkv_matmul` is x·Wᵀ recomputed by torch from the projection's own input and weight (said in `notes`).
+- mixture of experts (eager experts implementation): the router module's own outputs (logits, top-k
+  weights, top-k ids: `item:k` hooks), the MoE block's output; Qwen2-MoE's gated shared expert is
+  sigmoid(gate output) · shared-expert output, multiplied by torch as the block does (`HookMap.gated`).
 
 transformers is imported on first use; without it, `FeatureDisabledError`. Never downloads
 (`local_files_only=True`); a .gguf path is loaded with `gguf_file=` (needs accelerate).
@@ -37,6 +40,8 @@ from apr.errors import (
     ValidationError,
 )
 from apr.formats.config import QKLayout
+from apr.models.base import HookMap
+from apr.models.common import ITEM, LLAMA_LAYER_HOOKS
 from apr.runtimes.base import (
     ENGINE_TRANSFORMERS,
     Array,
@@ -46,8 +51,6 @@ from apr.runtimes.base import (
     missing_stages,
     model_stages,
 )
-from apr.models.base import HookMap
-from apr.models.common import LLAMA_LAYER_HOOKS
 from apr.stages import Stage, StageId, Tap
 
 DTYPES: Final = ("float32", "float64")
@@ -66,6 +69,8 @@ MODEL_HOOKS: Final[tuple[tuple[str, str, StageId], ...]] = (
     ("", _LOGITS, StageId(Stage.LM_HEAD)),
 )
 QKV_PROJECTIONS: Final = ("q_proj", "k_proj", "v_proj")
+TOPK_ROUTERS: Final = frozenset({"MixtralTopKRouter", "Qwen2MoeTopKRouter", "Qwen3MoeTopKRouter"})
+_GATED_PARTS: Final = ("x", "gate")  # HookMap.gated: (submodule, gate submodule)
 
 
 def run_transformers(
@@ -128,7 +133,7 @@ def run_transformers(
         token_ids=ids,
         qk_layout=QKLayout.HF,
         unavailable=unavailable,
-        notes=_notes(qkv_bias, dtype, unavailable),
+        notes=_notes(qkv_bias, dtype, unavailable, moe=bool(hooks.gated) or any(s.moe for s in want)),
         settings={
             "architecture": type(model).__name__,
             "dtype": dtype,
@@ -140,7 +145,7 @@ def run_transformers(
     )
 
 
-def _notes(qkv_bias: bool, dtype: str, unavailable: tuple[Stage, ...]) -> tuple[str, ...]:
+def _notes(qkv_bias: bool, dtype: str, unavailable: tuple[Stage, ...], moe: bool = False) -> tuple[str, ...]:
     notes = [
         "q_post_rope/k_post_rope: the query/key handed to the attention function (after q_norm and "
         "apply_rotary_pos_emb)",
@@ -154,10 +159,18 @@ def _notes(qkv_bias: bool, dtype: str, unavailable: tuple[Stage, ...]) -> tuple[
         )
     else:
         notes.append("qkv_bias: not applicable, the model has no q/k/v bias")
+    if moe:
+        notes.append(
+            "moe_router/moe_router_indices: the router module's own top-k weights and expert ids "
+            "(torch.topk: the order of tied probabilities is unspecified); moe_shared_out: "
+            "sigmoid(shared_expert_gate output) · shared_expert output, multiplied by torch as the MoE "
+            "block does"
+        )
     if dtype == "float64":
         notes.append(
-            "float64: RMSNorm, RoPE angles and the eager softmax run in float64 (transformers computes "
-            "them in float32 even in a float64 model; lifted so the run is a true float64 reference)"
+            "float64: RMSNorm, RoPE angles, the eager softmax and the MoE router softmax run in float64 "
+            "(transformers computes them in float32 even in a float64 model; lifted so the run is a true "
+            "float64 reference)"
         )
     notes.extend(f"{s}: no hook produced it" for s in unavailable)
     return tuple(notes)
@@ -190,6 +203,7 @@ def _load(transformers: Any, torch: Any, path: Path, dtype: Any) -> Any:
     kwargs: dict[str, Any] = {
         "dtype": torch.float32,
         "attn_implementation": ATTN_IMPLEMENTATION,
+        "experts_implementation": "eager",  # the modeling file's own loop over experts (not grouped_mm)
         "local_files_only": True,
     }
     source = path
@@ -242,6 +256,7 @@ class _Capture:
         self.qkv_bias = qkv_bias
         self.exact64 = exact64
         self._qkv: dict[int, dict[str, tuple[Array, Array]]] = {}
+        self._gated: dict[StageId, dict[str, Any]] = {}
 
     def array(self, t: Any) -> Array:
         if self.exact64:
@@ -266,6 +281,14 @@ class _Capture:
         self.tap(StageId(Stage.QKV_MATMUL, layer), np.concatenate([p[0] for p in ordered], axis=-1))
         if self.qkv_bias:
             self.tap(StageId(Stage.QKV_BIAS, layer), np.concatenate([p[1] for p in ordered], -1))
+
+    def gated(self, sid: StageId, part: str, t: Any) -> None:
+        """One factor of a gated product ran (flat (batch·S, …)); once both have, emit sigmoid(gate) · x."""
+        parts = self._gated.setdefault(sid, {})
+        parts[part] = t
+        if len(parts) == len(_GATED_PARTS):
+            del self._gated[sid]
+            self.tap(sid, self.array(self.torch.sigmoid(parts["gate"]) * parts["x"]))
 
     def attention(self, layer: int, query: Any, key: Any, scores: Any, probs: Any, mask: Any) -> None:
         """Post-rope Q (1,H,S,Dh) and K (1,Hkv,S,Dh); softmax input and output (1,H,S,S); the additive
@@ -347,9 +370,18 @@ def _lift_float32_islands(model: Any, torch: Any, norm_offset: float = 0.0) -> N
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
 
+    def router(self: Any, hidden_states: Any) -> Any:  # the routers' forward, minus their float32 casts
+        logits = torch.nn.functional.linear(hidden_states.reshape(-1, self.hidden_dim), self.weight)
+        top, ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
+        if getattr(self, "norm_topk_prob", True):  # Mixtral's router has no flag: it always renormalises
+            top = top / top.sum(dim=-1, keepdim=True)
+        return logits, top, ids
+
     for module in model.modules():
         if type(module).__name__.endswith("RMSNorm"):
             module.forward = types.MethodType(rms_norm, module)
+        if type(module).__name__ in TOPK_ROUTERS:
+            module.forward = types.MethodType(router, module)
     rope = model.model.rotary_emb
     params = getattr(model.config, "rope_parameters", None) or {}
     kinds = (
@@ -373,6 +405,12 @@ def _hooks(model: Any, capture: _Capture, hooks: HookMap) -> Iterator[None]:
             module = _submodule(layer, sub)
             if module is not None:  # a module this model lacks: the stage is reported unavailable
                 handles.append(_hook(module, side, StageId(stage, i), capture))
+        for sub, gate, stage in hooks.gated:
+            modules = (_submodule(layer, sub), _submodule(layer, gate))
+            if None in modules:
+                continue  # a module this model lacks: the stage is reported unavailable
+            for module, part in zip(modules, _GATED_PARTS, strict=True):
+                handles.append(module.register_forward_hook(_gated_hook(capture, StageId(stage, i), part)))
         for p in QKV_PROJECTIONS if hooks.qkv else ():  # a fused qkv projection is hooked as a layer stage
             proj = getattr(layer.self_attn, p)
             handles.append(proj.register_forward_hook(_projection_hook(capture, i, p)))
@@ -406,6 +444,14 @@ def _hook(module: Any, side: str, sid: StageId, capture: _Capture) -> Any:
 
         return module.register_forward_pre_hook(pre)
 
+    if side.startswith(ITEM):  # "item:k": item k of a tuple of flat (batch·S, …) tensors (a router's)
+        k = int(side[len(ITEM) :])
+
+        def item(_m: Any, _args: tuple[Any, ...], out: Any) -> None:
+            capture.tap(sid, capture.array(out[k]))  # batch 1: already (S, …)
+
+        return module.register_forward_hook(item)
+
     if side.startswith(_OUT + ":"):  # "out:k/n": the k-th of n equal chunks of the last axis (fused)
         k, n = (int(x) for x in side.split(":")[1].split("/"))
 
@@ -418,6 +464,13 @@ def _hook(module: Any, side: str, sid: StageId, capture: _Capture) -> Any:
         capture.emit(sid, out[0] if isinstance(out, tuple) else out)
 
     return module.register_forward_hook(post)
+
+
+def _gated_hook(capture: _Capture, sid: StageId, part: str) -> Callable[..., None]:
+    def post(_m: Any, _args: tuple[Any, ...], out: Any) -> None:
+        capture.gated(sid, part, out)
+
+    return post
 
 
 def _projection_hook(capture: _Capture, layer: int, name: str) -> Callable[..., None]:
