@@ -11,6 +11,7 @@ Rows:
 - Dequantization throughput per type, apr.quant.dequantize vs gguf.quants.dequantize (bench/dequant.py, in a
   process of its own: gguf-py's speed depends on how warm the allocator is).
 - GGUF open time vs gguf-py's GGUFReader (bench/open.py).
+- Tokenizer build time for a synthetic 150k-token BPE and SPM vocab (bench/tokenizer.py; target ≤ 0.3 s).
 - A 7B-shaped Q4_K_M GGUF (bench/synth.py, Qwen2.5-7B shapes; written to $APR_CACHE/bench on first use):
   `apr trace` of every stage of layers 0..28 and lm_head vs llama.cpp on the same file and tokens. The file
   is read once before timing, so both find it in the page cache.
@@ -41,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import dequant  # noqa: E402  (bench/dequant.py)
 import open as open_bench  # noqa: E402  (bench/open.py)
 import synth  # noqa: E402  (bench/synth.py)
+import tokenizer as tokenizer_bench  # noqa: E402  (bench/tokenizer.py)
 from tests.fixtures import models  # noqa: E402
 
 from apr.engine.weights import default_threads  # noqa: E402
@@ -193,6 +195,16 @@ def open_rows(path: Path, runs: int) -> list[Row]:
     return rows
 
 
+def tokenizer_rows(timings: list[tokenizer_bench.Timing]) -> list[Row]:
+    rows = []
+    for t in timings:
+        row = Row(
+            f"build tokenizer: {t.vocab // 1000}k-token {t.kind} (synthetic)", "s", f"{t.seconds:.3f}", "—"
+        )
+        rows.append(_with_target(row, f"≤ {tokenizer_bench.TARGET_S:g} s", t.met))
+    return rows
+
+
 def seven_b(path: Path | None, seed: int) -> tuple[Path, str]:
     """The 7B-shaped file, written on first use; and a note saying how it came to be."""
     if path is not None:
@@ -255,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     rows += dequant_rows(8.0 if args.quick else 16.0, 3 if args.quick else 5)
     status("open")
     rows += open_rows(smollm2, runs)
+    status("tokenizer build")
+    rows += tokenizer_rows(tokenizer_bench.measure(runs=runs + 2))
     if not args.skip_7b:
         path, note = seven_b(args.model_7b, args.seed)
         notes.append(f"7B-shaped model: {note}, {path.stat().st_size / 2**30:.2f} GiB")

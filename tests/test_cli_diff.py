@@ -198,3 +198,40 @@ def test_check_refuses_traces_that_share_no_stage(tmp_path: Path) -> None:
         f"error: the traces share no stage, so there is nothing to check: {a} holds blk.0.embedding; "
         f"{b} holds final_norm, lm_head\n",
     )
+
+
+def test_diff_of_two_aprender_moe_traces(tmp_path: Path) -> None:
+    """aprender's qwen3_moe `--save-tensor` layout (bare APRT files, no manifest) with its moe_* stages:
+    diffed in forward order (moe stages between ffn_norm and the layer output), the changed router weights
+    named as the first divergence — once crashed with exit 70 (no MoE stages in the growth table)."""
+    rng = np.random.default_rng(0)
+    for side, bump in (("a", 0.0), ("b", 0.5)):
+        for layer in range(2):
+            for stage, shape in (("ffn_norm", (3, 8)), ("moe_router", (3, 2)), ("moe_router_indices", (3, 2)),
+                                 ("moe_ffn_out", (3, 8)), ("post_ffn_residual", (3, 8))):  # fmt: skip
+                x = np.random.default_rng(layer * 10 + len(stage)).standard_normal(shape).astype(np.float32)
+                if side == "b" and layer == 1 and stage != "ffn_norm":
+                    x = x + np.float32(bump)
+                aprt.write_aprt(tmp_path / side / f"layer-{layer}" / f"{stage}.bin", layer, x)
+    del rng
+    code, out, err = run("diff", str(tmp_path / "a"), str(tmp_path / "b"), "--values", "--json")
+    assert err == "" and code in (0, 1), err
+    doc = json.loads(out)
+    assert doc["first_divergence"]["id"] == "blk.1.moe_router"
+    order = [r["id"] for r in doc["stages"] if r["id"].startswith("blk.1.")]
+    assert order == [
+        "blk.1.ffn_norm",
+        "blk.1.moe_router",
+        "blk.1.moe_router_indices",
+        "blk.1.moe_ffn_out",
+        "blk.1.post_ffn_residual",
+    ]
+    # the growth analysis (bisect's) of the same pair: the router is where the error appears
+    from apr.diff.compare import diff_traces
+    from apr.diff.growth import ToleranceModel, analyze
+    from apr.trace.reader import read_trace
+
+    growth = analyze(
+        diff_traces(read_trace(tmp_path / "a"), read_trace(tmp_path / "b")), ToleranceModel(), ({}, {})
+    )
+    assert growth.first_jump is not None and str(growth.first_jump.diff.sid) == "blk.1.moe_router"  # fmt: skip

@@ -314,7 +314,8 @@ def test_a_stale_file_it_cannot_remove_is_named(
 
 
 def test_a_quant_type_apr_cannot_read_names_the_tensor_and_exits_4(tmp_path: Path) -> None:
-    """A real GGUF holding an IQ2_XXS tensor: inspect lists it, trace fails on it with exit 4."""
+    """A real GGUF holding a Q8_1 tensor (ggml's activation type, which gguf-py cannot dequantize either):
+    inspect lists it, trace fails on it with exit 4."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
     from tests.runtimes import write_tiny_gguf
@@ -329,8 +330,9 @@ def test_a_quant_type_apr_cannot_read_names_the_tensor_and_exits_4(tmp_path: Pat
             sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
             w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
     for t in r.tensors:
-        if t.name == "blk.0.ffn_up.weight":  # 96 × 64 elements = 24 blocks of 256 IQ2_XXS elements (66 B)
-            w.add_tensor(t.name, np.zeros((24, 66), np.uint8), raw_dtype=GGMLQuantizationType.IQ2_XXS)
+        if t.name == "blk.0.ffn_up.weight":  # 96 rows of 64: 2 Q8_1 blocks of 32 each (gguf-py sizes them
+            # at 40 bytes, ggml at 36: apr reads ggml's 72 bytes per row; the rest is padding it never reads)
+            w.add_tensor(t.name, np.zeros((96, 80), np.uint8), raw_dtype=GGMLQuantizationType.Q8_1)
         else:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=GGMLQuantizationType.F32)
     w.write_header_to_file()
@@ -338,7 +340,7 @@ def test_a_quant_type_apr_cannot_read_names_the_tensor_and_exits_4(tmp_path: Pat
     w.write_tensors_to_file()
     w.close()
     code, out, _ = run("inspect", str(tmp_path / "iq.gguf"))
-    assert code == 0 and "IQ2_XXS" in out
+    assert code == 0 and "Q8_1" in out
     code, _, err = run(
         "trace",
         str(tmp_path / "iq.gguf"),
@@ -348,4 +350,4 @@ def test_a_quant_type_apr_cannot_read_names_the_tensor_and_exits_4(tmp_path: Pat
         str(tmp_path / "t"),
     )
     assert code == 4 and err.count("\n") == 1
-    assert "tensor 'blk.0.ffn_up.weight' has type IQ2_XXS, which apr cannot dequantize" in err
+    assert "tensor 'blk.0.ffn_up.weight' has type Q8_1, which apr cannot dequantize" in err

@@ -261,29 +261,31 @@ def test_ggml_layout_matches_gguf_py() -> None:
 
 def test_listed_but_not_dequantizable(tmp_path: Path) -> None:
     tensors = tiny_tensors()
-    raw = np.zeros((4, 66), np.uint8)  # 4 rows of one IQ2_XXS block (256 elements)
+    raw = np.zeros(
+        (4, 292), np.uint8
+    )  # 4 rows of one Q8_K block (256 elements; gguf-py cannot dequantize it)
     path = tmp_path / "iq.gguf"
     w = GGUFWriter(path, "llama")
     for key, (value, vtype, sub) in tiny_kv().items():
         w.add_key_value(key, value, vtype, sub_type=sub)
     for name, (x, _) in tensors.items():
         w.add_tensor(name, x)
-    w.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=GT.IQ2_XXS)
+    w.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=GT.Q8_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     ckpt = open_gguf(path)
     info = ckpt.info("blk.0.ffn_up.weight")
-    assert (info.qtype, info.shape, info.nbytes) == (QuantType.IQ2_XXS, (4, 256), 4 * 66)
+    assert (info.qtype, info.shape, info.nbytes) == (QuantType.Q8_K, (4, 256), 4 * 292)
     with pytest.raises(UnsupportedQuantError) as e:
         ckpt.read("blk.0.ffn_up.weight")
     assert str(e.value) == (
-        f"{path}: tensor 'blk.0.ffn_up.weight' has type IQ2_XXS, which apr cannot dequantize"
+        f"{path}: tensor 'blk.0.ffn_up.weight' has type Q8_K, which apr cannot dequantize"
     )
     with pytest.raises(UnsupportedQuantError):
         ckpt.read_rows("blk.0.ffn_up.weight", slice(0, 1))
-    assert len(ckpt.raw("blk.0.ffn_up.weight")) == 4 * 66
+    assert len(ckpt.raw("blk.0.ffn_up.weight")) == 4 * 292
 
 
 def test_unknown_tensor_name(tiny: Path) -> None:

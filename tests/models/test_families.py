@@ -164,3 +164,34 @@ def test_export_of_the_gguf_loads_in_transformers_with_the_same_logits(
     window = model.config.sliding_window if family.family == "mistral" else 0
     assert window == 0  # the GGUF carries no window, so neither does its export
     assert rel_l2(ours.arrays[lm], theirs.arrays[lm]) <= CROSS_TOL
+
+
+# a tensor of the family's own, and the first stage that consumes it (what bisect must name)
+FAULTS = {
+    "llama": ("ffn_up.weight", "ffn_up"),
+    "llama3": ("attn_q.weight", "qkv_matmul"),
+    "llama_linear": ("ffn_gate.weight", "ffn_gate"),
+    "llama_yarn": ("attn_output.weight", "attn_out"),
+    "mistral": ("attn_v.weight", "qkv_matmul"),
+    "qwen2": ("attn_k.bias", "qkv_bias"),
+    "qwen3": ("attn_k_norm.weight", "k_post_rope"),
+    "granite": ("ffn_down.weight", "ffn_out"),
+    "gemma2": ("post_ffw_norm.weight", "ffn_post_norm"),
+    "gemma3": ("attn_q_norm.weight", "q_post_rope"),
+    "phi3": ("attn_qkv.weight", "qkv_matmul"),
+    "olmo2": ("post_attention_norm.weight", "attn_post_norm"),
+}
+
+
+def test_bisect_finds_a_fault_in_the_familys_own_tensor(family: ZooModel, tmp_path: Path) -> None:
+    """`apr bisect good.gguf bad.gguf`: a 1 % change to one tensor of the last layer is the first divergence,
+    at the stage that consumes it, and no earlier stage jumps."""
+    from tests.test_cli_bisect import bisect_json, corrupt
+
+    layer = open_model(family.gguf).config.n_layers - 1
+    suffix, stage = FAULTS[family.family]
+    bad = corrupt(family.gguf, tmp_path / "bad.gguf", f"blk.{layer}.{suffix}")
+    code, doc = bisect_json(family.gguf, bad, "--prompt", "Hello world, this is a test of the bisection")
+    first = doc["first_divergence"]
+    assert code == 1 and (first["layer"], first["stage"]) == (layer, stage), first
+    assert all(not s["jump"] for s in doc["stages"] if (s["layer"] or 0) < layer)

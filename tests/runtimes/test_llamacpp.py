@@ -17,8 +17,16 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from apr.errors import FeatureDisabledError, ModelLoadError, NotFoundError, ValidationError
+from apr.errors import (
+    WHEEL,
+    FeatureDisabledError,
+    InferenceError,
+    ModelLoadError,
+    NotFoundError,
+    ValidationError,
+)
 from apr.formats.config import QKLayout
+from apr.models.common import LLAMA_NODES
 from apr.runtimes import RuntimeRun, llamacpp_ggml, run_llamacpp, run_transformers
 from apr.runtimes.base import model_stages
 from apr.stages import Stage, StageId
@@ -45,6 +53,10 @@ LOGIT_ATOL = 1e-4  # measured 4.4e-5
 Q4_1_MIN_COSINE = 0.997  # per position; llama.cpp runs Q4_1 with Q8_1 activations (oracles §5)
 
 Capture = tuple[RuntimeRun, Recorder]
+HINT = (
+    "[llamacpp]: from a checkout, pip install -e '.[llamacpp]' (make dev installs every extra); from a "
+    f"wheel, pip install '{WHEEL}[llamacpp]'"
+)
 
 
 def capture(path: Path, ids: tuple[int, ...] = PROMPT_IDS) -> Capture:
@@ -87,7 +99,7 @@ def test_run_record(llama_f32: Capture) -> None:
     assert run.token_ids == PROMPT_IDS
     assert run.qk_layout is QKLayout.INTERLEAVED  # a llama GGUF: NORM rope, permuted Q/K rows
     assert run.unavailable == (Stage.FFN_SILU,)
-    assert any(n.startswith("ffn_silu: llama.cpp computes silu(gate)·up as one fused") for n in run.notes)
+    assert any(n.startswith("ffn_silu: llama.cpp computes act(gate)·up as one fused GLU") for n in run.notes)
     assert run.settings == {
         "flash_attn": "off",
         "kv_cache": "f32",
@@ -160,6 +172,23 @@ def test_tiny_architectures_match_transformers(
     assert all(err < 1e-5 for err, _, _ in worst.values()), worst
 
 
+def test_tables_that_do_not_fit_the_graph(tmp_path: Path) -> None:
+    """A node table or stage list that does not fit the graph is a one-line error, or a stage listed as
+    unavailable with the reason; never a quietly wrong trace."""
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
+    stages = model_stages(qkv_bias=False)
+    with pytest.raises(InferenceError, match="^llama.cpp exposed ffn_norm, which the model's stage graph"):
+        run_llamacpp(path, [1, 2], Recorder(), expected=[s for s in stages if s is not Stage.FFN_NORM])
+    wrong = {**LLAMA_NODES, "kqv": Stage.ATTN_SCORES}  # not what the SOFT_MAX reads: unavailable, why
+    del wrong["kq"]
+    run = run_llamacpp(path, [1, 2], Recorder(), nodes=wrong)
+    assert run.unavailable == (Stage.ATTN_SCORES, Stage.FFN_SILU)
+    assert "attn_scores: the SOFT_MAX reads kq-0, which the node table does not map to it" in run.notes
+    bare = {**LLAMA_NODES, "embd": Stage.FFN_OUT}  # a per-layer stage on a bare name before any layer
+    with pytest.raises(InferenceError, match=r"^llama.cpp node embd \(ffn_out\) comes before any layer$"):
+        run_llamacpp(path, [1, 2], Recorder(), nodes=bare)
+
+
 def test_runs_repeat_bit_for_bit(tmp_path: Path) -> None:
     path = write_tiny_gguf(tmp_path / "tiny.gguf", "qwen2")
     (_, a), (_, b) = capture(path, (1, 2, 3)), capture(path, (1, 2, 3))
@@ -199,7 +228,7 @@ def test_refuses_other_llama_cpp_python(monkeypatch: pytest.MonkeyPatch) -> None
         llamacpp_ggml.bind.__wrapped__()
     assert str(e.value) == (
         "--engine llama.cpp (apr reads ggml structs of llama-cpp-python 0.3.36 exactly; 0.3.37 is "
-        "installed) needs the optional extra: pip install 'apr[llamacpp]'"
+        f"installed) needs the optional extra {HINT}"
     )
 
 
@@ -207,4 +236,4 @@ def test_without_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
     with pytest.raises(FeatureDisabledError) as e:
         llamacpp_ggml.bind.__wrapped__()
-    assert str(e.value) == "--engine llama.cpp needs the optional extra: pip install 'apr[llamacpp]'"
+    assert str(e.value) == f"--engine llama.cpp needs the optional extra {HINT}"

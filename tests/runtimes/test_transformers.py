@@ -14,6 +14,7 @@ from apr.errors import FeatureDisabledError, ModelLoadError, NotFoundError, Vali
 from apr.formats.config import QKLayout
 from apr.runtimes import run_transformers
 from apr.stages import Stage, StageId
+from apr.version import __version__
 from tests.runtimes import (
     PROMPT_IDS,
     SMOLLM2,
@@ -156,8 +157,10 @@ def test_unsupported_architecture(tiny_models: dict[str, Path]) -> None:
     path = tiny_models["gpt2"]
     with pytest.raises(ModelLoadError) as e:
         run_transformers(path, TINY_IDS, Recorder())
-    supported = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
-    assert str(e.value) == f"transformers runtime supports {supported}; {path} is a GPT2LMHeadModel"
+    assert (
+        str(e.value)
+        == f"transformers runtime traces decoder models (model.layers); {path} is a GPT2LMHeadModel"
+    )
 
 
 def test_missing_and_broken_models(tmp_path: Path) -> None:
@@ -184,4 +187,8 @@ def test_without_transformers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(FeatureDisabledError) as e:
         run_transformers(tmp_path, [1], Recorder())
-    assert str(e.value) == "--engine transformers needs the optional extra: pip install 'apr[transformers]'"
+    assert str(e.value) == (
+        "--engine transformers needs the optional extra [transformers]: from a checkout, pip install -e "
+        "'.[transformers]' (make dev installs every extra); from a wheel, pip install "
+        f"'apr-{__version__}-py3-none-any.whl[transformers]'"
+    )

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
+from click.core import ParameterSource
 
 from apr.atomicfile import write_bytes_atomic
 from apr.cli.app import (
@@ -14,6 +17,7 @@ from apr.cli.app import (
     DEFAULT_PROMPT,
     NON_NEGATIVE,
     POSITIVE,
+    F,
     Progress,
     cli,
     emit,
@@ -41,10 +45,97 @@ from apr.stages import ALIASES, STAGE_ORDER
 from apr.trace.layout import default_output_dir
 from apr.trace.payload import run_payload
 from apr.trace.plan import DEFAULT_LAYERS, TracePlan
+from apr.trace.prompt import Prompt
 from apr.trace.reader import read_trace
 from apr.trace.run import ENGINES, PRECISIONS, TraceOptions, prepare_trace
 
 ENGINE_CHOICE = click.Choice(list(ENGINES))
+
+
+class TokenIds(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2; 8.1 is allowed
+    """`--tokens 1,2,3`: non-negative integers, comma-separated (the model checks them against its vocab)."""
+
+    name = "ids"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        items = [x.strip() for x in str(value).split(",")]
+        if items == [""]:
+            self.fail("no token ids (give them comma-separated, e.g. 1,2,3).", param, ctx)
+        for x in items:
+            if not x.isascii() or not x.isdigit():
+                self.fail(f"{x!r} is not a token id (a non-negative integer) in {value!r}.", param, ctx)
+        return tuple(int(x) for x in items)
+
+
+def prompt_options(what: str) -> Callable[[F], F]:
+    """--prompt / --prompt-file / --tokens / --chat / --system, handed to the command as `prompt: Prompt`."""
+    options = [
+        click.option(
+            "--prompt",
+            "prompt_text",
+            default=DEFAULT_PROMPT,
+            show_default=True,
+            help=f"Text to run through {what}.",
+        ),
+        click.option(
+            "--prompt-file", type=path_type(), help="Read the prompt text from this UTF-8 file (all of it)."
+        ),
+        click.option(
+            "--tokens",
+            type=TokenIds(),
+            metavar="IDS",
+            help="Run these token ids (comma-separated: 1,2,3) as given, no tokenizer; checked against "
+            "the vocab size.",
+        ),
+        click.option(
+            "--chat",
+            is_flag=True,
+            help="Apply the model's chat template to the prompt (a user turn and the generation prompt, "
+            "as transformers' apply_chat_template).",
+        ),
+        click.option("--system", metavar="TEXT", help="With --chat: a system message before the user's."),
+    ]
+
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(
+            *args: Any,
+            prompt_text: str,
+            prompt_file: Path | None,
+            tokens: tuple[int, ...] | None,
+            chat: bool,
+            system: str | None,
+            **kw: Any,
+        ) -> Any:
+            source = click.get_current_context().get_parameter_source("prompt_text")
+            given = None if source is ParameterSource.DEFAULT else prompt_text
+            return f(*args, prompt=_prompt(given, prompt_file, tokens, chat, system), **kw)
+
+        for option in reversed(options):
+            command = option(command)
+        return cast(F, command)
+
+    return decorate
+
+
+def _prompt(
+    given_text: str | None, file: Path | None, tokens: tuple[int, ...] | None, chat: bool, system: str | None
+) -> Prompt:
+    options = (("--prompt", given_text), ("--prompt-file", file), ("--tokens", tokens))
+    given = [name for name, value in options if value is not None]
+    if len(given) > 1:
+        raise click.UsageError(f"give one of --prompt, --prompt-file, --tokens (got {' and '.join(given)}).")
+    if chat and tokens is not None:
+        raise click.UsageError("--chat applies the chat template to text; it cannot take --tokens.")
+    if system is not None and not chat:
+        raise click.UsageError("--system is the system message of --chat; give --chat too.")
+    if tokens is not None:
+        return Prompt(token_ids=tokens)
+    if file is not None:
+        return Prompt.from_file(file, chat=chat, system=system)
+    return Prompt(DEFAULT_PROMPT if given_text is None else given_text, chat=chat, system=system)
 
 
 def _stages_doc(_: None) -> dict[str, Any]:
@@ -89,7 +180,7 @@ def stages() -> None:
     metavar="START..END",
     help="Layer range for --save-tensor, END exclusive.",
 )
-@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Text to run through the model.")
+@prompt_options("the model")
 @click.option(
     "--precision",
     type=click.Choice(list(PRECISIONS)),
@@ -118,7 +209,7 @@ def trace(
     save_tensor: str | None,
     save_tensor_dir: Path | None,
     save_tensor_layers: str,
-    prompt: str,
+    prompt: Prompt,
     precision: str,
     engine: str,
     lm_head_all: bool,
@@ -129,9 +220,11 @@ def trace(
 
     \b
     Files are aprender's APRT format: <dir>/layer-N/<stage>.bin and <dir>/<stage>.bin, plus a
-    manifest.json with the run's model, tokens, engine, shapes and layouts. Without --save-tensor:
-    the metadata-only layer skeleton, or per-layer statistics with --payload.
+    manifest.json with the run's model, prompt, tokens, engine, shapes and layouts. Without
+    --save-tensor: the metadata-only layer skeleton, or per-layer statistics with --payload.
+    The prompt is one of --prompt, --prompt-file (with --chat: the model's chat template) or --tokens.
     Example:  apr trace model.gguf --save-tensor all --save-tensor-layers 0..4
+    Example:  apr trace model.gguf --save-tensor lm_head --chat --prompt "Hi" --system "Be brief."
     """
     options = TraceOptions(engine, precision, lm_head_all)
     if save_tensor is None:
@@ -145,14 +238,14 @@ def trace(
         emit(text.render_trace_header(fmt.name, file, save_tensor, save_tensor_layers, out_dir))
     prepared = prepare_trace(file, prompt)
     if not quiet_header:
-        emit(text.render_prompt(prompt, prepared.token_ids))
+        emit(text.render_prompt(prepared.shown_prompt, prepared.token_ids))
     progress = Progress(prepared.model.config.n_layers, "layer")
     outcome = prepared.run(plan, out_dir, replace(options, on_layer=progress))
     show(outcome, jsonr.trace_outcome_doc, text.render_trace_outcome)
 
 
 def _trace_report(
-    file: Path, prompt: str, options: TraceOptions, payload: bool, layer_filter: str | None
+    file: Path, prompt: Prompt, options: TraceOptions, payload: bool, layer_filter: str | None
 ) -> None:
     """`apr trace --payload` (activation statistics) or the metadata-only layer skeleton."""
     if payload:
@@ -224,7 +317,7 @@ def diff(
 @cli.command("bisect")
 @path_arg("a")
 @path_arg("b")
-@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Text to run through both sides.")
+@prompt_options("both sides")
 @click.option("--engine-a", type=ENGINE_CHOICE, default="reference", show_default=True, help="Who runs A.")
 @click.option("--engine-b", type=ENGINE_CHOICE, default="reference", show_default=True, help="Who runs B.")
 @click.option(
@@ -252,7 +345,7 @@ def diff(
 def bisect_cmd(
     a: Path,
     b: Path,
-    prompt: str,
+    prompt: Prompt,
     engine_a: str,
     engine_b: str,
     isolate: bool,
@@ -264,7 +357,8 @@ def bisect_cmd(
     """Find the first stage where B parts ways with A (models in any format, or trace directories).
 
     \b
-    Both sides run on the same token ids; each stage's relative error is compared with the error its
+    Both sides run on the same token ids (their tokenizers must agree on the prompt; --tokens gives
+    both the ids, no tokenizer involved); each stage's relative error is compared with the error its
     inputs already carry: a stage that adds more than growth × input error + its weights' expected
     quantization error is the first divergence. Exit 1 when one is found, 0 when none.
     Example:  apr bisect model-f32.gguf model-q4_k.gguf --engine-b llama.cpp --report report.html

@@ -32,7 +32,6 @@ from apr.quant.types import QUANT_LAYOUT, QuantType
 
 PASSTHROUGH: Final = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16, QuantType.Q4_K, QuantType.Q6_K})
 QUANTIZE_TARGETS: Final = {"q4_k": QuantType.Q4_K, "q6_k": QuantType.Q6_K, "q8_0": QuantType.Q8_0}
-HF_NAMED_ARCHS: Final = frozenset({"qwen2", "qwen3"})
 LM_HEAD_NAME: Final = "lm_head.weight"
 
 
@@ -46,7 +45,7 @@ class ImportResult:
 
 
 def _stored_name(model: Model, canonical: str) -> str:
-    if model.config.architecture not in HF_NAMED_ARCHS:
+    if not model.variant.apr_hf_names:
         return canonical
     return hf_name(model, canonical) or canonical
 

@@ -3,10 +3,13 @@ forward order, and say where they part ways and whether that stage makes the err
 
 A is the reference (relative errors are ‖a−b‖/‖b‖ as in `apr diff`; KL is KL(A‖B)). Each side is a model
 (any format, any engine) or a trace directory. Models are traced with every stage of every layer and
-all-position logits into a work directory. Tokenizers must agree on the prompt (or a trace's recorded
-tokens): comparing different inputs element-wise means nothing. `isolate` re-runs each layer of B (reference
-engine, B's weights) on A's captured input to that layer, so each stage's own error can be shown next to the
-error it inherited.
+all-position logits into a work directory. Both sides take the same prompt (apr.trace.prompt): text or a
+chat turn goes through each side's own tokenizer (or template), and the two must agree on the ids (or with
+a trace's recorded ids): comparing different inputs element-wise means nothing. Token ids go to both
+sides as they are, no tokenizer involved, so two checkpoints whose tokenizers disagree can still be
+compared. A model facing a trace directory runs on the trace's recorded prompt. `isolate` re-runs each
+layer of B (reference engine, B's weights) on A's captured input to that layer, so each stage's own error
+can be shown next to the error it inherited.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from apr.errors import MismatchError, ValidationError
 from apr.models.registry import stage_graph
 from apr.stages import Stage, StageId
 from apr.trace.layout import MANIFEST_NAME, stage_files
-from apr.trace.manifest import Manifest
+from apr.trace.manifest import Manifest, RunInfo
 from apr.trace.plan import TracePlan
+from apr.trace.prompt import Prompt, PromptSource
 from apr.trace.reader import Trace, read_trace
 from apr.trace.run import PreparedTrace, TraceOptions, prepare_trace
 
@@ -77,7 +81,8 @@ def _check_tokens(a: PreparedTrace | Trace, b: PreparedTrace | Trace, pa: Path, 
     if ids[0] != ids[1]:
         raise MismatchError(
             f"the two sides tokenize the prompt differently ({pa}: {list(ids[0])}, {pb}: {list(ids[1])}); "
-            "stage tensors of different token sequences cannot be compared element-wise"
+            "stage tensors of different token sequences cannot be compared element-wise "
+            "(to compare them on the same ids anyway, give the ids with --tokens)"
         )
     return ids[0]
 
@@ -89,14 +94,23 @@ def _trace_ids(t: Trace) -> tuple[int, ...]:
 
 
 def _prepare_sides(
-    a: SideSpec, b: SideSpec, prompt: str
+    a: SideSpec, b: SideSpec, prompt: Prompt
 ) -> tuple[PreparedTrace | Trace, PreparedTrace | Trace]:
     """Existing traces are read; a model runs on the prompt of the trace on the other side, if any."""
     traces = [read_trace(s.path) if is_trace_dir(s.path) else None for s in (a, b)]
-    recorded = [t.manifest.run.prompt for t in traces if t is not None and t.manifest is not None]
+    recorded = [recorded_prompt(t.manifest.run) for t in traces if t is not None and t.manifest is not None]
     model_prompt = recorded[0] if recorded else prompt
     ta, tb = traces
     return (ta or prepare_trace(a.path, model_prompt)), (tb or prepare_trace(b.path, model_prompt))
+
+
+def recorded_prompt(run: RunInfo) -> Prompt:
+    """The prompt a trace was run on, to run a model the same way (its text, chat turn or token ids)."""
+    if run.prompt_source is PromptSource.TOKENS:
+        return Prompt(token_ids=run.token_ids)
+    chat = run.prompt_source is PromptSource.CHAT
+    file = Path(run.prompt_file) if run.prompt_file is not None else None
+    return Prompt(run.prompt, file=file, chat=chat, system=run.system_prompt if chat else None)
 
 
 @contextmanager
@@ -122,7 +136,7 @@ def _materialize(x: PreparedTrace | Trace, spec: SideSpec, out: Path, opt: Trace
 def bisect(
     a: SideSpec,
     b: SideSpec,
-    prompt: str,
+    prompt: Prompt | str,
     *,
     model: ToleranceModel | None = None,
     cosine: Tolerance | None = None,
@@ -130,8 +144,8 @@ def bisect(
     keep: Path | None = None,
     precision: str = "f32",
 ) -> BisectResult:
-    """Compare A (reference) and B stage by stage; see the module docstring."""
-    pa, pb = _prepare_sides(a, b, prompt)
+    """Compare A (reference) and B stage by stage, on the same token ids; see the module docstring."""
+    pa, pb = _prepare_sides(a, b, Prompt(prompt) if isinstance(prompt, str) else prompt)
     ids = _check_tokens(pa, pb, a.path, b.path)
     if isolate and isinstance(pb, Trace):
         raise ValidationError("--isolate re-runs B's layers, so B must be a model, not a trace directory")

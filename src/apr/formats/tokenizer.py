@@ -42,11 +42,17 @@ class Tokenizer:
     bos_id: int | None = None  # encode prepends it when set
     eos_id: int | None = None  # encode appends it when set
     backend: Any = None  # the `tokenizers.Tokenizer` doing the work, if one does (export writes it out)
+    bare_text: Callable[[str], list[int]] | None = None  # HF: encode_text without the post-processor's tokens
 
     def encode(self, text: str) -> list[int]:
         ids = self.encode_text(text)
         bos = [] if self.bos_id is None else [self.bos_id]
         return bos + ids if self.eos_id is None else [*bos, *ids, self.eos_id]
+
+    def encode_bare(self, text: str) -> list[int]:
+        """The text's ids with nothing added around them (special tokens in it still parsed): how a
+        rendered chat template is tokenized (transformers' `add_special_tokens=False`)."""
+        return (self.bare_text or self.encode_text)(text)
 
 
 def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
@@ -119,13 +125,16 @@ def _from_json(spec: TokenizerSpec) -> Tokenizer:
         ids: list[int] = backend.encode(text, add_special_tokens=True).ids
         return ids
 
+    def bare_text(text: str) -> list[int]:
+        ids: list[int] = backend.encode(text, add_special_tokens=False).ids
+        return ids
+
     def decode(ids: Sequence[int]) -> str:
         text: str = backend.decode(list(ids), skip_special_tokens=False)
         return text
 
-    return Tokenizer(
-        int(backend.get_vocab_size(with_added_tokens=True)), encode_text, decode, backend=backend
-    )
+    size = int(backend.get_vocab_size(with_added_tokens=True))
+    return Tokenizer(size, encode_text, decode, backend=backend, bare_text=bare_text)
 
 
 BUILDERS: Final[dict[str, Callable[[TokenizerSpec], Tokenizer]]] = {

@@ -17,7 +17,9 @@ transformers' AutoTokenizer picks a class, loads tokenizer.json into a `tokenize
   whenever there is a tokenizer.json (`_from_pretrained` pops both), then rebuilds a missing
   post-processor with both false. (transformers 4 honoured them for LlamaTokenizerFast.)
 `hf_spec` reads the same files for `apr inspect`: vocab, merges, special tokens, BOS / EOS and whether they
-are added; `hf_backend` builds the tokenizer.
+are added, and the chat template as transformers 5 finds it (`chat_template.jinja` beside the tokenizer, else
+tokenizer_config.json's `chat_template`: a string, or a list of named templates of which "default" is
+used); `hf_backend` builds the tokenizer.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from apr.formats.tokenizer_bpe import load
 
 TOKENIZER_JSON: Final = "tokenizer.json"
 TOKENIZER_CONFIG: Final = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE: Final = "chat_template.jinja"  # transformers 5 saves a single template here
 CONFIG_JSON: Final = "config.json"
 MODEL: Final = "tokenizer.json"  # TokenizerSpec.model of an HF tokenizer
 CONTROL, USER_DEFINED = 3, 4  # GGUF token types given to added tokens (special or not), for the summary
@@ -200,7 +203,25 @@ def hf_spec(folder: Path) -> TokenizerSpec | None:
         add_bos=bos is not None and bos in ids,
         add_eos=eos is not None and eos in ids,
         json_path=path,
+        chat_template=chat_template(folder),
     )
+
+
+def chat_template(folder: Path) -> str | None:
+    """The chat template transformers loads for the tokenizer in `folder`, or None."""
+    jinja = folder / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{jinja}: not UTF-8 text ({e})") from None
+    path = folder / TOKENIZER_CONFIG
+    raw = _json(path) if path.is_file() else {}
+    template = raw.get("chat_template") if isinstance(raw, dict) else None
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _vocab(model: dict[str, Any], added: list[Any], path: Path) -> tuple[list[str], list[int]]:

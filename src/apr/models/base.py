@@ -42,6 +42,7 @@ class Variant:
     hf: tuple[str, ...]  # HF `architectures` class names
     rope: str = ROPE_NORM  # how its GGUF stores Q/K rows (llama.cpp's rope type for the arch)
     hf_model_type: str = ""  # config.json `model_type` when it is not `name` (Gemma 3 text: gemma3_text)
+    apr_hf_names: bool = False  # aprender's GGUF import stores its tensors under HF names (qwen2_map_name)
     # names shared with another family's variant: this one takes only the sources `claims` is true for,
     # and is tried before the variants without a claim (models/registry.py)
     claims: Callable[[ConfigSource], bool] | None = None

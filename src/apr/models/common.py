@@ -487,17 +487,22 @@ MODEL_HOOKS: Final[tuple[tuple[str, str, Stage], ...]] = (
     ("model.norm", OUT, Stage.FINAL_NORM),
     ("", OUT, Stage.LM_HEAD),
 )
+# llama.cpp's cb_eval names (llm_graph_context::cb, without the "-{il}" suffix) → stage: the llama builders
+# and build_attn / build_ffn in llama-graph.cpp. runtimes/llamacpp.py finds by structure what no name
+# says (attn_out, an unnamed residual add) and takes Qcur/Kcur/Vcur apart by op.
 LLAMA_NODES: Final[Mapping[str, Stage]] = {
+    "embd": Stage.EMBEDDING,  # build_inp_embd, after Granite's embedding_scale
     "attn_norm": Stage.ATTN_NORM,
-    "kq": Stage.ATTN_SCORES,
+    "kq": Stage.ATTN_SCORES,  # the SOFT_MAX's input; × its scale
     "kq_soft_max": Stage.ATTN_SOFTMAX,
     "kqv_out": Stage.ATTENTION,
-    "attn_out": Stage.ATTN_OUT,
     "ffn_inp": Stage.POST_ATTN_RESIDUAL,
     "ffn_norm": Stage.FFN_NORM,
     "ffn_gate": Stage.FFN_GATE,
     "ffn_up": Stage.FFN_UP,
-    "ffn_swiglu": Stage.FFN_SWIGL,
+    "ffn_swiglu": Stage.FFN_SWIGL,  # the fused SWIGLU op: silu(gate) alone is never materialized
     "ffn_out": Stage.FFN_OUT,
     "l_out": Stage.POST_FFN_RESIDUAL,
+    "result_norm": Stage.FINAL_NORM,
+    "result_output": Stage.LM_HEAD,  # after Granite's logit_scale
 }

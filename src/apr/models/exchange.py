@@ -25,12 +25,13 @@ _LAYER: Final = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
 def hf_name(model: Model, canonical: str) -> str | None:
-    """The HF spelling of a canonical tensor name (None when the family's HF checkpoints lack it)."""
+    """The HF spelling of a canonical tensor name (None when the family's HF checkpoints lack it, or spell
+    it as one tensor per expert: `{e}`, which export does not write)."""
     m = _LAYER.match(canonical)
     key, layer = (f"blk.{{i}}.{m.group(2)}", int(m.group(1))) if m else (canonical, None)
     for role in model.family.roles(model.config):
         if role.name == key:
-            return role.hf.format(i=layer) or None
+            return None if "{e}" in role.hf else role.hf.format(i=layer) or None
     return None
 
 

@@ -245,10 +245,13 @@ LAYER_HOOKS: Final = (
     ("", OUT, Stage.POST_FFN_RESIDUAL),
 )
 GGML_NODES: Final = {
-    **{k: v for k, v in common.LLAMA_NODES.items() if k != "ffn_inp"},
+    **{k: v for k, v in common.LLAMA_NODES.items() if k not in ("embd", "ffn_inp", "ffn_swiglu")},
+    "inp_scaled": Stage.EMBEDDING,  # embd × sqrt(D)
+    "kq_scaled_2": Stage.ATTN_SCORES,  # Gemma 2: cap · tanh(kq / cap), the SOFT_MAX's input (Q pre-scaled)
     "attn_post_norm": Stage.ATTN_POST_NORM,
     "sa_out": Stage.POST_ATTN_RESIDUAL,
-    "ffn_post_norm": Stage.FFN_POST_NORM,
+    "ffn_geglu": Stage.FFN_SWIGL,  # the fused GEGLU op: gelu(gate) alone is never materialized
+    "ffn_post_norm": Stage.FFN_POST_NORM,  # Gemma 2 names it with il = -1 (bare)
 }
 
 

@@ -48,8 +48,8 @@ ROPE = {QKLayout.HF: ops.rope_half_split, QKLayout.INTERLEAVED: ops.rope_adjacen
 VARIANTS: Final = (
     Variant("llama", ("llama",), ("LlamaForCausalLM",), ROPE_NORM),
     Variant("mistral", (), ("MistralForCausalLM",), ROPE_NORM),  # its GGUF says "llama"
-    Variant("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), ROPE_NEOX),
-    Variant("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), ROPE_NEOX),
+    Variant("qwen2", ("qwen2",), ("Qwen2ForCausalLM",), ROPE_NEOX, apr_hf_names=True),
+    Variant("qwen3", ("qwen3",), ("Qwen3ForCausalLM",), ROPE_NEOX, apr_hf_names=True),
     Variant("granite", ("granite",), ("GraniteForCausalLM",), ROPE_NORM),
 )
 

@@ -92,6 +92,7 @@ PARAMS: Final = (
         "{arch}.expert_shared_feed_forward_length",
         ("shared_expert_intermediate_size",),
         default=lambda v: v["intermediate_size"],
+        check="nonneg",
     ),  # llama.cpp's fallback; 0 without a shared expert
     Param("norm_topk_prob", None, ("norm_topk_prob",), kind=bool, default=False),
 )
@@ -329,8 +330,13 @@ LAYER_HOOKS: Final = (
     ("", OUT, Stage.POST_FFN_RESIDUAL),
 )
 GATED_HOOKS: Final = (("mlp.shared_expert", "mlp.shared_expert_gate", Stage.MOE_SHARED_OUT),)
-# llama.cpp's build_moe_ffn (llama-graph.cpp) names; the MoE output is `ffn_out` where the builder names it
-# (llama: the same tensor renamed; qwen2moe: routed + shared), else `ffn_moe_out` (qwen3moe)
+# llama.cpp (build_moe_ffn in llama-graph.cpp, models/{llama,qwen2moe,qwen3moe}.cpp): the names every variant
+# gives the same value. Not mapped, because a name means different things per variant or ggml stores it as
+# I32: the top-k weights (`ffn_moe_weights_norm` after renormalisation: llama, qwen3moe; `ffn_moe_weights`
+# without: qwen2moe), the expert ids (`ffn_moe_topk`, an I32 view of the argsort), the MoE output
+# (`ffn_moe_out` in llama and qwen3moe; in qwen2moe that is the routed part only and the sum with the shared
+# expert is `ffn_out`, which in llama names the residual add). The shared expert's build_ffn reuses the
+# dense names (ffn_gate, ffn_up, ffn_swiglu, ffn_out): dropped with the dense FFN's.
 GGML_NODES: Final = {
     **{
         k: v
@@ -338,9 +344,7 @@ GGML_NODES: Final = {
         if k not in ("ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out")
     },
     "ffn_moe_logits": Stage.MOE_ROUTER_LOGITS,
-    "ffn_moe_topk": Stage.MOE_ROUTER_INDICES,
     "ffn_shexp_out": Stage.MOE_SHARED_OUT,
-    "ffn_out": Stage.MOE_FFN_OUT,
 }
 
 

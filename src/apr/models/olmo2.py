@@ -140,7 +140,7 @@ LAYER_HOOKS: Final = (
 GGML_NODES: Final = {
     **{k: v for k, v in common.LLAMA_NODES.items() if k not in ("attn_norm", "ffn_norm")},
     "attn_post_norm": Stage.ATTN_POST_NORM,
-    "ffn_post_norm": Stage.FFN_POST_NORM,
+    "ffn_post_norm": Stage.FFN_POST_NORM,  # named with il = -1 (bare)
 }
 
 FAMILY: Final = Family(

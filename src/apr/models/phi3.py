@@ -91,6 +91,12 @@ LAYER_HOOKS: Final = (
     ("mlp.down_proj", OUT, Stage.FFN_OUT),
     ("", OUT, Stage.POST_FFN_RESIDUAL),
 )
+# build_qkv's fused path: Qcur/Kcur/Vcur are views of one MUL_MAT; ffn_up is [gate|up] (its halves)
+GGML_NODES: Final = {
+    **common.LLAMA_NODES,
+    "wqkv": Stage.QKV_MATMUL,
+    "wqkv_b": Stage.QKV_BIAS,
+}
 
 FAMILY: Final = Family(
     name="phi3",
@@ -102,7 +108,7 @@ FAMILY: Final = Family(
     forward=llama.forward,
     layer=llama.layer,
     hooks=HookMap(LAYER_HOOKS, common.MODEL_HOOKS, qkv=()),
-    ggml_nodes=common.LLAMA_NODES,
+    ggml_nodes=GGML_NODES,
     ignorable=(Ignorable(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "RoPE buffer, recomputed"),),
     gguf_keys=(*common.ROPE_GGUF_KEYS, "{arch}.attention.sliding_window"),
     hf_refuse={

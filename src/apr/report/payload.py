@@ -65,7 +65,10 @@ def render_text(r: PayloadReport) -> str:
             f"Range: [{lg.min:.4f}, {lg.max:.4f}]  Mean: {lg.mean:.4f}",
             "  Top 5 predictions:",
         ]
-        out += [f"    token_id={t}, logit={v:.4f}  {p.tokenizer.decode([t])!r}" for t, v in r.top_k]
+        shown = p.tokenizer.decode if p.tokenizer else None  # None: token ids given, no tokenizer built
+        out += [
+            f"    token_id={t}, logit={v:.4f}" + (f"  {shown([t])!r}" if shown else "") for t, v in r.top_k
+        ]
         spread = lg.max - lg.min
         if not 1.0 <= spread <= 100.0:
             warnings.append(f"logit range {spread:.2f} is outside [1, 100]")

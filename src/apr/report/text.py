@@ -110,9 +110,11 @@ def render_trace_header(format_name: str, model: Path, stages: str, layers: str,
     )
 
 
-def render_prompt(prompt: str, token_ids: Sequence[int]) -> str:
+def render_prompt(prompt: str | None, token_ids: Sequence[int]) -> str:
+    """The text the model reads (None: the token ids were given) and its ids."""
     ids = ", ".join(str(t) for t in token_ids)
-    return f'Test prompt:  "{prompt}"\nToken ids:    [{ids}] ({len(token_ids)} tokens)\n\n'
+    shown = "(token ids given)" if prompt is None else f'"{prompt}"'
+    return f"Test prompt:  {shown}\nToken ids:    [{ids}] ({len(token_ids)} tokens)\n\n"
 
 
 def _layer_ranges(layers: list[int]) -> str:

@@ -30,14 +30,16 @@ unavailable. Everything else is a copy of a node llama.cpp computed, reshaped, s
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from apr.errors import AprError, InferenceError, ModelLoadError, NotFoundError, ValidationError
 from apr.formats.config import QKLayout
+from apr.models.common import LLAMA_NODES
 from apr.runtimes.base import (
     ENGINE_LLAMACPP,
     Array,
@@ -53,33 +55,14 @@ from apr.stages import Stage, StageId, Tap
 CTX_ALIGN: Final = 256  # llama.cpp pads the KV view to 256 cells anyway
 FLASH_ATTN_DISABLED: Final = 0
 
-WHOLE_MODEL_NODES: Final[dict[str, StageId]] = {
-    "embd": StageId(Stage.EMBEDDING, 0),
-    "result_norm": StageId(Stage.FINAL_NORM),
-    "result_output": StageId(Stage.LM_HEAD),
-}
-LAYER_NODES: Final[dict[str, Stage]] = {
-    "attn_norm": Stage.ATTN_NORM,
-    "kq": Stage.ATTN_SCORES,
-    "kq_soft_max": Stage.ATTN_SOFTMAX,
-    "kqv_out": Stage.ATTENTION,
-    "attn_out": Stage.ATTN_OUT,
-    "ffn_inp": Stage.POST_ATTN_RESIDUAL,
-    "ffn_norm": Stage.FFN_NORM,
-    "ffn_gate": Stage.FFN_GATE,
-    "ffn_up": Stage.FFN_UP,
-    "ffn_swiglu": Stage.FFN_SWIGL,
-    "ffn_out": Stage.FFN_OUT,
-    "l_out": Stage.POST_FFN_RESIDUAL,
-}
 QKV_NODES: Final = ("Qcur", "Kcur", "Vcur")  # per position [Q|K|V]
-ATTENTION_NODE: Final = "kqv_out"  # attn_out is whatever leads from here into the residual add
-ATTN_OUT_NODE: Final = "attn_out"
-RESIDUAL_NODE: Final = "ffn_inp"
 OP_MATMUL: Final = "MUL_MAT"
-OP_BIAS: Final = "ADD"
+OP_ADD: Final = "ADD"
 OP_ROPE: Final = "ROPE"
 OP_SOFTMAX: Final = "SOFT_MAX"
+QKV_OPS: Final = (OP_MATMUL, OP_ADD, OP_ROPE)  # the projection, its bias, the rotation
+PROJECTION_OPS: Final = (OP_MATMUL, OP_ADD, "GET_ROWS")  # with weights / row ids as their other inputs
+GLU_SWAPPED: Final = 1  # op_params index of a GLU's flag: act() applies to the second half
 ROPE_STAGES: Final = {"Qcur": Stage.Q_POST_ROPE, "Kcur": Stage.K_POST_ROPE}
 # llama_rope_type → (name, layout of Q/K as computed): NORM pairs adjacent entries, on rows that
 # convert_hf_to_gguf permuted per head; NEOX pairs i with i + Dh/2, on rows in HF order.
@@ -88,15 +71,24 @@ ROPE_TYPES: Final[dict[int, tuple[str, QKLayout]]] = {
     2: ("neox", QKLayout.HF),
 }
 UNAVAILABLE_REASONS: Final[dict[Stage, str]] = {
-    Stage.FFN_SILU: "llama.cpp computes silu(gate)·up as one fused SWIGLU op (ffn_swiglu); silu(gate) "
-    "is never materialized",
+    Stage.FFN_SILU: "llama.cpp computes act(gate)·up as one fused GLU op (SWIGLU: ffn_swiglu, GEGLU: "
+    "ffn_geglu); act(gate) is never materialized",
 }
-_NODE_NAME: Final = re.compile(r"^(?P<base>[A-Za-z_]+)-(?P<layer>\d+)$")
+_NODE_NAME: Final = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
 
-NodeKey = tuple[str, int | None, str]  # (name without layer, layer, op or "" when the last op wins)
+QkvKey = tuple[str, int, str]  # (Qcur | Kcur | Vcur, layer, op)
+Slot = StageId | QkvKey  # where a wanted node's copy goes
 
 
-def run_llamacpp(model_path: Path, token_ids: Sequence[int], tap: Tap, *, n_threads: int = 2) -> RuntimeRun:
+def run_llamacpp(
+    model_path: Path,
+    token_ids: Sequence[int],
+    tap: Tap,
+    *,
+    n_threads: int = 2,
+    nodes: Mapping[str, Stage] | None = None,
+    expected: Sequence[Stage] | None = None,
+) -> RuntimeRun:
     """Run `token_ids` through llama.cpp (one prefill decode, CPU) and tap every stage it exposes.
 
     Args:
@@ -104,6 +96,10 @@ def run_llamacpp(model_path: Path, token_ids: Sequence[int], tap: Tap, *, n_thre
         token_ids: the prompt, already tokenized (no BOS is added).
         tap: called as `tap(StageId, float32 array)` for every stage, in forward order.
         n_threads: llama.cpp threads; fixed so runs repeat bit for bit.
+        nodes: graph node name (without "-{layer}") → stage: the model family's `ggml_nodes`; default the
+            llama family's.
+        expected: the stages the model has (its family's graph); default the dense llama stages. A stage
+            llama.cpp exposes outside it is a table error and raises.
 
     Example:
         >>> run = run_llamacpp(Path("smollm2-f32.gguf"), [1780, 314, 216], tap)  # doctest: +SKIP
@@ -117,13 +113,18 @@ def run_llamacpp(model_path: Path, token_ids: Sequence[int], tap: Tap, *, n_thre
         raise NotFoundError(f"model not found: {path}")
     if n_threads < 1:
         raise ValidationError(f"n_threads must be >= 1, got {n_threads}")
+    recorder = _Recorder(ggml, LLAMA_NODES if nodes is None else nodes)
     with log.capture():
-        done = _run(llama, ggml, path, token_ids, n_threads, log)
+        done = _run(llama, recorder, path, token_ids, n_threads, log)
     ordered = ForwardOrderTap(tap, ENGINE_LLAMACPP)
-    qkv_bias, scales = _emit(done.recorder, done.n_layers, len(done.ids), ordered)
+    scales = _emit(recorder, done.n_layers, len(done.ids), ordered)
     ordered.close()
-    expected = model_stages(qkv_bias=qkv_bias)
-    unavailable = missing_stages(expected, ordered.seen, done.n_layers, ENGINE_LLAMACPP)
+    qkv_bias = any(sid.stage is Stage.QKV_BIAS for sid in ordered.seen)
+    want = model_stages(qkv_bias=qkv_bias) if expected is None else tuple(expected)
+    stray = sorted({sid.stage for sid in ordered.seen} - set(want), key=lambda s: s.order)
+    if expected is not None and stray:
+        raise InferenceError(f"llama.cpp exposed {stray[0]}, which the model's stage graph does not have")
+    unavailable = missing_stages(want, ordered.seen, done.n_layers, ENGINE_LLAMACPP)
     rope_name, qk_layout = ROPE_TYPES[done.rope_type]
     settings = {**done.settings, "rope_type": rope_name}
     settings["kq_scale"] = ",".join(f"{s:.9g}" for s in sorted(set(scales)))
@@ -133,7 +134,7 @@ def run_llamacpp(model_path: Path, token_ids: Sequence[int], tap: Tap, *, n_thre
         token_ids=done.ids,
         qk_layout=qk_layout,
         unavailable=unavailable,
-        notes=_notes(qkv_bias, settings, unavailable),
+        notes=_notes(qkv_bias, bool(recorder.fused_glu), settings, unavailable, recorder.reasons),
         settings=settings,
     )
 
@@ -142,12 +143,11 @@ class _Decoded(NamedTuple):
     ids: tuple[int, ...]
     rope_type: int
     n_layers: int
-    recorder: _Recorder
     settings: dict[str, str]
 
 
 def _run(
-    llama: Any, ggml: Ggml, path: Path, token_ids: Sequence[int], n_threads: int, log: LogSink
+    llama: Any, recorder: _Recorder, path: Path, token_ids: Sequence[int], n_threads: int, log: LogSink
 ) -> _Decoded:
     """Load the model, check the ids, decode once with the recorder, free the model."""
     model = _load_model(llama, path, log)
@@ -156,23 +156,35 @@ def _run(
         rope_type = llama.llama_model_rope_type(model)
         if rope_type not in ROPE_TYPES:
             raise ModelLoadError(f"llama.cpp runtime supports NORM and NEOX rope; {path} uses {rope_type}")
-        recorder = _Recorder(ggml)
         settings = _decode(llama, model, ids, recorder, n_threads, log)
-        return _Decoded(ids, rope_type, llama.llama_model_n_layer(model), recorder, settings)
+        return _Decoded(ids, rope_type, llama.llama_model_n_layer(model), settings)
     finally:
         llama.llama_model_free(model)
 
 
-def _notes(qkv_bias: bool, settings: dict[str, str], unavailable: tuple[Stage, ...]) -> tuple[str, ...]:
-    notes = [
-        f"attn_scores: kq (unscaled Q·Kᵀ) × kq_scale {settings['kq_scale']} from the SOFT_MAX op_params, "
-        f"sliced to [:, :S, :S] of the {settings['n_ctx']}-cell KV view, above-diagonal set to 0.0",
-        "attn_softmax: kq_soft_max sliced to [:, :S, :S]",
-        "qkv_matmul: the Qcur/Kcur/Vcur MUL_MAT nodes concatenated per position",
-    ]
+def _notes(
+    qkv_bias: bool,
+    fused_ffn: bool,
+    settings: dict[str, str],
+    unavailable: tuple[Stage, ...],
+    reasons: Mapping[Stage, str],
+) -> tuple[str, ...]:
+    how = {
+        Stage.ATTN_SCORES: f"the SOFT_MAX input (kq = Q·Kᵀ, already × the attention scale where the builder "
+        f"scales Q first; kq_scaled_2 after soft-capping) × the SOFT_MAX scale {settings['kq_scale']}, "
+        f"sliced to [:, :S, :S] of the {settings['n_ctx']}-cell KV view; entries the SOFT_MAX's mask hides "
+        "(future keys, keys outside a sliding window) set to 0.0",
+        Stage.ATTN_SOFTMAX: "kq_soft_max sliced to [:, :S, :S]",
+        Stage.QKV_MATMUL: "the Qcur/Kcur/Vcur MUL_MAT nodes concatenated per position, or the fused wqkv",
+        Stage.ATTN_OUT: "the O-projection on the path from kqv_out into the residual add (by structure)",
+    }
+    notes = [f"{s}: {text}" for s, text in how.items() if s not in unavailable]
+    if fused_ffn:
+        notes.append("ffn_gate, ffn_up: the halves of the fused ffn_up node the GLU op splits")
     if not qkv_bias:
         notes.append("qkv_bias: not applicable, the model has no q/k/v bias")
-    notes.extend(f"{s}: {UNAVAILABLE_REASONS.get(s, 'no such node in the graph')}" for s in unavailable)
+    why: dict[Stage, str] = {**UNAVAILABLE_REASONS, **reasons}
+    notes.extend(f"{s}: {why.get(s, 'no such node in the graph')}" for s in unavailable)
     return tuple(notes)
 
 
@@ -231,6 +243,13 @@ def _decode(
     }
 
 
+class _Softmax(NamedTuple):
+    source: int  # address of the SOFT_MAX's input: the node attn_scores must come from
+    source_name: str
+    scale: float
+    hidden: npt.NDArray[np.bool_]  # (S_tokens, n_kv): where the mask is -inf
+
+
 class _Recorder:
     """The cb_eval callback: asks for the nodes apr maps and copies them out as they are computed.
 
@@ -239,13 +258,20 @@ class _Recorder:
     in `error` and raised after the decode.
     """
 
-    def __init__(self, ggml: Ggml) -> None:
+    def __init__(self, ggml: Ggml, nodes: Mapping[str, Stage]) -> None:
         self.ggml = ggml
-        self.raw: dict[NodeKey, Array] = {}
-        self.softmax_params: dict[int, tuple[float, float]] = {}  # layer → (scale, max_bias)
+        self.nodes = nodes
+        self.stages: dict[StageId, Array] = {}
+        self.sources: dict[StageId, int] = {}  # the node each stage was copied from
+        self.qkv: dict[QkvKey, Array] = {}
+        self.softmax: dict[int, _Softmax] = {}  # layer → what its SOFT_MAX did
+        self.fused_glu: dict[int, tuple[int, bool]] = {}  # layer → (the GLU's one input, swapped)
+        self.reasons: dict[Stage, str] = {}  # why a stage the table maps could not be exposed
         self.error: BaseException | None = None
-        self._wanted: dict[int, NodeKey] = {}  # address → key, between ask and compute
-        self._attn = _AttnOutPath()
+        self.layer: int | None = None  # of the last "-{il}" node: where a bare per-layer name belongs
+        self._wanted: dict[int, Slot] = {}  # address → slot, between ask and compute
+        self._masks: dict[int, npt.NDArray[np.bool_]] = {}  # one read per mask tensor
+        self._attn = _AttnOutPath(ggml)
 
     def __call__(self, address: int, ask: bool, _user_data: Any) -> bool:
         if self.error is not None:
@@ -259,97 +285,155 @@ class _Recorder:
         return True
 
     def _ask(self, node: Node) -> bool:
-        key = _node_key(node)
-        if key is not None and key[0] == RESIDUAL_NODE and not self._attn.consumed_by(node):
-            self.raw.pop((ATTN_OUT_NODE, key[1], ""), None)  # not what the residual adds: drop it
-        key = self._attn.see(node, key) or key
-        if key is not None:
-            self._wanted[node.address] = key
-        return key is not None
+        slot = self._slot(node)
+        found = self._attn.see(node, slot)
+        if found is not None:
+            if slot is not None and slot != found:
+                raise InferenceError(f"llama.cpp node {node.name} is {slot} by name but {found} by structure")
+            slot = found
+        if slot is not None:
+            self._wanted[node.address] = slot
+        return slot is not None
 
-    def _store(self, node: Node, key: NodeKey) -> None:
-        self.raw[key] = self.ggml.read(node)
-        if node.op == OP_SOFTMAX and key[1] is not None:
-            self.softmax_params[key[1]] = (node.op_param_f32(0), node.op_param_f32(1))
+    def _slot(self, node: Node) -> Slot | None:
+        m = _NODE_NAME.match(node.name)
+        base, layer = (m["base"], int(m["layer"])) if m else (node.name, None)
+        if layer is not None:
+            self.layer = layer
+            if base in QKV_NODES:
+                return (base, layer, node.op) if node.op in QKV_OPS else None
+        stage = self.nodes.get(base)
+        if stage is None:
+            return None
+        if layer is None and stage.per_layer and stage is not Stage.EMBEDDING:
+            if self.layer is None:
+                raise InferenceError(f"llama.cpp node {node.name} ({stage}) comes before any layer")
+            layer = self.layer
+        return StageId(stage, layer if stage is not Stage.EMBEDDING else 0)
 
-    def kq_scale(self, layer: int) -> float:
-        """The scale the layer's SOFT_MAX applies to kq (op_params: scale, max_bias)."""
-        if layer not in self.softmax_params:
-            raise InferenceError(f"llama.cpp graph has kq-{layer} but no kq_soft_max-{layer}")
-        scale, max_bias = self.softmax_params[layer]
+    def _store(self, node: Node, slot: Slot) -> None:
+        value = self.ggml.read(node)
+        if not isinstance(slot, StageId):
+            self.qkv[slot] = value
+            return
+        self.stages[slot], self.sources[slot] = value, node.address
+        if slot.stage is Stage.ATTN_SOFTMAX and slot.layer is not None:
+            self.softmax[slot.layer] = self._softmax_of(node)
+        if slot.stage is Stage.FFN_SWIGL and slot.layer is not None and len(node.srcs) == 1:
+            self.fused_glu[slot.layer] = (node.srcs[0], bool(node.op_param_i32(GLU_SWAPPED)))
+
+    def _softmax_of(self, node: Node) -> _Softmax:
+        """scale and max_bias from the op_params; the mask (src[1]) an input set before the graph ran."""
+        source, mask = node.src_at(0), node.src_at(1)
+        if node.op != OP_SOFTMAX or source is None or mask is None:
+            raise InferenceError(f"llama.cpp node {node.name} is not a masked SOFT_MAX ({node.op})")
+        max_bias = node.op_param_f32(1)
         if max_bias != 0.0:
-            raise InferenceError(f"layer {layer} uses ALiBi (max_bias {max_bias}); not supported")
-        return scale
+            raise InferenceError(f"{node.name} uses ALiBi (max_bias {max_bias}); not supported")
+        if mask not in self._masks:
+            values = self.ggml.read(self.ggml.node(mask))
+            self._masks[mask] = np.isneginf(values.reshape(-1, values.shape[-1]))
+        return _Softmax(source, self.ggml.node(source).name, node.op_param_f32(0), self._masks[mask])
 
 
 class _AttnOutPath:
-    """Finds attn_out by structure: the last node on the path from kqv_out-i into ffn_inp-i.
+    """attn_out and post_attn_residual by structure: the nodes that lead from kqv_out-i on.
 
-    llama.cpp names the O-projection `attn_out-i` in some model builders (llama) and not in others
-    (qwen2, qwen3: an anonymous `node_N`); the value added to the residual is found either way. In the
-    last layer the path ends in a GET_ROWS of every output row, which selects all rows in order.
+    The O-projection is the MUL_MAT that takes kqv_out, then a bias ADD, then — in the last layer — the
+    GET_ROWS of every output row (all rows, in order): ops whose other inputs are leaves (weights, row
+    ids). Its last node is attn_out, named `attn_out` by some builders (llama) and not by others (qwen2,
+    gemma, phi3). What follows before the residual (Gemma's and OLMo2's post-norm, Granite's residual
+    scale) is neither; the first ADD with a computed input besides the path is the residual add,
+    post_attn_residual (`ffn_inp`, Gemma's `sa_out`, an anonymous node in Phi-3).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ggml: Ggml) -> None:
+        self.ggml = ggml
         self.layer: int | None = None
         self._path: set[int] = set()
-        self._last = 0
+        self._projecting = False
 
-    def see(self, node: Node, key: NodeKey | None) -> NodeKey | None:
-        """attn_out's key when `node` continues the path; kqv_out-i (`key`) starts a new path."""
-        if key is not None:
-            if key[0] == ATTENTION_NODE:
-                self.layer, self._path, self._last = key[1], {node.address}, 0
+    def see(self, node: Node, slot: Slot | None) -> StageId | None:
+        """The stage `node` is by structure, if any; kqv_out-i (`slot` attention) starts a path."""
+        if isinstance(slot, StageId) and slot.stage is Stage.ATTENTION:
+            self.layer, self._path, self._projecting = slot.layer, {node.address}, True
             return None
-        if self._path and any(src in self._path for src in node.srcs):
-            self._path.add(node.address)
-            self._last = node.address
-            return (ATTN_OUT_NODE, self.layer, "")
+        if not any(src in self._path for src in node.srcs):
+            return None
+        self._path.add(node.address)
+        leaves = all(self.ggml.is_leaf(src) for src in node.srcs if src not in self._path)
+        self._projecting &= node.op in PROJECTION_OPS and leaves
+        if self._projecting:
+            return StageId(Stage.ATTN_OUT, self.layer)
+        if node.op == OP_ADD and not leaves:
+            self._path = set()
+            return StageId(Stage.POST_ATTN_RESIDUAL, self.layer)
         return None
 
-    def consumed_by(self, residual: Node) -> bool:
-        """Ends the path at ffn_inp-i; true when that add takes the path's last node."""
-        last, self._path, self._last = self._last, set(), 0
-        return last in residual.srcs
+
+Emitted = Iterator[tuple[StageId, Array]]
 
 
-def _node_key(node: Node) -> NodeKey | None:
-    if node.name in WHOLE_MODEL_NODES:
-        return (node.name, None, "")
-    m = _NODE_NAME.match(node.name)
-    if m is None:
-        return None
-    base, layer = m["base"], int(m["layer"])
-    if base in QKV_NODES:
-        return (base, layer, node.op) if node.op in (OP_MATMUL, OP_BIAS, OP_ROPE) else None
-    return (base, layer, "") if base in LAYER_NODES and base != ATTN_OUT_NODE else None
+def _emit(recorder: _Recorder, n_layers: int, n_tokens: int, tap: ForwardOrderTap) -> list[float]:
+    """Recorded nodes → canonical stages, layer by layer. Returns the SOFT_MAX scale of each layer."""
+    stages, scales = recorder.stages, []
+    for layer in (*range(n_layers), None):
+        if layer is not None:
+            _emit_qkv(recorder.qkv, layer, n_tokens, tap)
+        for sid in sorted((k for k in stages if k.layer == layer), key=lambda k: k.sort_key):
+            shape = _SHAPERS.get(sid.stage, _rows)
+            for out, value in shape(recorder, sid, stages.pop(sid), n_tokens):
+                tap(out, value)
+        if layer in recorder.softmax:
+            scales.append(recorder.softmax[layer].scale)
+    if stages:
+        raise InferenceError(
+            f"llama.cpp node for {min(stages, key=lambda k: k.sort_key)} is past the last layer"
+        )
+    return scales
 
 
-def _emit(
-    recorder: _Recorder, n_layers: int, n_tokens: int, tap: ForwardOrderTap
-) -> tuple[bool, list[float]]:
-    """Recorded nodes → canonical stages. Returns (the model has a q/k/v bias, kq scale per layer)."""
-    raw, s = recorder.raw, n_tokens
-    for name, sid in WHOLE_MODEL_NODES.items():
-        if (name, None, "") in raw:
-            tap(sid, raw.pop((name, None, "")).reshape(s, -1))
-    qkv_bias, scales = False, []
-    for i in range(n_layers):
-        qkv_bias |= _emit_qkv(raw, i, s, tap)
-        for base, stage in LAYER_NODES.items():
-            value = raw.pop((base, i, ""), None)
-            if value is None:
-                continue
-            if stage is Stage.ATTN_SCORES:
-                scale = recorder.kq_scale(i)
-                scales.append(scale)
-                value = np.tril(_causal_square(value, s) * np.float32(scale))
-            elif stage is Stage.ATTN_SOFTMAX:
-                value = _causal_square(value, s)
-            else:
-                value = value.reshape(s, -1)
-            tap(StageId(stage, i), value)
-    return qkv_bias, scales
+def _rows(_recorder: _Recorder, sid: StageId, value: Array, s: int) -> Emitted:
+    yield sid, value.reshape(s, -1)
+
+
+def _scores(recorder: _Recorder, sid: StageId, value: Array, s: int) -> Emitted:
+    """(1, H, S, n_kv) → (H, S, S) × the softmax scale, hidden entries 0.0; nothing unless the node is
+    the SOFT_MAX's input (a table that misses a soft-cap step: the stage is unavailable, with the reason)."""
+    softmax = recorder.softmax.get(sid.layer) if sid.layer is not None else None
+    if softmax is None or recorder.sources[sid] != softmax.source:
+        read = f"reads {softmax.source_name}" if softmax else "is missing"
+        recorder.reasons.setdefault(
+            sid.stage, f"the SOFT_MAX {read}, which the node table does not map to it"
+        )
+        return
+    scaled = _causal_square(value, s) * np.float32(softmax.scale)
+    yield sid, np.where(softmax.hidden[:s, :s], np.float32(0.0), scaled)
+
+
+def _probs(_recorder: _Recorder, sid: StageId, value: Array, s: int) -> Emitted:
+    yield sid, _causal_square(value, s)
+
+
+def _ffn_up(recorder: _Recorder, sid: StageId, value: Array, s: int) -> Emitted:
+    """[gate|up] when the layer's GLU takes one input (gate first unless the GLU is swapped)."""
+    if sid.layer not in recorder.fused_glu:
+        yield sid, value.reshape(s, -1)
+        return
+    source, swapped = recorder.fused_glu[sid.layer]
+    if recorder.sources[sid] != source:
+        raise InferenceError(f"{sid}: the layer's GLU op does not take the node the table maps to ffn_up")
+    halves = np.split(value.reshape(s, -1), 2, axis=-1)
+    gate, up = (halves[1], halves[0]) if swapped else (halves[0], halves[1])
+    yield StageId(Stage.FFN_GATE, sid.layer), np.ascontiguousarray(gate)
+    yield sid, np.ascontiguousarray(up)
+
+
+_SHAPERS: Final[dict[Stage, Callable[[_Recorder, StageId, Array, int], Emitted]]] = {
+    Stage.ATTN_SCORES: _scores,
+    Stage.ATTN_SOFTMAX: _probs,
+    Stage.FFN_UP: _ffn_up,
+}
 
 
 def _causal_square(kq: Array, s: int) -> Array:
@@ -357,20 +441,19 @@ def _causal_square(kq: Array, s: int) -> Array:
     return np.ascontiguousarray(kq.reshape(-1, s, kq.shape[-1])[:, :, :s])
 
 
-def _emit_qkv(raw: dict[NodeKey, Array], layer: int, s: int, tap: ForwardOrderTap) -> bool:
-    """[Q|K|V] before and after the bias, and Q/K after RoPE. Returns whether any bias node existed."""
+def _emit_qkv(raw: dict[QkvKey, Array], layer: int, s: int, tap: ForwardOrderTap) -> None:
+    """[Q|K|V] before and after the bias, and Q/K after RoPE, from the separate Q/K/V nodes."""
     matmul = [raw.pop((b, layer, OP_MATMUL), None) for b in QKV_NODES]
-    biased = [raw.pop((b, layer, OP_BIAS), None) for b in QKV_NODES]
+    biased = [raw.pop((b, layer, OP_ADD), None) for b in QKV_NODES]
     for base, stage in ROPE_STAGES.items():
         roped = raw.pop((base, layer, OP_ROPE), None)
         if roped is not None:
             tap(StageId(stage, layer), roped.reshape(s, -1))
     if any(m is None for m in matmul):
-        return False
+        return
     plain = [m.reshape(s, -1) for m in matmul if m is not None]
     tap(StageId(Stage.QKV_MATMUL, layer), np.concatenate(plain, axis=-1))
     if all(b is None for b in biased):
-        return False
+        return
     with_bias = [p if b is None else b.reshape(s, -1) for p, b in zip(plain, biased, strict=True)]
     tap(StageId(Stage.QKV_BIAS, layer), np.concatenate(with_bias, axis=-1))
-    return True

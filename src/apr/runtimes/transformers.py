@@ -168,9 +168,9 @@ def _notes(qkv_bias: bool, dtype: str, unavailable: tuple[Stage, ...], moe: bool
         )
     if dtype == "float64":
         notes.append(
-            "float64: RMSNorm, RoPE angles, the eager softmax and the MoE router softmax run in float64 "
-            "(transformers computes them in float32 even in a float64 model; lifted so the run is a true "
-            "float64 reference)"
+            "float64: RMSNorm, RoPE angles and the eager softmax run in float64 (transformers computes "
+            "them in float32 even in a float64 model; lifted so the run is a true float64 reference)"
+            + ("; so do the MoE routers (softmax, top-k, renormalisation)" if moe else "")
         )
     notes.extend(f"{s}: no hook produced it" for s in unavailable)
     return tuple(notes)

@@ -5,11 +5,14 @@ complete trace of one run and lists exactly that run's files. Schema `apr-trace-
 
     {"schema", "apr_version", "model": {path, format, sha256, bytes, tensor_types},
      "config": ModelConfig fields,
-     "prompt", "token_ids", "engine": {name, version, precision, settings}, "qk_layout",
+     "prompt", "prompt_source": "text"|"file"|"tokens"|"chat", "prompt_file", "chat": {system, text}|null,
+     "token_ids", "engine": {name, version, precision, settings}, "qk_layout",
      "lm_head_positions": "last"|"all", "plan": {stages, layers}, "not_captured": [{stage, reason}],
      "notes": [...], "files": [{path, stage, layer, shape, dims, bytes, sha256}]}
 
-No timestamps or host names: two identical runs write byte-identical manifests.
+No timestamps or host names: two identical runs write byte-identical manifests. `prompt` is the text given
+(the user message of a chat prompt, "" for token ids); `chat.text` is the rendered template the ids come
+from. Manifests written before `prompt_source` existed read as "text".
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from apr.formats.config import QKLayout
 from apr.models.config import ModelConfig
 from apr.models.registry import stage_dims
 from apr.stages import Stage, StageId
+from apr.trace.prompt import PromptSource
 from apr.version import __version__
 
 SCHEMA: Final = "apr-trace-manifest-v1"
@@ -87,6 +91,10 @@ class RunInfo:
     notes: tuple[str, ...] = ()
     unavailable: dict[str, str] = field(default_factory=dict)  # stage -> why this engine lacks it
     tensor_types: dict[str, str] = field(default_factory=dict)  # canonical weight name -> stored type
+    prompt_source: PromptSource = PromptSource.TEXT
+    prompt_file: str | None = None  # the file the prompt text was read from
+    system_prompt: str | None = None  # chat: the system message
+    chat_text: str | None = None  # chat: the rendered template, what was tokenized
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +119,9 @@ class Manifest:
             },
             "config": r.config.to_dict(),
             "prompt": r.prompt,
+            "prompt_source": r.prompt_source.value,
+            "prompt_file": r.prompt_file,
+            "chat": None if r.chat_text is None else {"system": r.system_prompt, "text": r.chat_text},
             "token_ids": list(r.token_ids),
             "engine": {
                 "name": r.engine,
@@ -155,6 +166,10 @@ class Manifest:
                 notes=tuple(d["notes"]),
                 unavailable=dict(d.get("unavailable", {})),
                 tensor_types=dict(m.get("tensor_types", {})),
+                prompt_source=PromptSource(d.get("prompt_source", "text")),
+                prompt_file=d.get("prompt_file"),
+                system_prompt=(d.get("chat") or {}).get("system"),
+                chat_text=(d.get("chat") or {}).get("text"),
             )
             files = tuple(FileEntry.from_json(f) for f in d["files"])
             not_captured = tuple((n["stage"], n["reason"]) for n in d["not_captured"])

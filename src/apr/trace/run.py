@@ -18,14 +18,15 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.engine.weights import Weights
-from apr.errors import FormatError, ValidationError
+from apr.errors import ValidationError
 from apr.formats.config import QKLayout
-from apr.formats.tokenizer import Tokenizer, build_tokenizer
+from apr.formats.tokenizer import Tokenizer
 from apr.models import Model, open_model
 from apr.runtimes import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun, run_llamacpp, run_transformers
 from apr.stages import Tap
 from apr.trace.manifest import RunInfo
 from apr.trace.plan import TracePlan
+from apr.trace.prompt import Prompt, encode_prompt
 from apr.trace.writer import TraceResult, TraceWriter
 from apr.version import __version__
 
@@ -92,7 +93,10 @@ def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt:
 def _llamacpp(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
     if opt.precision != "f32":
         raise ValidationError("--engine llama.cpp computes in f32 only; drop --precision f64")
-    return _engine_run(run_llamacpp(path, ids, tap, n_threads=opt.n_threads))
+    stages = [n.stage for n in model.graph()]
+    return _engine_run(
+        run_llamacpp(path, ids, tap, n_threads=opt.n_threads, nodes=model.family.ggml_nodes, expected=stages)
+    )
 
 
 ENGINES: Final[dict[str, EngineFn]] = {
@@ -128,11 +132,23 @@ def fingerprint(path: Path) -> tuple[str, int]:
 class PreparedTrace:
     path: Path
     model: Model
-    tokenizer: Tokenizer
-    prompt: str
+    tokenizer: Tokenizer | None  # None when the prompt was token ids (no tokenizer built)
+    request: Prompt
     token_ids: tuple[int, ...]
+    chat_text: str | None = None  # the rendered chat template the ids come from (a chat prompt)
+
+    @property
+    def prompt(self) -> str:
+        """The prompt's text (the user message of a chat prompt; "" for token ids)."""
+        return self.request.text or ""
+
+    @property
+    def shown_prompt(self) -> str | None:
+        """What the model reads, as text: the rendered chat, the prompt, or None for token ids."""
+        return self.chat_text if self.chat_text is not None else self.request.text
 
     def run_info(self, eng: EngineRun, opt: TraceOptions, sha: str = "", size: int = 0) -> RunInfo:
+        req = self.request
         return RunInfo(
             model_path=str(self.path),
             model_format=self.model.format_name,
@@ -141,6 +157,10 @@ class PreparedTrace:
             config=self.model.config,
             prompt=self.prompt,
             token_ids=self.token_ids,
+            prompt_source=req.source,
+            prompt_file=None if req.file is None else str(req.file),
+            system_prompt=req.system,
+            chat_text=self.chat_text,
             engine=eng.engine,
             engine_version=eng.version,
             precision=opt.precision,
@@ -175,17 +195,14 @@ class TraceOutcome:
     engine: EngineRun
 
 
-def prepare_trace(path: Path, prompt: str) -> PreparedTrace:
-    """Open the model lazily and tokenize the prompt with the model's own tokenizer."""
+def prepare_trace(path: Path, prompt: Prompt | str) -> PreparedTrace:
+    """Open the model lazily and turn the prompt into its token ids (apr.trace.prompt): text through the
+    model's own tokenizer, a chat prompt through its chat template, token ids checked against its vocab.
+
+    >>> prepare_trace(Path("smollm2.gguf"), Prompt("Hi", chat=True)).token_ids[-9:]  # doctest: +SKIP
+    (4093, 198, 26843, 2, 198, 1, 520, 9531, 198)
+    """
+    request = Prompt(prompt) if isinstance(prompt, str) else prompt
     model = open_model(path)
-    spec = model.tokenizer_spec()
-    if spec is None:
-        raise FormatError(
-            f"{path}: the model has no tokenizer; cannot trace without proper tokenization "
-            "(re-import with: apr import <source>.gguf -o <output>.apr)"
-        )
-    tok = build_tokenizer(spec)
-    ids = tuple(tok.encode(prompt))
-    if not ids:
-        raise ValidationError(f"the prompt {prompt!r} encodes to no tokens")
-    return PreparedTrace(path, model, tok, prompt, ids)
+    enc = encode_prompt(request, model)
+    return PreparedTrace(path, model, enc.tokenizer, request, enc.token_ids, enc.chat_text)

@@ -1,0 +1,119 @@
+"""What a run feeds the model: text (given, or read from a file), that text as a chat turn, or token ids.
+
+`Prompt` is the request; `encode_prompt` turns it into the ids a model runs on:
+- text / file: the model's own tokenizer, as its runtime adds BOS / EOS (`Tokenizer.encode`);
+- chat: the model's chat template rendered on [system?, user] with the generation prompt
+  (apr.formats.chat, transformers' `apply_chat_template`), then tokenized with nothing added;
+- tokens: the ids as given, checked against the model's vocabulary only; no tokenizer is built, so a model
+  without one (or two models whose tokenizers disagree, in `apr bisect`) can still run.
+The manifest records which it was (`prompt_source`), the file, the system message and the rendered chat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from apr.errors import AprIOError, FormatError, NotFoundError, ValidationError
+from apr.formats.base import TokenizerSpec
+from apr.formats.chat import chat_messages, render_chat, template_tokens
+from apr.formats.tokenizer import Tokenizer, build_tokenizer
+from apr.models import Model
+from apr.runtimes.base import check_token_ids
+
+
+class PromptSource(StrEnum):
+    TEXT = "text"
+    FILE = "file"
+    TOKENS = "tokens"
+    CHAT = "chat"
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """Exactly one of `text` and `token_ids`; `chat` (and `system`) only with text."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    file: Path | None = None  # where `text` was read from
+    chat: bool = False
+    system: str | None = None  # a system message before the user's (chat only)
+
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.token_ids is None):
+            raise ValidationError("a prompt is either text or token ids, not both or neither")
+        if self.token_ids is not None and (self.chat or self.file is not None):
+            raise ValidationError("token ids are run as given: no chat template, no prompt file")
+        if self.system is not None and not self.chat:
+            raise ValidationError("a system message needs the chat template (chat=True)")
+
+    @property
+    def source(self) -> PromptSource:
+        if self.token_ids is not None:
+            return PromptSource.TOKENS
+        if self.chat:
+            return PromptSource.CHAT
+        return PromptSource.FILE if self.file is not None else PromptSource.TEXT
+
+    @classmethod
+    def from_file(cls, path: Path, *, chat: bool = False, system: str | None = None) -> Prompt:
+        """The whole file as UTF-8 text (nothing stripped: a trailing newline is part of the prompt)."""
+        return cls(read_prompt_file(path), file=path, chat=chat, system=system)
+
+
+def read_prompt_file(path: Path) -> str:
+    if not path.exists():
+        raise NotFoundError(f"File not found: {path}")
+    if path.is_dir():
+        raise AprIOError(f"cannot read prompt file {path}: it is a directory")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise AprIOError(f"cannot read prompt file {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FormatError(
+            f"prompt file {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    token_ids: tuple[int, ...]
+    tokenizer: Tokenizer | None  # None when the ids were given
+    chat_text: str | None = None  # the rendered chat template, when it was applied
+
+
+def encode_prompt(prompt: Prompt, model: Model) -> Encoded:
+    """The ids `model` runs on for `prompt` (see the module docstring)."""
+    if prompt.token_ids is not None:
+        return Encoded(check_token_ids(prompt.token_ids, model.config.vocab_size), None)
+    assert prompt.text is not None  # __post_init__: text or ids
+    spec = model.tokenizer_spec()
+    if spec is None:
+        raise FormatError(
+            f"{model.path}: the model has no tokenizer; cannot trace without proper tokenization "
+            "(give token ids with --tokens, or re-import with: apr import <source>.gguf -o <output>.apr)"
+        )
+    tok = build_tokenizer(spec)
+    if not prompt.chat:
+        return Encoded(_nonempty(tok.encode(prompt.text), prompt.text), tok)
+    text = _render(spec, model, prompt.text, prompt.system)
+    return Encoded(_nonempty(tok.encode_bare(text), text), tok, text)
+
+
+def _render(spec: TokenizerSpec, model: Model, text: str, system: str | None) -> str:
+    if not spec.chat_template:
+        raise ValidationError(
+            f"{model.path}: the model has no chat template (GGUF tokenizer.chat_template, HF "
+            "chat_template.jinja or tokenizer_config.json chat_template), so --chat cannot apply one"
+        )
+    return render_chat(spec.chat_template, chat_messages(text, system), template_tokens(spec))
+
+
+def _nonempty(ids: list[int], text: str) -> tuple[int, ...]:
+    if not ids:
+        raise ValidationError(f"the prompt {text!r} encodes to no tokens")
+    return tuple(ids)
