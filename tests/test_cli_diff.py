@@ -234,4 +234,4 @@ def test_diff_of_two_aprender_moe_traces(tmp_path: Path) -> None:
     growth = analyze(
         diff_traces(read_trace(tmp_path / "a"), read_trace(tmp_path / "b")), ToleranceModel(), ({}, {})
     )
-    assert growth.first_jump is not None and str(growth.first_jump.diff.sid) == "blk.1.moe_router"  # fmt: skip
+    assert growth.first_jump is not None and str(growth.first_jump.diff.sid) == "blk.1.moe_router"

@@ -94,7 +94,8 @@ def tok(spec: TokenizerSpec) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def llama(smollm2_gguf: Path) -> Any:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp as llama_cpp
+
     return llama_cpp.Llama(model_path=str(smollm2_gguf), vocab_only=True, verbose=False)
 
 
@@ -187,7 +188,8 @@ def vocab_files(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def other_pre(
     request: pytest.FixtureRequest, vocab_files: dict[str, Path]
 ) -> Iterator[tuple[Tokenizer, Any]]:
-    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp as llama_cpp
+
     path = vocab_files[request.param]
     spec = open_gguf(path).tokenizer_spec()
     assert spec is not None and spec.pre == request.param
@@ -271,9 +273,9 @@ def test_spec_errors(bad: TokenizerSpec, message: str) -> None:
 def odd_merges(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Tokenizer, Any]:
     """SmolLM2's vocab with merges llama.cpp accepts and `tokenizers` refuses, ranked first: results that
     are not tokens (ASCII, and with Ġ), an operand that is not a token, a repeat of a later merge."""
+    import llama_cpp as llama_cpp
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-    llama_cpp = pytest.importorskip("llama_cpp")
     reader = GGUFReader(smollm2_gguf)
     vocab = set(reader.fields["tokenizer.ggml.tokens"].contents())
     merges = reader.fields["tokenizer.ggml.merges"].contents()

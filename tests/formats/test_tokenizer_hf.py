@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import transformers as transformers
 from hypothesis import given, settings
 
 from apr.formats.base import TokenizerSpec
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
 from apr.formats.tokenizer_hf import hf_spec
 from tests.formats.test_tokenizer_spm import HARD, TEXT, corpus, train
-
-transformers = pytest.importorskip("transformers")
 
 LLAMA2_CONFIG = {
     "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",

@@ -2,7 +2,7 @@
 
 `dequantizable()` asks gguf-py itself (one zero block per type) which types it can dequantize instead of
 listing them, so a gguf-py that learns a new type makes the registry tests fail until apr has it too.
-Import after `pytest.importorskip("gguf")`.
+gguf is a hard requirement of the test suite (dev extra).
 """
 
 from __future__ import annotations

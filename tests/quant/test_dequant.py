@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Final
 
+import gguf as gguf
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -16,10 +17,8 @@ from hypothesis import strategies as st
 from apr.errors import FormatError, UnsupportedQuantError
 from apr.quant import DEQUANT_TYPES, QuantType, dequantize
 from apr.quant.types import QUANT_LAYOUT
-
-gguf = pytest.importorskip("gguf")
-from tests.quant.gguf_ref import assert_bits_equal, bits, dequantizable  # noqa: E402
-from tests.quant.gguf_ref import gguf_dequantize as oracle  # noqa: E402
+from tests.quant.gguf_ref import assert_bits_equal, bits, dequantizable
+from tests.quant.gguf_ref import gguf_dequantize as oracle
 
 F32 = npt.NDArray[np.float32]
 

@@ -15,16 +15,15 @@ from __future__ import annotations
 from functools import cache
 from typing import Final
 
+import gguf as gguf
 import numpy as np
 import pytest
 
 from apr.quant import DEQUANT_TYPES, QuantType, dequantize
 from apr.quant.types import QUANT_LAYOUT
-
-gguf = pytest.importorskip("gguf")
-from tests.quant import ggml_ref  # noqa: E402
-from tests.quant.gguf_ref import assert_bits_equal, assert_equal_nan_equal, dequantizable  # noqa: E402
-from tests.quant.gguf_ref import gguf_dequantize as oracle  # noqa: E402
+from tests.quant import ggml_ref
+from tests.quant.gguf_ref import assert_bits_equal, assert_equal_nan_equal, dequantizable
+from tests.quant.gguf_ref import gguf_dequantize as oracle
 
 GGML_BLOCK_TYPES: Final = sorted(
     q for q in DEQUANT_TYPES if q.name in dequantizable() - {"F32", "F16", "BF16"}
@@ -34,7 +33,8 @@ GGML_BLOCK_TYPES: Final = sorted(
 @pytest.fixture(scope="module")
 def libggml() -> None:
     """llama-cpp-python's libggml-base (skip without llama-cpp-python, fail if it is not where expected)."""
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401 (the oracle must be installed)
+
     if not ggml_ref.available():
         pytest.fail("llama-cpp-python is installed but its libggml-base is not where ggml_ref looks")
 
@@ -97,7 +97,8 @@ def test_smollm2_q4_1_tensors(smollm2_gguf: object) -> None:
     "name", ["Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K", "Q2_K_PURE", "Q6_K", "Q4_0", "Q5_1", "F16", "BF16"]
 )
 def test_llamacpp_quantized_tensors(name: str) -> None:
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401 (the oracle must be installed)
+
     from tests.quant.fixtures import quantized_gguf
 
     types = assert_file_matches(str(quantized_gguf(name)), per_type=4)

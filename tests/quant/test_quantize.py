@@ -7,16 +7,15 @@ from collections.abc import Callable
 from functools import cache
 from typing import Final
 
+import gguf as gguf
 import numpy as np
 import numpy.typing as npt
 import pytest
+from gguf.quants import dequantize as gguf_dequantize
 
 from apr.errors import AprError, UnsupportedQuantError
 from apr.quant import QUANT_TYPES, QuantType, dequantize, quantize
 from apr.quant.types import QUANT_LAYOUT
-
-gguf = pytest.importorskip("gguf")
-from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
 F32 = npt.NDArray[np.float32]
 # Relative RMSE (error RMS / signal RMS) a round trip may reach on standard normal data.
@@ -65,7 +64,8 @@ def _smollm2_weights(rng: np.random.Generator, shape: tuple[int, int]) -> F32:
 
 @cache
 def _real_weights() -> tuple[F32, ...]:
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401 (the oracle must be installed)
+
     from tests.quant.fixtures import tensors_only_f32_gguf
 
     reader = gguf.GGUFReader(tensors_only_f32_gguf())
@@ -110,7 +110,8 @@ def test_round_trip_error_bound(qtype: QuantType) -> None:
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 @pytest.mark.parametrize("qtype", sorted(QUANT_TYPES), ids=lambda q: q.name)
 def test_same_bytes_as_ggml(qtype: QuantType, dataset: str) -> None:
-    ggml_ref = pytest.importorskip("tests.quant.ggml_ref")
+    from tests.quant import ggml_ref
+
     if not ggml_ref.available():
         pytest.skip("llama-cpp-python's libggml-base is not installed")
     x = DATASETS[dataset](np.random.default_rng(1), (40, 1024))
