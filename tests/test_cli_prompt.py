@@ -38,7 +38,8 @@ def trace_json(model: Path, out: Path, *prompt: str, stages: str = "lm_head") ->
 
 def chat_oracle(hf_dir: Path, text: str, system: str | None) -> tuple[list[int], str]:
     """transformers' ids and rendered text for [system?, user] with the generation prompt."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # an oracle: a hard requirement of the suite (tests/conftest.py)
+
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     messages = ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": text}

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import transformers
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from apr.errors import FormatError, ValidationError
 from apr.formats.chat import chat_messages, render_chat, template_tokens
@@ -20,7 +22,6 @@ from apr.formats.tokenizer import build_tokenizer
 from apr.formats.tokenizer_hf import hf_spec
 from tests.fixtures.zoo import ZooModel
 
-transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.oracle
 
 TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
@@ -50,8 +51,6 @@ MESSAGES = chat_messages("What is <b>2+2</b>?  \n 'really' & \"truly\"", system=
 
 
 def oracle(template: str, messages: list[dict[str, str]], **tokens: str) -> str:
-    from transformers.utils.chat_template_utils import render_jinja_template
-
     rendered, _ = render_jinja_template(
         conversations=[messages], chat_template=template, add_generation_prompt=True, **tokens
     )

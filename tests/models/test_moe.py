@@ -39,7 +39,9 @@ from apr.diff.align import Side, align
 from apr.diff.compare import diff_traces
 from apr.engine.weights import Weights
 from apr.errors import FormatError, ModelLoadError
+from apr.models import model as model_module
 from apr.models import open_model
+from apr.models.registry import family_named
 from apr.runtimes import run_llamacpp, run_transformers
 from apr.stages import MOE_STAGES, Stage, StageId
 from apr.trace.plan import TracePlan
@@ -335,3 +337,15 @@ def test_expert_tensors_are_accounted_for(zoo: Callable[[str], ZooModel], tmp_pa
         open_model(hf_copy(z, tmp_path / "both", both))
     with pytest.raises(FormatError, match=r"9 experts per token, but the model has 8 experts$"):
         open_model(hf_copy(z, tmp_path / "k", num_experts_per_tok=9))
+
+
+def test_a_llama_gguf_with_experts_is_mixtral_and_the_llama_family_refuses_it(
+    zoo: Callable[[str], ZooModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    z = zoo("mixtral")
+    m = open_model(z.gguf)
+    assert (m.source.architecture, m.family.name, m.variant.name) == ("llama", "moe", "mixtral")
+    llama = family_named("llama")
+    monkeypatch.setattr(model_module, "find_family", lambda source: (llama, llama.variant("llama")))
+    with pytest.raises(ModelLoadError, match=r"tensor blk\.0\.ffn_gate\.weight is missing$"):
+        open_model(z.gguf)  # the llama family alone still refuses it

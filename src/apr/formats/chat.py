@@ -16,7 +16,8 @@ The template is the checkpoint's own (`TokenizerSpec.chat_template`): GGUF `toke
   tokenizer_config.json or the tokenizer class sets them: transformers' `special_tokens_map`).
 
 The rendered text is tokenized with nothing added around it (`Tokenizer.encode_bare`, transformers'
-`add_special_tokens=False`): a template writes its BOS itself.
+`add_special_tokens=False`): a template writes its BOS itself. `strftime_now` makes a template that calls
+it (Llama 3.1's "Today Date") depend on the day it runs; the trace manifest records the rendered text.
 """
 
 from __future__ import annotations
