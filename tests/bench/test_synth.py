@@ -101,6 +101,7 @@ def test_apr_traces_every_stage_of_every_layer_to_finite_values(tiny: Path, tmp_
 
 def test_llama_cpp_loads_it_and_agrees_on_tokens_and_logits(tiny: Path, tmp_path: Path) -> None:
     import llama_cpp
+
     llm = llama_cpp.Llama(str(tiny), n_ctx=64, n_threads=2, verbose=False, logits_all=False)
     ids = llm.tokenize(PROMPT.encode(), add_bos=False, special=True)
     assert tuple(ids) == PROMPT_IDS

@@ -12,9 +12,11 @@ from click.testing import CliRunner
 from apr.cli import cli
 from apr.engine.weights import Weights
 from apr.models import open_model
-from apr.models.llama import forward
+from apr.models.llama import DECODER
 from apr.stages import Stage, StageId
 from tests.runtimes import PROMPT, PROMPT_IDS, Recorder, rel_err, transformers_run, write_tiny_gguf
+
+forward = DECODER.forward
 
 pytestmark = pytest.mark.oracle
 

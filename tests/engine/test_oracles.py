@@ -19,10 +19,12 @@ import pytest
 from apr.engine.weights import Weights
 from apr.errors import ValidationError
 from apr.models import open_model
-from apr.models.llama import forward
+from apr.models.llama import DECODER
 from apr.runtimes import run_llamacpp, run_transformers
 from apr.stages import Stage, StageId
 from tests.runtimes import PROMPT_IDS, Recorder, cosine, rel_err
+
+forward = DECODER.forward
 
 pytestmark = pytest.mark.oracle
 NEAR_TIE = 0.1

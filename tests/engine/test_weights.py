@@ -13,10 +13,12 @@ from apr.errors import UnsupportedQuantError
 from apr.formats.apr import open_apr
 from apr.formats.aprwrite import AprTensor, write_apr
 from apr.models import open_model
-from apr.models.llama import forward
+from apr.models.llama import DECODER
 from apr.quant import QuantType
 from apr.stages import StageId
 from tests.formats.test_apr import CFG_FULL, _apr_q8, _with_scales
+
+forward = DECODER.forward
 
 IDS = (1780, 314, 216, 34, 27, 34, 47)
 

@@ -16,22 +16,21 @@ Gemma 3: every n-th layer is global). Legend: T tokens, D hidden, I ffn width.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
-import numpy as np
 import numpy.typing as npt
 
 from apr.engine import ops
 from apr.engine.weights import Weights
 from apr.errors import FormatError, ModelLoadError
 from apr.formats.base import ConfigSource
-from apr.models import common
+from apr.models import common, decoder, sources
 from apr.models.base import OPTIONAL, PREV_OUTPUT, ROPE_NEOX, Family, HookMap, StageNode, TensorRole, Variant
 from apr.models.config import ModelConfig
 from apr.models.exchange import rope_scaling_dict
 from apr.models.params import COMMON, Param
-from apr.stages import Stage, StageId, Tap
+from apr.stages import Stage, Tap
 
 Array = npt.NDArray[Any]
 IN, OUT = common.IN, common.OUT
@@ -118,11 +117,11 @@ def finish(
     return ModelConfig(
         architecture=variant.name,
         family="gemma",
-        vocab_size=common.vocab_size(source, present, where),
+        vocab_size=sources.vocab_size(source, present, where),
         qk_norm="blk.{i}.attn_q_norm.weight" in present,
-        tied_embeddings=common.tied_embeddings(source, present),
-        qk_layout=common.qk_layout(variant, source, where),
-        rope_scaling=common.rope_scaling(source, False, where),
+        tied_embeddings=sources.tied_embeddings(source, present),
+        qk_layout=sources.qk_layout(variant, source, where),
+        rope_scaling=sources.rope_scaling(source, False, where),
         sliding_layers=_sliding_layers(variant, source, v["n_layers"], where) if window else (),
         attn_scale=float(scalar) ** -0.5 if scalar else 0.0,
         embed_scale=math.sqrt(v["hidden_size"]),
@@ -173,17 +172,17 @@ def graph(c: ModelConfig) -> tuple[StageNode, ...]:
     )
 
 
-def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.Rotary) -> Array:
+def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: decoder.Rotary) -> Array:
     """Decoder layer i: (T, D) → (T, D)."""
-    p, emit = common.layer_names(i), common.emitter(tap, i)
+    p, emit = decoder.layer_names(i), decoder.emitter(tap, i)
 
     def norm(v: Array, name: str) -> Array:
-        return ops.rms_norm(v, common.norm_weight(w, cfg, p(name)), cfg.rms_eps)  # (T, D)
+        return ops.rms_norm(v, decoder.norm_weight(w, cfg, p(name)), cfg.rms_eps)  # (T, D)
 
     # attention, between its pre- and post-norm
     h = norm(x, "attn_norm.weight")  # (T, D)
     emit(Stage.ATTN_NORM, h)
-    o = common.attention(w, cfg, i, h, emit, rot)  # (T, D)
+    o = decoder.attention(w, cfg, i, h, emit, rot)  # (T, D)
     o = norm(o, "post_attention_norm.weight")  # (T, D)
     emit(Stage.ATTN_POST_NORM, o)
     x = x + o  # (T, D)
@@ -191,7 +190,7 @@ def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.
     # feed-forward (GeGLU), between its pre- and post-norm
     h = norm(x, "ffn_norm.weight")  # (T, D)
     emit(Stage.FFN_NORM, h)
-    f = common.swiglu(w, i, h, emit, ops.gelu_tanh)  # (T, D)
+    f = decoder.swiglu(w, i, h, emit, ops.gelu_tanh)  # (T, D)
     f = norm(f, "post_ffw_norm.weight")  # (T, D)
     emit(Stage.FFN_POST_NORM, f)
     x = x + f  # (T, D)
@@ -199,34 +198,7 @@ def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.
     return x
 
 
-def forward(
-    w: Weights,
-    cfg: ModelConfig,
-    token_ids: npt.ArrayLike,
-    tap: Tap,
-    *,
-    lm_head_all: bool = False,
-    on_layer: Callable[[int], None] | None = None,
-) -> Array:
-    """Logits of the last position (V,), or of every position (T, V) with `lm_head_all`."""
-    ids = np.asarray(token_ids, dtype=np.int64)  # (T,)
-    # token embedding × sqrt(D)
-    x = w.embed(ids) * w.dtype.type(cfg.embed_scale)  # (T, D)
-    tap(StageId(Stage.EMBEDDING, 0), x)
-    rot = common.Rotary.build(w, cfg, len(ids))
-    for i in range(cfg.n_layers):
-        x = block(w, cfg, i, x, tap, rot)  # (T, D)
-        if on_layer is not None:
-            on_layer(i)
-    # final norm, lm_head (and Gemma 2's final soft-cap)
-    x = ops.rms_norm(x, common.norm_weight(w, cfg, "output_norm.weight"), cfg.rms_eps)  # (T, D)
-    tap(StageId(Stage.FINAL_NORM), x)
-    return common.lm_head(w, cfg, x, tap, lm_head_all)
-
-
-def layer(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap) -> Array:
-    """Layer i alone on the given input (T, D) → (T, D) (bisect --isolate)."""
-    return block(w, cfg, i, x, tap, common.Rotary.build(w, cfg, x.shape[0]))
+DECODER: Final = decoder.Decoder(block)
 
 
 LAYER_HOOKS: Final = (
@@ -285,16 +257,16 @@ FAMILY: Final = Family(
     finish=finish,
     roles=roles,
     graph=graph,
-    forward=forward,
-    layer=layer,
+    forward=DECODER.forward,
+    layer=DECODER.layer,
     hooks=HookMap(LAYER_HOOKS, common.MODEL_HOOKS, rms_norm_offset=1.0),
     ggml_nodes=GGML_NODES,
-    gguf_keys=(*common.ROPE_GGUF_KEYS, "{arch}.attention.sliding_window_pattern"),
+    gguf_keys=(*sources.ROPE_GGUF_KEYS, "{arch}.attention.sliding_window_pattern"),
     hf_extra=hf_extra,
     hf_refuse={
         "hidden_activation": _refuse_act,
         "use_bidirectional_attention": lambda v: "bidirectional attention" if v else None,
-        "partial_rotary_factor": common.HF_REFUSE["partial_rotary_factor"],
+        "partial_rotary_factor": sources.HF_REFUSE["partial_rotary_factor"],
         "attention_bias": lambda v: "attention biases (attention_bias: true)" if v else None,
     },
 )

@@ -15,17 +15,16 @@ H query heads, Hkv kv heads, Dh head dim, I ffn width, V vocab.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
-import numpy as np
 import numpy.typing as npt
 
 from apr.engine import ops
 from apr.engine.weights import Weights
 from apr.formats.base import ConfigSource
 from apr.formats.config import QKLayout
-from apr.models import common
+from apr.models import common, decoder, sources
 from apr.models.base import (
     OPTIONAL,
     PREV_OUTPUT,
@@ -40,7 +39,7 @@ from apr.models.base import (
 )
 from apr.models.config import ModelConfig
 from apr.models.params import COMMON, Param
-from apr.stages import Stage, StageId, Tap
+from apr.stages import Stage, Tap
 
 Array = npt.NDArray[Any]
 ROPE = {QKLayout.HF: ops.rope_half_split, QKLayout.INTERLEAVED: ops.rope_adjacent}
@@ -81,12 +80,12 @@ def finish(
     return ModelConfig(
         architecture=variant.name,
         family="llama",
-        vocab_size=common.vocab_size(source, present, where),
+        vocab_size=sources.vocab_size(source, present, where),
         qkv_bias="blk.{i}.attn_q.bias" in present,
         qk_norm="blk.{i}.attn_q_norm.weight" in present,
-        tied_embeddings=common.tied_embeddings(source, present),
-        qk_layout=common.qk_layout(variant, source, where),
-        rope_scaling=common.rope_scaling(source, "rope_freqs.weight" in present, where),
+        tied_embeddings=sources.tied_embeddings(source, present),
+        qk_layout=sources.qk_layout(variant, source, where),
+        rope_scaling=sources.rope_scaling(source, "rope_freqs.weight" in present, where),
         **{**values, "sliding_window": window},
     )
 
@@ -138,55 +137,27 @@ def graph(c: ModelConfig) -> tuple[StageNode, ...]:
     )
 
 
-def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.Rotary) -> Array:
+def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: decoder.Rotary) -> Array:
     """Decoder layer i: (T, D) → (T, D)."""
-    p, emit = common.layer_names(i), common.emitter(tap, i)
+    p, emit = decoder.layer_names(i), decoder.emitter(tap, i)
     r = x.dtype.type(cfg.residual_scale)
     # attention norm
     h = ops.rms_norm(x, w.vector(p("attn_norm.weight")), cfg.rms_eps)  # (T, D)
     emit(Stage.ATTN_NORM, h)
     # self-attention (q/k/v, bias, QK-norm, RoPE, causal softmax, O-projection)
-    o = common.attention(w, cfg, i, h, emit, rot)  # (T, D)
+    o = decoder.attention(w, cfg, i, h, emit, rot)  # (T, D)
     x = x + r * o  # (T, D)
     emit(Stage.POST_ATTN_RESIDUAL, x)
     # feed-forward (SwiGLU)
     h = ops.rms_norm(x, w.vector(p("ffn_norm.weight")), cfg.rms_eps)  # (T, D)
     emit(Stage.FFN_NORM, h)
-    f = common.swiglu(w, i, h, emit, ops.silu)  # (T, D)
+    f = decoder.swiglu(w, i, h, emit, ops.silu)  # (T, D)
     x = x + r * f  # (T, D)
     emit(Stage.POST_FFN_RESIDUAL, x)
     return x
 
 
-def forward(
-    w: Weights,
-    cfg: ModelConfig,
-    token_ids: npt.ArrayLike,
-    tap: Tap,
-    *,
-    lm_head_all: bool = False,
-    on_layer: Callable[[int], None] | None = None,
-) -> Array:
-    """Logits of the last position (V,), or of every position (T, V) with `lm_head_all`."""
-    ids = np.asarray(token_ids, dtype=np.int64)  # (T,)
-    # token embedding (× Granite's multiplier)
-    x = w.embed(ids) * w.dtype.type(cfg.embed_scale)  # (T, D)
-    tap(StageId(Stage.EMBEDDING, 0), x)
-    rot = common.Rotary.build(w, cfg, len(ids))
-    # decoder layers
-    for i in range(cfg.n_layers):
-        x = block(w, cfg, i, x, tap, rot)  # (T, D)
-        if on_layer is not None:
-            on_layer(i)
-    # final norm and lm_head (÷ Granite's logits_scaling)
-    x = ops.rms_norm(x, w.vector("output_norm.weight"), cfg.rms_eps)  # (T, D)
-    tap(StageId(Stage.FINAL_NORM), x)
-    return common.lm_head(w, cfg, x, tap, lm_head_all)
-
-
-def layer(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap) -> Array:
-    """Layer i alone on the given input (T, D) → (T, D) (bisect --isolate)."""
-    return block(w, cfg, i, x, tap, common.Rotary.build(w, cfg, x.shape[0]))
+DECODER: Final = decoder.Decoder(block)
 
 
 def _refuse_act(v: Any) -> str | None:
@@ -200,18 +171,18 @@ FAMILY: Final = Family(
     finish=finish,
     roles=roles,
     graph=graph,
-    forward=forward,
-    layer=layer,
+    forward=DECODER.forward,
+    layer=DECODER.layer,
     hooks=HookMap(common.LLAMA_LAYER_HOOKS, common.MODEL_HOOKS),
     ggml_nodes=common.LLAMA_NODES,
     ignorable=(Ignorable(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "RoPE buffer, recomputed"),),
-    gguf_keys=common.ROPE_GGUF_KEYS,
+    gguf_keys=sources.ROPE_GGUF_KEYS,
     hf_refuse={
         "hidden_act": _refuse_act,
         "mlp_bias": lambda v: "MLP biases (mlp_bias: true)" if v else None,
         "use_sliding_window": lambda v: (
             "Qwen's per-layer sliding window (use_sliding_window: true)" if v else None
         ),
-        **common.HF_REFUSE,
+        **sources.HF_REFUSE,
     },
 )

@@ -37,7 +37,7 @@ from apr.engine import ops
 from apr.engine.weights import Weights
 from apr.errors import FormatError, ModelLoadError
 from apr.formats.base import ConfigSource
-from apr.models import common, llama
+from apr.models import common, decoder, llama, sources
 from apr.models.base import (
     OPTIONAL,
     PREV_OUTPUT,
@@ -52,7 +52,7 @@ from apr.models.base import (
 )
 from apr.models.config import ModelConfig
 from apr.models.params import COMMON, Param, typed
-from apr.stages import Stage, StageId, Tap
+from apr.stages import Stage, Tap
 
 Array = npt.NDArray[Any]
 IN, OUT, ITEM = common.IN, common.OUT, common.ITEM
@@ -124,12 +124,12 @@ def finish(
     return ModelConfig(
         architecture=variant.name,
         family="moe",
-        vocab_size=common.vocab_size(source, present, where),
+        vocab_size=sources.vocab_size(source, present, where),
         qkv_bias="blk.{i}.attn_q.bias" in present,
         qk_norm="blk.{i}.attn_q_norm.weight" in present,
-        tied_embeddings=common.tied_embeddings(source, present),
-        qk_layout=common.qk_layout(variant, source, where),
-        rope_scaling=common.rope_scaling(source, "rope_freqs.weight" in present, where),
+        tied_embeddings=sources.tied_embeddings(source, present),
+        qk_layout=sources.qk_layout(variant, source, where),
+        rope_scaling=sources.rope_scaling(source, "rope_freqs.weight" in present, where),
         **{**values, "sliding_window": window, "norm_topk_prob": norm, "shared_expert_ffn": shared},
     )
 
@@ -224,7 +224,7 @@ def graph(c: ModelConfig) -> tuple[StageNode, ...]:
 
 def expert(w: Weights, cfg: ModelConfig, i: int, e: int, x: Array) -> Array:
     """Expert e of layer i on the tokens routed to it: down(silu(gate(x)) ⊙ up(x)). (Te, D) → (Te, D)"""
-    p, F = common.layer_names(i), cfg.expert_ffn
+    p, F = decoder.layer_names(i), cfg.expert_ffn
     if w.has(p("ffn_gate_up_exps.weight")):
         gu = w.expert_linear(x, p("ffn_gate_up_exps.weight"), e)  # (Te, 2·F)
         g, u = gu[:, :F], gu[:, F:]  # (Te, F) each
@@ -236,7 +236,7 @@ def expert(w: Weights, cfg: ModelConfig, i: int, e: int, x: Array) -> Array:
 
 def shared_expert(w: Weights, i: int, h: Array) -> Array:
     """Qwen2-MoE's shared expert, scaled per token by its sigmoid gate. (T, D) → (T, D)"""
-    p = common.layer_names(i)
+    p = decoder.layer_names(i)
     g = w.linear(h, p("ffn_gate_shexp.weight"))  # (T, S)
     u = w.linear(h, p("ffn_up_shexp.weight"))  # (T, S)
     s = w.linear(ops.silu(g) * u, p("ffn_down_shexp.weight"))  # (T, D)
@@ -246,7 +246,7 @@ def shared_expert(w: Weights, i: int, h: Array) -> Array:
 
 def moe_ffn(w: Weights, cfg: ModelConfig, i: int, h: Array, emit: Callable[[Stage, Array], None]) -> Array:
     """The routed FFN of layer i on its normed input: (T, D) → (T, D)."""
-    p = common.layer_names(i)
+    p = decoder.layer_names(i)
     # router: softmax over every expert, the k most probable, their (renormalised) probabilities
     logits = w.linear(h, p("ffn_gate_inp.weight"))  # (T, E)
     emit(Stage.MOE_ROUTER_LOGITS, logits)
@@ -271,13 +271,13 @@ def moe_ffn(w: Weights, cfg: ModelConfig, i: int, h: Array, emit: Callable[[Stag
     return out
 
 
-def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.Rotary) -> Array:
+def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: decoder.Rotary) -> Array:
     """Decoder layer i: (T, D) → (T, D)."""
-    p, emit = common.layer_names(i), common.emitter(tap, i)
+    p, emit = decoder.layer_names(i), decoder.emitter(tap, i)
     # attention norm, self-attention (q/k/v, bias, QK-norm, RoPE, causal softmax, O-projection)
     h = ops.rms_norm(x, w.vector(p("attn_norm.weight")), cfg.rms_eps)  # (T, D)
     emit(Stage.ATTN_NORM, h)
-    x = x + common.attention(w, cfg, i, h, emit, rot)  # (T, D)
+    x = x + decoder.attention(w, cfg, i, h, emit, rot)  # (T, D)
     emit(Stage.POST_ATTN_RESIDUAL, x)
     # mixture of experts
     h = ops.rms_norm(x, w.vector(p("ffn_norm.weight")), cfg.rms_eps)  # (T, D)
@@ -287,32 +287,7 @@ def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.
     return x
 
 
-def forward(
-    w: Weights,
-    cfg: ModelConfig,
-    token_ids: npt.ArrayLike,
-    tap: Tap,
-    *,
-    lm_head_all: bool = False,
-    on_layer: Callable[[int], None] | None = None,
-) -> Array:
-    """Logits of the last position (V,), or of every position (T, V) with `lm_head_all`."""
-    ids = np.asarray(token_ids, dtype=np.int64)  # (T,)
-    x = w.embed(ids)  # (T, D)
-    tap(StageId(Stage.EMBEDDING, 0), x)
-    rot = common.Rotary.build(w, cfg, len(ids))
-    for i in range(cfg.n_layers):
-        x = block(w, cfg, i, x, tap, rot)  # (T, D)
-        if on_layer is not None:
-            on_layer(i)
-    x = ops.rms_norm(x, w.vector("output_norm.weight"), cfg.rms_eps)  # (T, D)
-    tap(StageId(Stage.FINAL_NORM), x)
-    return common.lm_head(w, cfg, x, tap, lm_head_all)
-
-
-def layer(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap) -> Array:
-    """Layer i alone on the given input (T, D) → (T, D) (bisect --isolate)."""
-    return block(w, cfg, i, x, tap, common.Rotary.build(w, cfg, x.shape[0]))
+DECODER: Final = decoder.Decoder(block)
 
 
 # transformers: the router returns (logits, top-k weights, top-k ids), flat over batch·S; the MoE block's
@@ -359,12 +334,12 @@ FAMILY: Final = Family(
     finish=finish,
     roles=roles,
     graph=graph,
-    forward=forward,
-    layer=layer,
+    forward=DECODER.forward,
+    layer=DECODER.layer,
     hooks=HookMap(LAYER_HOOKS, common.MODEL_HOOKS, gated=GATED_HOOKS),
     ggml_nodes=GGML_NODES,
     ignorable=(Ignorable(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "RoPE buffer, recomputed"),),
-    gguf_keys=common.ROPE_GGUF_KEYS,
+    gguf_keys=sources.ROPE_GGUF_KEYS,
     hf_refuse={
         "hidden_act": _refuse_act,
         "use_sliding_window": lambda v: (
@@ -374,6 +349,6 @@ FAMILY: Final = Family(
             None if v == 1 else f"dense FFN layers between MoE layers (decoder_sparse_step: {v})"
         ),
         "mlp_only_layers": lambda v: f"dense FFN layers {v} (mlp_only_layers)" if v else None,
-        **common.HF_REFUSE,
+        **sources.HF_REFUSE,
     },
 )

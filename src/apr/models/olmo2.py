@@ -10,20 +10,19 @@ RoPE is NEOX (HF row order in both formats). Legend: T tokens, D hidden, I ffn w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Final
 
-import numpy as np
 import numpy.typing as npt
 
 from apr.engine import ops
 from apr.engine.weights import Weights
 from apr.formats.base import ConfigSource
-from apr.models import common
+from apr.models import common, decoder, sources
 from apr.models.base import PREV_OUTPUT, ROPE_NEOX, Family, HookMap, StageNode, TensorRole, Variant
 from apr.models.config import ModelConfig
 from apr.models.params import COMMON
-from apr.stages import Stage, StageId, Tap
+from apr.stages import Stage, Tap
 
 Array = npt.NDArray[Any]
 IN, OUT = common.IN, common.OUT
@@ -36,11 +35,11 @@ def finish(
     return ModelConfig(
         architecture=variant.name,
         family="olmo2",
-        vocab_size=common.vocab_size(source, present, where),
+        vocab_size=sources.vocab_size(source, present, where),
         qk_norm=True,
-        tied_embeddings=common.tied_embeddings(source, present),
-        qk_layout=common.qk_layout(variant, source, where),
-        rope_scaling=common.rope_scaling(source, False, where),
+        tied_embeddings=sources.tied_embeddings(source, present),
+        qk_layout=sources.qk_layout(variant, source, where),
+        rope_scaling=sources.rope_scaling(source, False, where),
         **values,
     )
 
@@ -78,17 +77,17 @@ def graph(c: ModelConfig) -> tuple[StageNode, ...]:
     )
 
 
-def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.Rotary) -> Array:
+def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: decoder.Rotary) -> Array:
     """Decoder layer i: (T, D) → (T, D)."""
-    p, emit = common.layer_names(i), common.emitter(tap, i)
+    p, emit = decoder.layer_names(i), decoder.emitter(tap, i)
     # attention on the layer input (QK-norm over the whole projection), then its norm
-    o = common.attention(w, cfg, i, x, emit, rot, qk_norm_full=True)  # (T, D)
+    o = decoder.attention(w, cfg, i, x, emit, rot, qk_norm_full=True)  # (T, D)
     o = ops.rms_norm(o, w.vector(p("post_attention_norm.weight")), cfg.rms_eps)  # (T, D)
     emit(Stage.ATTN_POST_NORM, o)
     x = x + o  # (T, D)
     emit(Stage.POST_ATTN_RESIDUAL, x)
     # feed-forward (SwiGLU) on the residual, then its norm
-    f = common.swiglu(w, i, x, emit, ops.silu)  # (T, D)
+    f = decoder.swiglu(w, i, x, emit, ops.silu)  # (T, D)
     f = ops.rms_norm(f, w.vector(p("post_ffw_norm.weight")), cfg.rms_eps)  # (T, D)
     emit(Stage.FFN_POST_NORM, f)
     x = x + f  # (T, D)
@@ -96,32 +95,7 @@ def block(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap, rot: common.
     return x
 
 
-def forward(
-    w: Weights,
-    cfg: ModelConfig,
-    token_ids: npt.ArrayLike,
-    tap: Tap,
-    *,
-    lm_head_all: bool = False,
-    on_layer: Callable[[int], None] | None = None,
-) -> Array:
-    """Logits of the last position (V,), or of every position (T, V) with `lm_head_all`."""
-    ids = np.asarray(token_ids, dtype=np.int64)  # (T,)
-    x = w.embed(ids)  # (T, D)
-    tap(StageId(Stage.EMBEDDING, 0), x)
-    rot = common.Rotary.build(w, cfg, len(ids))
-    for i in range(cfg.n_layers):
-        x = block(w, cfg, i, x, tap, rot)  # (T, D)
-        if on_layer is not None:
-            on_layer(i)
-    x = ops.rms_norm(x, w.vector("output_norm.weight"), cfg.rms_eps)  # (T, D)
-    tap(StageId(Stage.FINAL_NORM), x)
-    return common.lm_head(w, cfg, x, tap, lm_head_all)
-
-
-def layer(w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap) -> Array:
-    """Layer i alone on the given input (T, D) → (T, D) (bisect --isolate)."""
-    return block(w, cfg, i, x, tap, common.Rotary.build(w, cfg, x.shape[0]))
+DECODER: Final = decoder.Decoder(block)
 
 
 LAYER_HOOKS: Final = (
@@ -150,14 +124,14 @@ FAMILY: Final = Family(
     finish=finish,
     roles=roles,
     graph=graph,
-    forward=forward,
-    layer=layer,
+    forward=DECODER.forward,
+    layer=DECODER.layer,
     hooks=HookMap(LAYER_HOOKS, common.MODEL_HOOKS),
     ggml_nodes=GGML_NODES,
-    gguf_keys=common.ROPE_GGUF_KEYS,
+    gguf_keys=sources.ROPE_GGUF_KEYS,
     hf_refuse={
         "hidden_act": lambda v: None if v == "silu" else f"activation {v!r} (OLMo 2 computes SiLU)",
         "attention_bias": lambda v: "attention biases (attention_bias: true)" if v else None,
-        **common.HF_REFUSE,
+        **sources.HF_REFUSE,
     },
 )

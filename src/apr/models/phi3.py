@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from apr.formats.base import ConfigSource
-from apr.models import common, llama
+from apr.models import common, llama, sources
 from apr.models.base import ROPE_NEOX, Family, HookMap, Ignorable, TensorRole, Variant
 from apr.models.config import ModelConfig
 from apr.models.params import COMMON, Param
@@ -34,10 +34,10 @@ def finish(
     return ModelConfig(
         architecture=variant.name,
         family="phi3",
-        vocab_size=common.vocab_size(source, present, where),
-        tied_embeddings=common.tied_embeddings(source, present),
-        qk_layout=common.qk_layout(variant, source, where),
-        rope_scaling=common.rope_scaling(source, False, where),
+        vocab_size=sources.vocab_size(source, present, where),
+        tied_embeddings=sources.tied_embeddings(source, present),
+        qk_layout=sources.qk_layout(variant, source, where),
+        rope_scaling=sources.rope_scaling(source, False, where),
         **values,  # sliding_window comes from HF only: llama.cpp reads the GGUF key, then disables SWA
     )
 
@@ -105,14 +105,14 @@ FAMILY: Final = Family(
     finish=finish,
     roles=roles,
     graph=llama.graph,
-    forward=llama.forward,
-    layer=llama.layer,
+    forward=llama.DECODER.forward,
+    layer=llama.DECODER.layer,
     hooks=HookMap(LAYER_HOOKS, common.MODEL_HOOKS, qkv=()),
     ggml_nodes=GGML_NODES,
     ignorable=(Ignorable(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "RoPE buffer, recomputed"),),
-    gguf_keys=(*common.ROPE_GGUF_KEYS, "{arch}.attention.sliding_window"),
+    gguf_keys=(*sources.ROPE_GGUF_KEYS, "{arch}.attention.sliding_window"),
     hf_refuse={
         "hidden_act": lambda v: None if v == "silu" else f"activation {v!r} (Phi-3 computes SiLU)",
-        **common.HF_REFUSE,
+        **sources.HF_REFUSE,
     },
 )

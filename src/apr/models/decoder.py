@@ -1,0 +1,192 @@
+"""The forward pieces the families share: per-layer names and taps, RoPE tables, the attention and gated-FFN
+sublayers, the lm_head, and `Decoder`, the layer loop around a family's `block`.
+
+A family writes its own `block` (the math of one decoder layer, straight-line, with its taps); everything
+around it — embedding, RoPE tables, the layer loop, final norm, logits — is the same for every family and is
+written once here. Legend: T tokens, D hidden, H query heads, Hkv kv heads, Dh head dim, I ffn width, V vocab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from apr.engine import ops, rope
+from apr.engine.weights import Weights
+from apr.formats.config import QKLayout
+from apr.models.config import ModelConfig
+from apr.stages import Stage, StageId, Tap
+
+Array = npt.NDArray[Any]
+ROPE_FN: Final = {QKLayout.HF: ops.rope_half_split, QKLayout.INTERLEAVED: ops.rope_adjacent}
+
+
+def layer_names(i: int) -> Callable[[str], str]:
+    return lambda suffix: f"blk.{i}.{suffix}"
+
+
+def emitter(tap: Tap, i: int) -> Callable[[Stage, Array], None]:
+    return lambda stage, value: tap(StageId(stage, i), value)
+
+
+def norm_weight(w: Weights, cfg: ModelConfig, name: str) -> Array:
+    """A norm's weight as the forward multiplies by it: w + norm_offset (Gemma's HF (1 + w))."""
+    v = w.vector(name)
+    return v + v.dtype.type(cfg.norm_offset) if cfg.norm_offset else v
+
+
+@dataclass(frozen=True, slots=True)
+class Rotary:
+    """cos/sin tables for every position, once per forward: (T, Dh/2) each, global and local layers."""
+
+    cos: Array
+    sin: Array
+    local: tuple[Array, Array] | None = None  # Gemma 3's sliding-window layers use their own base
+
+    @classmethod
+    def build(cls, w: Weights, cfg: ModelConfig, t: int) -> Rotary:
+        pos = np.arange(t)
+        factors = w.vector("rope_freqs.weight") if cfg.rope_scaling.freq_factors else None
+        freqs, mult = rope.inv_freq(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta, factors)
+        cos, sin = rope.angles(pos, freqs, mult, w.dtype)
+        local = None
+        if cfg.rope_local_theta:
+            lf, lm = rope.inv_freq(type(cfg.rope_scaling)(), cfg.head_dim, cfg.rope_local_theta)
+            local = rope.angles(pos, lf, lm, w.dtype)
+        return cls(cos, sin, local)
+
+    def for_layer(self, cfg: ModelConfig, i: int) -> tuple[Array, Array]:
+        if self.local is not None and cfg.layer_window(i):
+            return self.local
+        return self.cos, self.sin
+
+
+def attention(
+    w: Weights,
+    cfg: ModelConfig,
+    i: int,
+    h: Array,
+    emit: Callable[[Stage, Array], None],
+    rot: Rotary,
+    *,
+    qk_norm_full: bool = False,
+) -> Array:
+    """Self-attention of layer i on its normed input h: (T, D) → O-projection output (T, D).
+
+    QK-norm is per head (Qwen3, Gemma 3) or over the whole projection (`qk_norm_full`, OLMo2)."""
+    p = layer_names(i)
+    T, H, Hkv, Dh = h.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    # q, k, v projections (+ bias)
+    q = w.linear(h, p("attn_q.weight"))  # (T, H·Dh)
+    k = w.linear(h, p("attn_k.weight"))  # (T, Hkv·Dh)
+    v = w.linear(h, p("attn_v.weight"))  # (T, Hkv·Dh)
+    emit(Stage.QKV_MATMUL, np.concatenate([q, k, v], axis=1))  # (T, H·Dh + 2·Hkv·Dh)
+    if cfg.qkv_bias:
+        q = q + w.vector(p("attn_q.bias"))
+        k = k + w.vector(p("attn_k.bias"))
+        v = v + w.vector(p("attn_v.bias"))
+        emit(Stage.QKV_BIAS, np.concatenate([q, k, v], axis=1))  # (T, H·Dh + 2·Hkv·Dh)
+    if cfg.qk_norm and qk_norm_full:
+        q = ops.rms_norm(q, norm_weight(w, cfg, p("attn_q_norm.weight")), cfg.rms_eps)  # (T, H·Dh)
+        k = ops.rms_norm(k, norm_weight(w, cfg, p("attn_k_norm.weight")), cfg.rms_eps)  # (T, Hkv·Dh)
+    q3 = q.reshape(T, H, Dh)  # (T, H, Dh)
+    k3 = k.reshape(T, Hkv, Dh)  # (T, Hkv, Dh)
+    v3 = v.reshape(T, Hkv, Dh)  # (T, Hkv, Dh)
+    if cfg.qk_norm and not qk_norm_full:
+        q3 = ops.rms_norm(q3, norm_weight(w, cfg, p("attn_q_norm.weight")), cfg.rms_eps)  # (T, H, Dh)
+        k3 = ops.rms_norm(k3, norm_weight(w, cfg, p("attn_k_norm.weight")), cfg.rms_eps)  # (T, Hkv, Dh)
+    # rotary position embedding
+    cos, sin = rot.for_layer(cfg, i)  # (T, Dh/2) each
+    q3 = ROPE_FN[cfg.qk_layout](q3, cos, sin)  # (T, H, Dh)
+    k3 = ROPE_FN[cfg.qk_layout](k3, cos, sin)  # (T, Hkv, Dh)
+    emit(Stage.Q_POST_ROPE, q3.reshape(T, H * Dh))
+    emit(Stage.K_POST_ROPE, k3.reshape(T, Hkv * Dh))
+    # causal self-attention (GQA; sliding window and soft-capping where the config says)
+    window = cfg.layer_window(i)
+    scores = ops.attention_scores(q3, k3, H // Hkv, cfg.attn_scale)  # (H, T, T)
+    if cfg.attn_softcap:
+        scores = ops.softcap(scores, cfg.attn_softcap)  # (H, T, T)
+    emit(Stage.ATTN_SCORES, ops.upper_zeroed(scores, window))
+    probs = ops.causal_softmax(scores, window)  # (H, T, T)
+    emit(Stage.ATTN_SOFTMAX, probs)
+    att = ops.attend(probs, v3, H // Hkv)  # (T, H·Dh)
+    emit(Stage.ATTENTION, att)
+    o = w.linear(att, p("attn_output.weight"))  # (T, D)
+    if w.has(p("attn_output.bias")):
+        o = o + w.vector(p("attn_output.bias"))
+    emit(Stage.ATTN_OUT, o)
+    return o
+
+
+def swiglu(
+    w: Weights, i: int, h: Array, emit: Callable[[Stage, Array], None], act: Callable[[Array], Array]
+) -> Array:
+    """Gated FFN of layer i: down(act(gate(h)) ⊙ up(h)). (T, D) → (T, D)."""
+    p = layer_names(i)
+    g = w.linear(h, p("ffn_gate.weight"))  # (T, I)
+    emit(Stage.FFN_GATE, g)
+    u = w.linear(h, p("ffn_up.weight"))  # (T, I)
+    emit(Stage.FFN_UP, u)
+    s = act(g)  # (T, I)
+    emit(Stage.FFN_SILU, s)
+    su = s * u  # (T, I)
+    emit(Stage.FFN_SWIGL, su)
+    f = w.linear(su, p("ffn_down.weight"))  # (T, D)
+    emit(Stage.FFN_OUT, f)
+    return f
+
+
+def lm_head(w: Weights, cfg: ModelConfig, x: Array, tap: Tap, all_positions: bool) -> Array:
+    """Logits from the final-normed hidden state: ÷ logit_divisor, then the final soft-cap."""
+    logits = w.linear(x if all_positions else x[-1:], w.lm_head_name())  # (T or 1, V)
+    if cfg.logit_divisor != 1.0:
+        logits = logits / logits.dtype.type(cfg.logit_divisor)
+    if cfg.final_softcap:
+        logits = ops.softcap(logits, cfg.final_softcap)
+    logits = logits if all_positions else logits[0]
+    tap(StageId(Stage.LM_HEAD), logits)
+    return logits
+
+
+BlockFn = Callable[[Weights, ModelConfig, int, Array, Tap, Rotary], Array]
+
+
+@dataclass(frozen=True, slots=True)
+class Decoder:
+    """embed · embed_scale → block per layer → final norm → lm_head, around a family's `block`."""
+
+    block: BlockFn
+
+    def forward(
+        self,
+        w: Weights,
+        cfg: ModelConfig,
+        token_ids: npt.ArrayLike,
+        tap: Tap,
+        *,
+        lm_head_all: bool = False,
+        on_layer: Callable[[int], None] | None = None,
+    ) -> Array:
+        """Logits of the last position (V,), or of every position (T, V) with `lm_head_all`."""
+        ids = np.asarray(token_ids, dtype=np.int64)  # (T,)
+        # token embedding (× Gemma's sqrt(D), Granite's multiplier)
+        x = w.embed(ids) * w.dtype.type(cfg.embed_scale)  # (T, D)
+        tap(StageId(Stage.EMBEDDING, 0), x)
+        rot = Rotary.build(w, cfg, len(ids))
+        # decoder layers
+        for i in range(cfg.n_layers):
+            x = self.block(w, cfg, i, x, tap, rot)  # (T, D)
+            if on_layer is not None:
+                on_layer(i)
+        # final norm and lm_head
+        x = ops.rms_norm(x, norm_weight(w, cfg, "output_norm.weight"), cfg.rms_eps)  # (T, D)
+        tap(StageId(Stage.FINAL_NORM), x)
+        return lm_head(w, cfg, x, tap, lm_head_all)
+
+    def layer(self, w: Weights, cfg: ModelConfig, i: int, x: Array, tap: Tap) -> Array:
+        """Layer i alone on the given input (T, D) → (T, D) (bisect --isolate)."""
+        return self.block(w, cfg, i, x, tap, Rotary.build(w, cfg, x.shape[0]))
