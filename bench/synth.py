@@ -3,7 +3,8 @@
     .venv/bin/python bench/synth.py --preset 7b -o ~/.cache/apr/bench/synth-7b-qwen2-s0.gguf
     .venv/bin/python bench/synth.py --preset tiny --layers 4 -o /tmp/tiny.gguf
 
-The file is a Qwen2 (q/k/v biases, NEOX RoPE) or LLaMA GGUF that llama.cpp and apr both load. Tensor types
+The file is a Qwen2 (q/k/v biases, NEOX RoPE), LLaMA or Qwen3-MoE (QK-norm, merged 3-D expert tensors, an
+F32 router; preset 30b-a3b) GGUF that llama.cpp and apr both load. Tensor types
 follow llama.cpp's Q4_K_M mix (`llama_tensor_get_type` in llama-quant.cpp): Q4_K everywhere, except Q6_K for
 `output.weight` and for `attn_v` / `ffn_down` in the layers where `use_more_bits` holds; token_embd stays
 Q4_K (untied embeddings), norms and biases F32.
@@ -59,18 +60,26 @@ class Shape:
     rope_theta: float = 1_000_000.0
     rms_eps: float = 1e-6
     context: int = 32768
+    key_length: int = 0  # head_dim when it is not hidden / heads (Qwen3)
+    experts: int = 0  # > 0: a qwen3moe (QK-norm, routed FFN of `experts` experts, `ffn` wide each)
+    experts_used: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.key_length or self.hidden // self.heads
 
 
 SEVEN_B: Final = Shape("qwen2", 3584, 28, 28, 4, 18944, 152064)  # Qwen2.5(-Coder)-7B
+# Qwen3-30B-A3B: 128 experts of FFN width 768, 8 per token
+QWEN3_30B_A3B: Final = Shape(
+    "qwen3moe", 2048, 48, 32, 4, 768, 151936, key_length=128, experts=128, experts_used=8
+)
 PRESETS: Final[dict[str, Shape]] = {
     "tiny": Shape("qwen2", 256, 2, 4, 2, 512, 49152),
     "1.5b": Shape("qwen2", 1536, 28, 12, 2, 8960, 151936),  # Qwen2.5-1.5B
     "7b": SEVEN_B,
     "70b": Shape("llama", 8192, 80, 64, 8, 28672, 128256, rope_theta=500_000.0, rms_eps=1e-5),  # LLaMA-3-70B
+    "30b-a3b": QWEN3_30B_A3B,
 }
 
 
@@ -79,7 +88,7 @@ class Tensor:
     name: str
     shape: tuple[int, ...]  # numpy order: (rows, cols) for matrices
     qtype: QuantType
-    kind: str  # "matrix", "norm" or "bias"
+    kind: str  # "matrix", "norm", "bias" or "router"
 
     @property
     def nbytes(self) -> int:
@@ -95,19 +104,32 @@ def use_more_bits(i: int, n: int) -> bool:
 def tensors(s: Shape) -> list[Tensor]:
     """Every tensor of the model, in file order, with its Q4_K_M type."""
     q4, q6, f32 = QuantType.Q4_K, QuantType.Q6_K, QuantType.F32
-    kv = s.kv_heads * s.head_dim
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     out = [Tensor("token_embd.weight", (s.vocab, s.hidden), q4, "matrix")]
     for i in range(s.layers):
         more = q6 if use_more_bits(i, s.layers) else q4
         p = f"blk.{i}."
         out.append(Tensor(p + "attn_norm.weight", (s.hidden,), f32, "norm"))
-        for proj, rows, qtype in (("q", s.hidden, q4), ("k", kv, q4), ("v", kv, more)):
+        for proj, rows, qtype in (("q", q, q4), ("k", kv, q4), ("v", kv, more)):
             out.append(Tensor(p + f"attn_{proj}.weight", (rows, s.hidden), qtype, "matrix"))
             if s.arch == "qwen2":
                 out.append(Tensor(p + f"attn_{proj}.bias", (rows,), f32, "bias"))
+        if s.experts:
+            out += [Tensor(p + f"attn_{n}_norm.weight", (s.head_dim,), f32, "norm") for n in ("q", "k")]
         out += [
-            Tensor(p + "attn_output.weight", (s.hidden, s.hidden), q4, "matrix"),
+            Tensor(p + "attn_output.weight", (s.hidden, q), q4, "matrix"),
             Tensor(p + "ffn_norm.weight", (s.hidden,), f32, "norm"),
+        ]
+        if s.experts:  # the router stays F32 in llama.cpp's quantizations
+            e = s.experts
+            out += [
+                Tensor(p + "ffn_gate_inp.weight", (e, s.hidden), f32, "router"),
+                Tensor(p + "ffn_gate_exps.weight", (e, s.ffn, s.hidden), q4, "matrix"),
+                Tensor(p + "ffn_up_exps.weight", (e, s.ffn, s.hidden), q4, "matrix"),
+                Tensor(p + "ffn_down_exps.weight", (e, s.hidden, s.ffn), more, "matrix"),
+            ]
+            continue
+        out += [
             Tensor(p + "ffn_gate.weight", (s.ffn, s.hidden), q4, "matrix"),
             Tensor(p + "ffn_up.weight", (s.ffn, s.hidden), q4, "matrix"),
             Tensor(p + "ffn_down.weight", (s.hidden, s.ffn), more, "matrix"),
@@ -166,7 +188,7 @@ BLOCKS: Final[dict[QuantType, Callable[[np.random.Generator, int, float], U8Arra
 def tensor_chunks(t: Tensor, rng: np.random.Generator, std: float) -> Iterator[U8Array]:
     """The stored bytes of `t`, in chunks of about CHUNK_BYTES."""
     if t.qtype is QuantType.F32:
-        n = t.shape[0]
+        n = int(np.prod(t.shape))
         values = 1 + 0.1 * rng.uniform(-1, 1, n) if t.kind == "norm" else std * rng.standard_normal(n)
         yield values.astype("<f4").view(np.uint8)
         return
@@ -203,6 +225,13 @@ def _metadata(w: Any, s: Shape, seed: int) -> None:
     w.add_head_count_kv(s.kv_heads)
     w.add_rope_freq_base(s.rope_theta)
     w.add_layer_norm_rms_eps(s.rms_eps)
+    if s.key_length:
+        w.add_key_length(s.key_length)
+        w.add_value_length(s.key_length)
+    if s.experts:
+        w.add_expert_count(s.experts)
+        w.add_expert_used_count(s.experts_used)
+        w.add_expert_feed_forward_length(s.ffn)
     w.add_file_type(FILE_TYPE_Q4_K_M)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges = smollm2_vocab()
@@ -286,9 +315,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--std", type=float, default=0.02, help="weight scale (default 0.02)")
-    for field in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab"):
+    for field in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "experts", "experts_used"):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, help=f"override the preset's {field}")
-    parser.add_argument("--arch", choices=("qwen2", "llama"), help="override the preset's architecture")
+    parser.add_argument(
+        "--arch", choices=("qwen2", "llama", "qwen3moe"), help="override the preset's architecture"
+    )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in Shape.__slots__ and v is not None}
     shape = replace(PRESETS[args.preset], **overrides)

@@ -236,7 +236,7 @@ def trace(
     fmt = detect_format(file)
     if not quiet_header:
         emit(text.render_trace_header(fmt.name, file, save_tensor, save_tensor_layers, out_dir))
-    prepared = prepare_trace(file, prompt)
+    prepared = prepare_trace(file, prompt, options.engine)
     if not quiet_header:
         emit(text.render_prompt(prepared.shown_prompt, prepared.token_ids))
     progress = Progress(prepared.model.config.n_layers, "layer")

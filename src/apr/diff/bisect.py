@@ -101,7 +101,9 @@ def _prepare_sides(
     recorded = [recorded_prompt(t.manifest.run) for t in traces if t is not None and t.manifest is not None]
     model_prompt = recorded[0] if recorded else prompt
     ta, tb = traces
-    return (ta or prepare_trace(a.path, model_prompt)), (tb or prepare_trace(b.path, model_prompt))
+    return (ta or prepare_trace(a.path, model_prompt, a.engine)), (
+        tb or prepare_trace(b.path, model_prompt, b.engine)
+    )
 
 
 def recorded_prompt(run: RunInfo) -> Prompt:

@@ -6,6 +6,7 @@ Every function keeps its input dtype (f32 by default, f64 for the high-precision
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -117,3 +118,64 @@ def top_k(x: Array, k: int) -> npt.NDArray[np.int64]:
     (a stable sort; torch.topk leaves the order of ties unspecified). x: (..., N) → (..., k)."""
     order: npt.NDArray[np.int64] = np.argsort(-x, axis=-1, kind="stable")[..., :k]
     return order
+
+
+BLOCK_BYTES = 8 << 20  # one query block's (H, block, T) scores: a few MiB, whatever T is
+
+
+@dataclass(frozen=True, slots=True)
+class Attended:
+    """`causal_attention`'s result: the output, and the (H, rows, T) scores/probs of the kept rows."""
+
+    out: Array  # (T, H·Dh)
+    scores: Array | None = None  # (H, R, T), hidden entries 0.0 (aprender's saved form)
+    probs: Array | None = None  # (H, R, T)
+
+
+def causal_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    n_rep: int,
+    *,
+    scale: float = 0.0,
+    cap: float = 0.0,
+    window: int = 0,
+    keep_rows: npt.NDArray[np.intp] | None = None,
+) -> Attended:
+    """softmax(causal(cap(Q·Kᵀ·scale)))·V, a block of queries at a time: memory O(H · block · T).
+
+    The same numbers, bit for bit, as `attend(causal_softmax(softcap(attention_scores(…))))` on the
+    whole (H, T, T) matrix: a block computes scores and exp only for the keys up to its last query (the
+    causal lower part), and pads with exact zeros where a reduction's order depends on the row length
+    (the row sum and the contraction with V). `keep_rows` (sorted query positions) returns their scores
+    (hidden entries 0.0, as aprender saves them) and probabilities as (H, R, T).
+    q: (T, H, Dh), k, v: (T, Hkv, Dh)."""
+    T, H, Dh = q.shape
+    k_rep = np.repeat(k, n_rep, axis=1)  # (T, H, Dh)
+    v_rep = np.repeat(v, n_rep, axis=1)  # (T, H, Dh)
+    scale_t = q.dtype.type(scale or 1.0 / np.sqrt(Dh))
+    out = np.empty((T, H, Dh), q.dtype)  # (T, H, Dh)
+    rows = np.empty(0, np.intp) if keep_rows is None else np.asarray(keep_rows, np.intp)
+    kept_s = np.zeros((H, len(rows), T), q.dtype) if keep_rows is not None else None  # (H, R, T)
+    kept_p = np.zeros((H, len(rows), T), q.dtype) if keep_rows is not None else None  # (H, R, T)
+    block = max(1, min(T, BLOCK_BYTES // max(1, H * T * q.dtype.itemsize)))
+    padded = np.zeros((H, block, T), q.dtype)  # (H, block, T): exp beyond the block's keys stays 0
+    for a in range(0, T, block):
+        b = min(T, a + block)  # queries a..b see keys 0..b at most
+        s = np.einsum("thd,shd->hts", q[a:b], k_rep[:b], optimize=True) * scale_t  # (H, n, b)
+        if cap:
+            s = softcap(s, cap)
+        i, j = np.arange(a, b)[:, None], np.arange(b)[None, :]
+        hidden = (j > i) | ((i - j >= window) if window else False)  # (n, b)
+        masked = np.where(hidden, -np.inf, s)  # (H, n, b)
+        e = padded[:, : b - a]  # (H, n, T)
+        np.exp(masked - masked.max(axis=-1, keepdims=True), out=e[:, :, :b])
+        p = e / e.sum(axis=-1, keepdims=True)  # (H, n, T)
+        out[a:b] = np.einsum("hts,shd->thd", p, v_rep, optimize=True)  # (n, H, Dh)
+        sel = np.flatnonzero((rows >= a) & (rows < b))
+        if kept_s is not None and kept_p is not None and len(sel):
+            local = rows[sel] - a
+            kept_s[:, sel, :b] = np.where(hidden[local], q.dtype.type(0), s[:, local])
+            kept_p[:, sel] = p[:, local]
+    return Attended(out.reshape(T, H * Dh), kept_s, kept_p)

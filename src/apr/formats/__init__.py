@@ -7,12 +7,14 @@ on first use so that `apr --help` does not pay for every reader.
 from __future__ import annotations
 
 import importlib
+import stat
 from functools import cache
 from pathlib import Path
 from typing import Final
 
 from apr.errors import AprIOError, FormatError, NotFoundError
 from apr.formats.base import Checkpoint, Format
+from apr.formats.files import regular
 
 _FORMAT_MODULES: Final = ("apr.formats.gguf", "apr.formats.safetensors", "apr.formats.apr")
 SNIFF_BYTES: Final = 16
@@ -33,9 +35,10 @@ def _head(path: Path) -> bytes:
 
 def detect_format(path: Path) -> Format:
     """The format of `path` (a file, or a directory for HF safetensors folders)."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise NotFoundError(f"File not found: {path}")
-    head = _head(path) if path.is_file() else b""
+    st = regular(path, allow_dir=True)  # a FIFO, device or socket is refused before it is opened
+    head = b"" if stat.S_ISDIR(st.st_mode) else _head(path)
     for fmt in formats():
         if fmt.sniff(head, path):
             return fmt

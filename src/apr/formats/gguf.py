@@ -128,7 +128,7 @@ class GGUFCheckpoint:
         info = self.info(name)
         if info.nbytes == 0:
             return np.empty(0, np.uint8)
-        return np.memmap(self._open_file(), np.uint8, "r", offset=info.offset, shape=(info.nbytes,))
+        return np.memmap(self._mappable(info), np.uint8, "r", offset=info.offset, shape=(info.nbytes,))
 
     def tokenizer_spec(self) -> TokenizerSpec | None:
         with located(str(self.path)):
@@ -144,6 +144,11 @@ class GGUFCheckpoint:
             raise AprIOError(f"{self.path}: the checkpoint is closed")
         return self._file
 
+    def _mappable(self, info: TensorInfo) -> BinaryIO:
+        file = self._open_file()
+        check_extent(os.fstat(file.fileno()).st_size, info, str(self.path))
+        return file
+
     def _pread(self, info: TensorInfo) -> npt.NDArray[np.uint8]:
         return read_exact(self._open_file().fileno(), info, str(self.path))
 
@@ -153,7 +158,7 @@ class GGUFCheckpoint:
         if info.nbytes == 0:  # no rows, or empty ones: nothing to map
             return np.empty((n_rows, 0), np.uint8)[index]
         shape = (n_rows, info.nbytes // n_rows)
-        mapped = np.memmap(self._open_file(), np.uint8, "r", offset=info.offset, shape=shape)
+        mapped = np.memmap(self._mappable(info), np.uint8, "r", offset=info.offset, shape=shape)
         picked = np.array(mapped[index])  # a copy: the mapping dies with `mapped`, right here
         del mapped
         return picked

@@ -9,7 +9,6 @@ check every tensor against the `safetensors` package. Names stay HF's; the famil
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,8 @@ import numpy.typing as npt
 
 from apr.errors import FormatError, ModelLoadError
 from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
+from apr.formats.files import confined, regular
+from apr.formats.jsonio import check, int_list, load_object, parse_json, type_name, want
 from apr.formats.tensorio import read_tensor, read_tensor_rows, tensor_bytes
 from apr.quant.types import QuantType
 
@@ -29,6 +30,8 @@ TOKENIZER_JSON: Final = "tokenizer.json"
 SINGLE_FILE: Final = "model.safetensors"
 INDEX_FILE: Final = "model.safetensors.index.json"
 MAX_HEADER: Final = 100 << 20
+MAX_CONFIG: Final = 16 << 20
+MAX_DIM: Final = 1 << 40  # no real tensor dimension comes close; past it numpy's int64 shapes overflow
 ST_DTYPES: Final[dict[str, QuantType]] = {
     "F64": QuantType.F64,
     "F32": QuantType.F32,
@@ -48,7 +51,7 @@ ITEMSIZE: Final[dict[QuantType, int]] = {
 
 def parse_header(path: Path) -> tuple[int, dict[str, Any]]:
     """(data start offset, header JSON) of one .safetensors file, validated."""
-    size = path.stat().st_size
+    size = regular(path).st_size
     with path.open("rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -57,28 +60,31 @@ def parse_header(path: Path) -> tuple[int, dict[str, Any]]:
         if n > min(MAX_HEADER, size - 8):
             raise FormatError(f"{path}: safetensors header length {n} exceeds the file ({size} bytes)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    header = parse_json(raw, f"{path}: safetensors header")
     if not isinstance(header, dict):
-        raise FormatError(f"{path}: safetensors header is not a JSON object")
+        raise FormatError(f"{path}: safetensors header is not a JSON object, found {type_name(header)}")
     return 8 + n, header
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        shape = tuple(int(d) for d in shape)
-        begin, end = int(begin), int(end)
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"{path}: tensor {name}: malformed header entry {entry!r}") from None
+    where = f"{path}: tensor {name}"
+    entry = check(entry, dict, where)
+    dtype = want(entry, "dtype", str, where)
+    shape = tuple(int_list(want(entry, "shape", list, where), f"{where}: 'shape'"))
+    offsets = int_list(want(entry, "data_offsets", list, where), f"{where}: 'data_offsets'")
+    if len(offsets) != 2:
+        raise FormatError(f"{where}: 'data_offsets' must be [begin, end], found {len(offsets)} numbers")
+    begin, end = offsets
     if dtype not in ST_DTYPES:
         raise FormatError(
             f"{path}: tensor {name}: unsupported dtype {dtype} (supported: {', '.join(ST_DTYPES)})"
         )
     qtype = ST_DTYPES[dtype]
-    need = int(np.prod(shape, dtype=np.int64)) * ITEMSIZE[qtype]
+    if any(d > MAX_DIM for d in shape):
+        raise FormatError(f"{where}: shape {list(shape)} has a dimension above {MAX_DIM}")
+    need = ITEMSIZE[qtype]
+    for d in shape:  # exact integers: a product of huge dims must not wrap
+        need *= max(d, 0)
     if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != need:
         raise FormatError(
             f"{path}: tensor {name}: data_offsets [{begin}, {end}] hold {end - begin} bytes, "
@@ -92,12 +98,9 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) 
 def _shard_files(folder: Path) -> list[Path]:
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({str(v) for v in weight_map.values()})
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"{index}: malformed shard index ({e})") from None
-        return [folder / f for f in files]
+        weight_map = want(load_object(index), "weight_map", dict, str(index))
+        files = sorted({check(v, str, f"{index}: 'weight_map' value") for v in weight_map.values()})
+        return [confined(folder, f, str(index)) for f in files]
     if (folder / SINGLE_FILE).is_file():
         return [folder / SINGLE_FILE]
     shards = sorted(folder.glob("model-*-of-*.safetensors"))
@@ -168,12 +171,9 @@ class SafetensorsCheckpoint:
 
 def open_safetensors(path: Path) -> SafetensorsCheckpoint:
     folder = path if path.is_dir() else path.parent
-    try:
-        hf_cfg = json.loads((folder / CONFIG_JSON).read_text())
-    except FileNotFoundError:
-        raise FormatError(f"{folder}: no {CONFIG_JSON} next to the safetensors weights") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{folder / CONFIG_JSON}: not valid JSON ({e})") from None
+    if not (folder / CONFIG_JSON).exists():
+        raise FormatError(f"{folder}: no {CONFIG_JSON} next to the safetensors weights")
+    hf_cfg = load_object(folder / CONFIG_JSON, MAX_CONFIG)
     files = [path] if path.is_file() else _shard_files(folder)
     tensors: dict[str, TensorInfo] = {}
     where: dict[str, Path] = {}
@@ -187,8 +187,6 @@ def open_safetensors(path: Path) -> SafetensorsCheckpoint:
             if info.name in tensors:
                 raise FormatError(f"{f}: tensor {name} is also in {where[info.name]}")
             tensors[info.name], where[info.name] = info, f
-    if not isinstance(hf_cfg, dict):
-        raise FormatError(f"{folder / CONFIG_JSON}: not a JSON object")
     meta = {k: v for k, v in hf_cfg.items() if isinstance(v, (str, int, float, bool)) or v is None}
     return SafetensorsCheckpoint(folder, HFSource(hf_cfg), meta, tensors, where)
 

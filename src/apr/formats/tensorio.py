@@ -35,11 +35,22 @@ def read_exact(fd: int, info: TensorInfo, where: str) -> npt.NDArray[np.uint8]:
     return buf
 
 
+def check_extent(size: int, info: TensorInfo, where: str) -> None:
+    """Refuse to map a tensor the file (as it is now) does not hold: touching a mapping past the end of a
+    file that shrank after opening is SIGBUS, not an exception."""
+    if info.offset + info.nbytes > size:
+        raise FormatError(
+            f"{where}: tensor '{info.name}': needs bytes {info.offset}..{info.offset + info.nbytes}, "
+            f"the file now has {size} (truncated after opening?)"
+        )
+
+
 def tensor_bytes(path: Path, info: TensorInfo) -> npt.NDArray[np.uint8]:
     """The tensor's stored bytes, memory-mapped read-only."""
     if info.nbytes == 0:
         return np.zeros(0, np.uint8)
     try:
+        check_extent(path.stat().st_size, info, str(path))
         return np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset, shape=(info.nbytes,))
     except (OSError, ValueError) as e:
         raise AprIOError(f"{path}: cannot map tensor {info.name}: {e}") from None

@@ -125,8 +125,11 @@ class Model:
         self.ckpt.close()
 
 
-def open_model(path: Path | str) -> Model:
+def open_model(path: Path | str, *, runtime_only: bool = False) -> Model:
     """Open a model file or HF folder and resolve its family (no tensor data is read).
+
+    With `runtime_only` (a trace by --engine transformers / llama.cpp), an architecture no family declares
+    opens as the generic family (models/generic.py): the runtime runs it, the reference engine refuses it.
 
     >>> m = open_model("SmolLM2-135M-Instruct.Q4_1.gguf")  # doctest: +SKIP
     >>> m.family.name, m.config.n_layers
@@ -134,16 +137,18 @@ def open_model(path: Path | str) -> Model:
     """
     ckpt = open_checkpoint(Path(path))
     try:
-        return resolve(ckpt)
+        return resolve(ckpt, runtime_only=runtime_only)
     except BaseException:
         ckpt.close()
         raise
 
 
-def resolve(ckpt: Checkpoint) -> Model:
+def resolve(ckpt: Checkpoint, *, runtime_only: bool = False) -> Model:
     where = str(ckpt.path)
     source = ckpt.source
     found = find_family(source)
+    if found is None and runtime_only:
+        return _generic(ckpt, where)
     if found is None:
         raise ModelLoadError(
             f"{where}: architecture {source.architecture or '(none)'!r} is not supported "
@@ -169,6 +174,17 @@ def resolve(ckpt: Checkpoint) -> Model:
         _check_gguf_keys(family, source, where)
         gguf_consistency(source, cfg.head_dim, not cfg.moe, where)
     return Model(ckpt, family, variant, cfg, infos, ignored, slices)
+
+
+def _generic(ckpt: Checkpoint, where: str) -> Model:
+    """An unknown architecture for a runtime: common config values only, tensors as the file names them."""
+    from apr.models.generic import FAMILY
+
+    values = read_params(FAMILY.params, ckpt.source, where)
+    _check_heads(values, where)
+    names = frozenset(t.name for t in ckpt.tensors())
+    cfg = FAMILY.finish(FAMILY.variants[0], ckpt.source, values, names, where)
+    return Model(ckpt, FAMILY, FAMILY.variants[0], cfg, {t.name: t for t in ckpt.tensors()})
 
 
 def supported_names(kind: str) -> list[str]:

@@ -88,6 +88,7 @@ def run_llamacpp(
     n_threads: int = 2,
     nodes: Mapping[str, Stage] | None = None,
     expected: Sequence[Stage] | None = None,
+    partial_ok: bool = False,
 ) -> RuntimeRun:
     """Run `token_ids` through llama.cpp (one prefill decode, CPU) and tap every stage it exposes.
 
@@ -124,7 +125,7 @@ def run_llamacpp(
     stray = sorted({sid.stage for sid in ordered.seen} - set(want), key=lambda s: s.order)
     if expected is not None and stray:
         raise InferenceError(f"llama.cpp exposed {stray[0]}, which the model's stage graph does not have")
-    unavailable = missing_stages(want, ordered.seen, done.n_layers, ENGINE_LLAMACPP)
+    unavailable = missing_stages(want, ordered.seen, done.n_layers, ENGINE_LLAMACPP, partial_ok=partial_ok)
     rope_name, qk_layout = ROPE_TYPES[done.rope_type]
     settings = {**done.settings, "rope_type": rope_name}
     settings["kq_scale"] = ",".join(f"{s:.9g}" for s in sorted(set(scales)))

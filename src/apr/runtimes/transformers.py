@@ -81,6 +81,7 @@ def run_transformers(
     dtype: str = "float32",
     hooks: HookMap | None = None,
     expected: Sequence[Stage] | None = None,
+    partial_ok: bool = False,
 ) -> RuntimeRun:
     """Run `token_ids` through transformers (eager attention, no KV cache) and tap every stage.
 
@@ -126,7 +127,7 @@ def run_transformers(
         if expected
         else model_stages(qkv_bias=qkv_bias)
     )
-    unavailable = missing_stages(want, ordered.seen, n_layers, ENGINE_TRANSFORMERS)
+    unavailable = missing_stages(want, ordered.seen, n_layers, ENGINE_TRANSFORMERS, partial_ok=partial_ok)
     return RuntimeRun(
         engine=ENGINE_TRANSFORMERS,
         engine_version=f"transformers {transformers.__version__} / torch {torch.__version__}",

@@ -22,6 +22,7 @@ from apr.errors import ValidationError
 from apr.formats.config import QKLayout
 from apr.formats.tokenizer import Tokenizer
 from apr.models import Model, open_model
+from apr.models.generic import NAME as GENERIC
 from apr.runtimes import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun, run_llamacpp, run_transformers
 from apr.stages import Tap
 from apr.trace.manifest import RunInfo
@@ -85,7 +86,13 @@ def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt:
     stages = [n.stage for n in model.graph()]
     return _engine_run(
         run_transformers(
-            path, ids, tap, dtype=TORCH_DTYPES[opt.precision], hooks=model.family.hooks, expected=stages
+            path,
+            ids,
+            tap,
+            dtype=TORCH_DTYPES[opt.precision],
+            hooks=model.family.hooks,
+            expected=stages,
+            partial_ok=model.family.name == GENERIC,
         )
     )
 
@@ -95,7 +102,15 @@ def _llamacpp(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: Tra
         raise ValidationError("--engine llama.cpp computes in f32 only; drop --precision f64")
     stages = [n.stage for n in model.graph()]
     return _engine_run(
-        run_llamacpp(path, ids, tap, n_threads=opt.n_threads, nodes=model.family.ggml_nodes, expected=stages)
+        run_llamacpp(
+            path,
+            ids,
+            tap,
+            n_threads=opt.n_threads,
+            nodes=model.family.ggml_nodes,
+            expected=stages,
+            partial_ok=model.family.name == GENERIC,
+        )
     )
 
 
@@ -195,7 +210,7 @@ class TraceOutcome:
     engine: EngineRun
 
 
-def prepare_trace(path: Path, prompt: Prompt | str) -> PreparedTrace:
+def prepare_trace(path: Path, prompt: Prompt | str, engine: str = "reference") -> PreparedTrace:
     """Open the model lazily and turn the prompt into its token ids (apr.trace.prompt): text through the
     model's own tokenizer, a chat prompt through its chat template, token ids checked against its vocab.
 
@@ -203,6 +218,6 @@ def prepare_trace(path: Path, prompt: Prompt | str) -> PreparedTrace:
     (4093, 198, 26843, 2, 198, 1, 520, 9531, 198)
     """
     request = Prompt(prompt) if isinstance(prompt, str) else prompt
-    model = open_model(path)
+    model = open_model(path, runtime_only=engine != "reference")  # a runtime runs what no family declares
     enc = encode_prompt(request, model)
     return PreparedTrace(path, model, enc.tokenizer, request, enc.token_ids, enc.chat_text)
