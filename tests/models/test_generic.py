@@ -42,8 +42,8 @@ def test_the_reference_engine_refuses_it_by_name(smollm3: ZooModel, tmp_path: Pa
 
 def trace(path: Path, engine: str, out: Path, ids: list[int]) -> Path:
     n = 4
-    code, _, err = run("-q", "trace", str(path), "--engine", engine, "--tokens", ",".join(map(str, ids)),
-                       "--save-tensor", "all", "--save-tensor-layers", f"0..{n}", "--save-tensor-dir", str(out))  # fmt: skip
+    args = ["--tokens", ",".join(map(str, ids)), "--save-tensor", "all", "--save-tensor-layers", f"0..{n}"]
+    code, _, err = run("-q", "trace", str(path), "--engine", engine, *args, "--save-tensor-dir", str(out))
     assert code == 0, err
     return out
 
