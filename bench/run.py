@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -51,7 +51,7 @@ from tests.fixtures import models  # noqa: E402
 from apr.engine.weights import default_threads  # noqa: E402
 from apr.quant import QuantType  # noqa: E402
 from apr.stages import Stage, StageId  # noqa: E402
-from apr.trace.reader import read_trace  # noqa: E402
+from apr.trace.reader import Trace, read_trace  # noqa: E402
 from apr.trace.run import prepare_trace  # noqa: E402
 
 PROMPT: Final = "The quick brown fox jumps over the lazy dog."
@@ -132,15 +132,19 @@ def best(code: str, args: Sequence[str], runs: int) -> Proc:
     return Proc(min(r.seconds for r in results), max(r.max_rss for r in results))
 
 
-def apr_trace(model: Path, n_layers: int, runs: int) -> Proc:
+def apr_trace(model: Path, n_layers: int, runs: int, inspect: Callable[[Trace], None] | None = None) -> Proc:
+    """Wall time and peak RSS of `apr trace`, every stage; `inspect` sees the trace before it is deleted."""
     with tempfile.TemporaryDirectory(prefix="apr-bench-") as d:
         out = Path(d) / "trace"
         every_stage = ["--save-tensor", "all", "--save-tensor-layers", f"0..{n_layers}", "--save-tensor-dir"]
         args = ["--quiet", "trace", str(model), "--prompt", PROMPT, *every_stage, str(out)]
         proc = best(APR_CHILD, args, runs)
-        logits = np.asarray(read_trace(out).load(StageId(Stage.LM_HEAD)))
+        trace = read_trace(out)
+        logits = np.asarray(trace.load(StageId(Stage.LM_HEAD)))
         if not np.isfinite(logits).all():
             raise SystemExit(f"{model}: apr's lm_head is not finite")
+        if inspect is not None:
+            inspect(trace)
     return proc
 
 
@@ -149,13 +153,18 @@ def llamacpp(model: Path, ids: Sequence[int], runs: int) -> Proc:
 
 
 def trace_rows(
-    label: str, model: Path, runs: int, target: bool, ratio_target: float = TRACE_RATIO_TARGET
+    label: str,
+    model: Path,
+    runs: int,
+    target: bool,
+    ratio_target: float = TRACE_RATIO_TARGET,
+    inspect: Callable[[Trace], None] | None = None,
 ) -> list[Row]:
     prepared = prepare_trace(model, PROMPT)
     ids, n_layers = prepared.token_ids, prepared.model.config.n_layers
     prepared.model.close()
     warm(model)
-    ours, theirs = apr_trace(model, n_layers, runs), llamacpp(model, ids, runs)
+    ours, theirs = apr_trace(model, n_layers, runs, inspect), llamacpp(model, ids, runs)
     ratio = ours.seconds / theirs.seconds
     what = f"{label}: trace, {n_layers} layers × all stages, {len(ids)} tokens"
     rows = [

@@ -70,7 +70,6 @@ def test_import_quantize_q8_0_and_convert_q4_k(smollm2_gguf: Path, tmp_path: Pat
     ("args", "code", "message"),
     [
         (["import", "{hf}", "-o", "{tmp}/x.apr"], 4, "apr import reads gguf files; this is safetensors"),
-        (["convert", "{gguf}", "-o", "{tmp}/x.apr", "--quantize", "q4_k"], 4, "apr convert reads apr files"),
         (["inspect", "{tmp}/missing.gguf"], 3, "File not found"),
         (["export", "{tmp}/missing.gguf", "-o", "{tmp}/hf"], 3, "File not found"),
     ],
@@ -104,3 +103,25 @@ def test_a_read_only_target_is_named_not_the_temp_file(tmp_path: Path) -> None:
         ro.chmod(0o755)
     assert (code, out, err) == (7, "", f"error: cannot write {ro / 'x.apr'}: Permission denied\n")
     assert list(ro.iterdir()) == []
+
+
+def test_import_quantize_q4_k_falls_back_and_says_so_in_one_line(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """Rows of 576 are not whole 256-blocks: llama-quantize would use Q5_0; .apr has no Q5_0, so Q8_0."""
+    out = tmp_path / "q4k.apr"
+    code, text, _ = run("import", str(smollm2_gguf), "-o", str(out), "--quantize", "q4_k")
+    assert code == 0
+    assert "  211 matrices: 181 Q8_0, 30 Q4_K (rows of 576 are not a multiple of 256)\n" in text
+    assert "blk.0.attn_q.weight" not in text  # the per-tensor list is behind -v / --json
+    assert open_model(out).info("blk.0.attn_q.weight").qtype is QuantType.Q8_0
+    code, text, _ = run(
+        "import", str(smollm2_gguf), "-o", str(tmp_path / "q8.apr"), "--quantize", "q8_0", "-v"
+    )
+    assert code == 0 and "  211 matrices: 211 Q8_0\n" in text
+    assert "    blk.0.attn_q.weight: Q4_1 → Q8_0\n" in text
+
+
+def test_convert_accepts_any_input_format(smollm2_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "from-gguf.apr"
+    code, text, _ = run("convert", str(smollm2_gguf), "-o", str(out), "--quantize", "q8_0")
+    assert code == 0 and "211 matrices: 211 Q8_0" in text
+    assert open_model(out).config == open_model(smollm2_gguf).config

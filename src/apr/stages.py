@@ -207,5 +207,19 @@ class Tap(Protocol):
     def __call__(self, sid: StageId, value: npt.NDArray[Any], /) -> None: ...
 
 
+def tap_wants(tap: Tap, sid: StageId) -> bool:
+    """Whether `tap` keeps `sid`, so an engine can skip work done only for a tap (a copy, a concatenation,
+    a T×T matrix). A tap says so with a `wants(sid) -> bool` method; a plain callable wants everything."""
+    wants = getattr(tap, "wants", None)
+    return True if wants is None else bool(wants(sid))
+
+
+def tap_positions(tap: Tap, n_tokens: int) -> npt.NDArray[Any] | None:
+    """The sorted query positions a tap keeps of per-position stages (`positions(n_tokens)` on the tap;
+    None: all of them). The engine computes only those rows of the T×T attention stages."""
+    positions = getattr(tap, "positions", None)
+    return None if positions is None else positions(n_tokens)
+
+
 def no_tap(sid: StageId, value: npt.NDArray[Any], /) -> None:
     """The default Tap: keep nothing."""

@@ -111,3 +111,47 @@ def test_llama_cpp_loads_it_and_agrees_on_tokens_and_logits(tiny: Path, tmp_path
     ours = np.asarray(read_trace(tmp_path / "t").load(StageId(Stage.LM_HEAD)))
     cos = float(ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs))
     assert cos > 0.999  # llama.cpp quantizes activations to Q8_K: close, not equal
+
+
+# the 30b-a3b preset's architecture at toy size: QK-norm, merged experts, an F32 router
+TINY_MOE = synth.Shape(
+    "qwen3moe", hidden=256, layers=2, heads=4, kv_heads=2, ffn=256, vocab=49152, key_length=128,
+    experts=16, experts_used=4,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(synth.write_synthetic_gguf(tmp_path_factory.mktemp("synth") / "moe.gguf", TINY_MOE, seed=7))
+
+
+def test_the_moe_preset_is_qwen3_30b_a3b_shaped() -> None:
+    s = synth.PRESETS["30b-a3b"]
+    assert (s.arch, s.layers, s.hidden, s.experts, s.experts_used, s.ffn) == (
+        "qwen3moe",
+        48,
+        2048,
+        128,
+        8,
+        768,
+    )
+    names = {t.name: t for t in synth.tensors(s) if t.name.startswith("blk.0.ffn")}
+    assert names["blk.0.ffn_gate_exps.weight"].shape == (128, 768, 2048)
+    assert names["blk.0.ffn_down_exps.weight"].shape == (128, 2048, 768)
+    assert names["blk.0.ffn_gate_inp.weight"].qtype.name == "F32"
+    assert 17 << 30 < synth.file_size(s) < 18 << 30
+
+
+def test_a_tiny_moe_traces_with_the_experts_llama_cpp_selects(tiny_moe: Path, tmp_path: Path) -> None:
+    import llama_cpp
+
+    prepare_trace(tiny_moe, PROMPT).run(TracePlan.from_cli("all", "0..2"), tmp_path / "t", TraceOptions())
+    trace = read_trace(tmp_path / "t")
+    ids = np.asarray(trace.load(StageId(Stage.MOE_ROUTER_INDICES, 1)))
+    assert ids.shape == (len(PROMPT_IDS), TINY_MOE.experts_used)
+    assert len(np.unique(ids)) > TINY_MOE.experts_used  # the router spreads the tokens
+    llm = llama_cpp.Llama(str(tiny_moe), n_ctx=64, n_threads=2, verbose=False, logits_all=False)
+    llm.eval(list(PROMPT_IDS))
+    theirs = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(TINY_MOE.vocab,)).copy()
+    ours = np.asarray(trace.load(StageId(Stage.LM_HEAD)))
+    assert float(ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs)) > 0.999

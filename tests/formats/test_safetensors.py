@@ -144,7 +144,20 @@ def test_hostile_headers(tmp_path: Path, make: object, message: str) -> None:
         ),
         ({"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "data ends at byte"),
         ({"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}, "unsupported dtype C64"),
-        ({"dtype": "F32", "shape": "x"}, "malformed header entry"),
+        ({"dtype": "F32", "shape": "x"}, "'shape' must be an array, found a string"),
+        (
+            {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]},
+            "'dtype' must be a string, found an array",
+        ),
+        (
+            {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]},
+            "'shape'[0] must be an integer, found a number",
+        ),
+        (
+            {"dtype": "F32", "shape": [1 << 63, 0], "data_offsets": [0, 0]},
+            "shape [9223372036854775808, 0] has a dimension above 1099511627776",
+        ),
+        ({"dtype": "F32", "shape": [1], "data_offsets": [0]}, "'data_offsets' must be [begin, end]"),
     ],
 )
 def test_hostile_entries(tmp_path: Path, entry: dict, message: str) -> None:

@@ -9,8 +9,10 @@ Per family:
   in float64 (the runtime lifts the routers' float32 softmax);
 - the same weights saved under transformers 5's fused expert parameter names: the same selections, every stage
   ≤ 1e-5 of transformers on that folder;
-- the reference on the F32 GGUF vs llama.cpp with the family's node table: every stage it exposes (all but
-  the top-k weights and ids and the MoE output: models/moe.py GGML_NODES) ≤ 1e-5, logits of every position;
+- the reference on the F32 GGUF vs llama.cpp with the family's node table: llama.cpp exposes every stage
+  of the graph, the MoE stages included (top-k weights as the input of ffn_moe_weighted, expert ids from
+  ggml's I32 view ffn_moe_topk, the MoE output by structure); each ≤ 1e-5, logits of every position, and
+  the selected experts equal, in the same order, at every position of every layer;
   the GGUF and HF traces agree (after Q/K alignment), and `apr import` of the GGUF is bit-identical;
 - only the selected experts count: a forward pass reads the bytes of exactly the experts some token selects
   (and never a range across two experts) of each merged GGUF expert tensor; a fault in one expert of the
@@ -55,9 +57,6 @@ MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 F32_TOL, F64_TOL = 1e-5, 1e-10
 VARIANT = {"mixtral": "mixtral", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe"}
 DENSE_FFN = {Stage.FFN_GATE, Stage.FFN_UP, Stage.FFN_SILU, Stage.FFN_SWIGL, Stage.FFN_OUT}
-# what the moe family's llama.cpp node table leaves out (models/moe.py GGML_NODES: names that differ per
-# variant, or an I32 view)
-LLAMACPP_UNMAPPED = {Stage.MOE_ROUTER, Stage.MOE_ROUTER_INDICES, Stage.MOE_FFN_OUT}
 # an expert's down projection as the HF folder stores it (transformers' save_pretrained: one per expert)
 HF_DOWN = {
     "mixtral": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
@@ -185,23 +184,22 @@ def llamacpp_run(path: Path, ids: list[int]) -> Recorder:
     model, rec = open_model(path), Recorder()
     graph = [n.stage for n in model.graph()]
     run = run_llamacpp(path, ids, rec, nodes=model.family.ggml_nodes, expected=graph)
-    assert set(run.unavailable) == LLAMACPP_UNMAPPED, run.unavailable
+    assert run.unavailable == (), run.unavailable  # every stage of the graph, MoE stages included
     return rec
 
 
 def test_gguf_every_stage_llamacpp_exposes_matches(family: ZooModel) -> None:
-    """Logits of every position, every layer output, and the MoE stages llama.cpp names unambiguously."""
+    """Logits of every position, every layer's stages, every MoE stage, the same experts everywhere."""
     ids = family.token_ids()
     ours, theirs = reference(family.gguf, ids), llamacpp_run(family.gguf, ids)
     cfg = open_model(family.gguf).config
     side = Side(cfg.qk_layout, cfg)
     outputs = [sid for sid in theirs.order if sid.stage in (Stage.POST_FFN_RESIDUAL, Stage.LM_HEAD)]
     assert len(outputs) == cfg.n_layers + 1
-    assert {sid.stage for sid in theirs.order if sid.stage.moe} == (
-        {Stage.MOE_ROUTER_LOGITS, Stage.MOE_SHARED_OUT}
-        if cfg.shared_expert_ffn
-        else {Stage.MOE_ROUTER_LOGITS}
-    )
+    moe_graph = {n.stage for n in open_model(family.gguf).graph() if n.stage.moe}
+    for i in range(cfg.n_layers):
+        assert {sid.stage for sid in theirs.order if sid.stage.moe and sid.layer == i} == moe_graph
+        assert np.array_equal(selections(theirs, i), selections(ours, i)), i  # same order too
     errors = {
         sid: rel_l2(*align(sid, ours.arrays[sid], side, theirs.arrays[sid], side)) for sid in theirs.order
     }

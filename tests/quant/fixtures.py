@@ -8,7 +8,8 @@ is not a multiple of 256, so only ffn_down can hold a K-quant; spec/oracles.md Â
 
     Q4_K_M  Q4_K Q6_K Q5_0 Q8_0     Q5_K_M  Q5_K Q6_K Q5_1 Q8_0     Q3_K_M  Q4_K Q5_K Q4_0 Q5_0 Q5_1 Q8_0
     Q2_K    Q3_K Q4_0 Q8_0          Q2_K_PURE  Q2_K Q4_0            Q6_K    Q6_K Q8_0
-    Q4_0, Q5_1, F16, BF16: that type (+ one Q8_0 token_embd for Q4_0/Q5_1); F32 norms in every file
+    IQ4_XS  IQ4_XS IQ4_NL Q5_K
+    Q4_0, Q5_1, Q8_0, F16, BF16: that type (+ one Q8_0 token_embd for Q4_0/Q5_1); F32 norms in every file
 
 `llamacpp_blocks(qtype)` covers every type, the IQ ones included, one tensor at a time: real SmolLM2
 weights (`REAL_TENSOR`, `REAL_ROWS` rows) quantized by ggml's `ggml_quantize_chunk` â€” the call
@@ -43,6 +44,8 @@ FILE_TYPES: Final[dict[str, tuple[str, bool]]] = {
     "Q5_1": ("Q5_1", False),
     "F16": ("F16", False),
     "BF16": ("BF16", False),
+    "Q8_0": ("Q8_0", False),
+    "IQ4_XS": ("IQ4_XS", False),
 }
 
 
@@ -92,15 +95,17 @@ def tensors_only_f32_gguf() -> Path:
     return _atomic(out, build)
 
 
-def quantized_gguf(name: str) -> Path:
-    """SmolLM2 (no tokenizer) quantized by llama.cpp as FILE_TYPES[name] (needs llama-cpp-python)."""
+def quantized_gguf(name: str, tokenizer: bool = False) -> Path:
+    """SmolLM2 quantized by llama.cpp as FILE_TYPES[name] (needs llama-cpp-python); without its tokenizer
+    metadata unless `tokenizer` (llama.cpp itself will not load a GGUF without a vocabulary)."""
     import llama_cpp
 
     ftype, pure = FILE_TYPES[name]
-    out = Path(models.cache_dir()) / "fixtures" / f"smollm2-{name.lower()}-{_tag()}.gguf"
+    tok = "-tok" if tokenizer else ""
+    out = Path(models.cache_dir()) / "fixtures" / f"smollm2-{name.lower()}{tok}-{_tag()}.gguf"
     if out.is_file():
         return out
-    source = tensors_only_f32_gguf()
+    source = models.smollm2_f32_gguf() if tokenizer else tensors_only_f32_gguf()
 
     def build(tmp: Path) -> None:
         params = llama_cpp.llama_model_quantize_default_params()

@@ -24,6 +24,7 @@ RMSE_BOUND: Final = {
     QuantType.F16: 3e-4,
     QuantType.BF16: 2.5e-3,
     QuantType.Q8_0: 0.007,
+    QuantType.Q5_0: 0.05,
     QuantType.Q6_K: 0.022,
     QuantType.Q4_K: 0.09,
 }
@@ -92,7 +93,7 @@ def gguf_readback(raw: npt.NDArray[np.uint8], qtype: QuantType) -> F32:
 
 
 def test_registry() -> None:
-    assert {q.name for q in QUANT_TYPES} == {"F32", "F16", "BF16", "Q8_0", "Q4_K", "Q6_K"}
+    assert {q.name for q in QUANT_TYPES} == {"F32", "F16", "BF16", "Q8_0", "Q5_0", "Q4_K", "Q6_K"}
 
 
 @pytest.mark.parametrize("qtype", sorted(QUANT_TYPES), ids=lambda q: q.name)

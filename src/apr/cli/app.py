@@ -119,11 +119,11 @@ def exit_diverged() -> None:
 
 
 class Progress:
-    """`layer 3/30` on stderr, only on a terminal and never with --quiet or --json."""
+    """`layer 3/30` on stderr, on a terminal (or `force`: --progress) and never with --quiet or --json."""
 
-    def __init__(self, total: int, label: str) -> None:
+    def __init__(self, total: int, label: str, force: bool = False) -> None:
         c = ctx()
-        self.on = sys.stderr.isatty() and not c.quiet and not c.json
+        self.on = (force or sys.stderr.isatty()) and not c.quiet and not c.json
         self.total, self.label = total, label
 
     def __call__(self, i: int) -> None:
@@ -219,5 +219,5 @@ def cli() -> None:
     Global flags (--json, -q, --debug) go before the command or after it.
     Exit codes: 0 ok · 1 divergence found (diff --check, bisect) · 2 usage error · 3 file not found
     · 4 invalid file format · 5 validation failed · 6 model load failed · 7 I/O error
-    · 8 inference failed · 9 optional extra not installed · 70 internal error
+    · 8 inference failed · 9 optional extra not installed · 70 internal error · 130 interrupted (SIGINT)
     """

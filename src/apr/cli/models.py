@@ -8,6 +8,7 @@ import click
 
 from apr.cli.app import cli, path_arg, path_type, show
 from apr.convert.export import DTYPES, export_safetensors
+from apr.convert.gguf_export import GGUF_TYPES, export_gguf
 from apr.convert.importer import QUANTIZE_TARGETS, convert_apr, import_gguf
 from apr.models import open_model
 from apr.models.summary import summarize
@@ -16,6 +17,8 @@ from apr.report import json as jsonr
 from apr.report import text
 
 QUANTIZE_CHOICE = click.Choice(list(QUANTIZE_TARGETS), case_sensitive=False)
+CONVERT_CHOICE = click.Choice(list(dict.fromkeys([*QUANTIZE_TARGETS, *GGUF_TYPES])), case_sensitive=False)
+EXPORT_DTYPES = list(dict.fromkeys([*DTYPES, *GGUF_TYPES]))
 
 
 @cli.command()
@@ -48,46 +51,68 @@ def inspect(model: Path, no_tensors: bool, verify: bool) -> None:
     type=QUANTIZE_CHOICE,
     help="Requantize 2-D weights (default: keep F32/F16/BF16/Q4_K/Q6_K bytes, others as exact F32).",
 )
-def import_(source: Path, output: Path | None, quantize: str | None) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="List every converted tensor.")
+def import_(source: Path, output: Path | None, quantize: str | None, verbose: bool) -> None:
     """Convert a GGUF model to aprender's .apr v2 (names, config, tokenizer, tied embeddings).
 
     \b
     Example:  apr import SmolLM2-135M-Instruct.Q4_1.gguf -o smollm2.apr
     """
     result = import_gguf(source, output or source.with_suffix(".apr"), quantize)
-    show(result, jsonr.import_doc, text.render_import)
+    show(result, jsonr.import_doc, lambda r: text.render_import(r, verbose))
 
 
 @cli.command()
 @path_arg("file")
-@click.option("-o", "--output", type=path_type(), required=True, help="Output .apr file.")
+@click.option("-o", "--output", type=path_type(), required=True, help="Output .apr or .gguf file.")
 @click.option(
     "--quantize",
-    type=QUANTIZE_CHOICE,
+    type=CONVERT_CHOICE,
     required=True,
-    help="Quantize every 2-D weight whose rows fit the block size (norms and biases stay F32).",
+    help="Type of every 2-D weight whose rows fit its blocks (norms and biases stay F32); "
+    ".gguf output also takes f32, f16, bf16.",
 )
-def convert(file: Path, output: Path, quantize: str) -> None:
-    """Requantize an .apr model into a new .apr file (APR → APR).
+@click.option("-v", "--verbose", is_flag=True, help="List every converted tensor.")
+def convert(file: Path, output: Path, quantize: str, verbose: bool) -> None:
+    """Requantize a model: .apr → .apr, or any model → .gguf (what `export --format gguf` writes).
 
     \b
     Example:  apr convert smollm2.apr -o smollm2-q4k.apr --quantize q4_k
+              apr convert smollm2.apr -o smollm2-q4k.gguf --quantize q4_k
     """
-    show(convert_apr(file, output, quantize), jsonr.import_doc, text.render_import)
+    if output.suffix.lower() == ".gguf":
+        show(export_gguf(open_model(file), output, quantize), jsonr.gguf_export_doc, text.render_gguf_export)
+        return
+    show(convert_apr(file, output, quantize), jsonr.import_doc, lambda r: text.render_import(r, verbose))
 
 
 @cli.command()
 @path_arg("model")
-@click.option("-o", "--output", type=path_type(), required=True, help="Output folder.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors"]), default="safetensors", show_default=True)
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="f32", show_default=True)
+@click.option(
+    "-o", "--output", type=path_type(), required=True, help="Output folder (safetensors) or .gguf file."
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["safetensors", "gguf"]), default="safetensors", show_default=True
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(EXPORT_DTYPES, case_sensitive=False),
+    default="f32",
+    show_default=True,
+    help="safetensors: f32, f16; gguf: every choice (1-D tensors stay F32).",
+)
 def export(model: Path, output: Path, fmt: str, dtype: str) -> None:
-    """Write MODEL (.gguf, .apr) as a Hugging Face folder that transformers loads offline.
+    """Write MODEL (.gguf, HF folder, .apr) as a Hugging Face folder or as a GGUF llama.cpp runs.
 
     \b
-    Q/K rows stored in GGUF order are put back in HF order; quantized tensors are dequantized exactly.
+    safetensors: Q/K rows in HF order, quantized tensors dequantized exactly; transformers loads it.
+    gguf: the family's metadata and tokenizer, Q/K rows in GGUF order, fused tensors re-fused.
     Example:  apr export smollm2.gguf -o smollm2-hf/
+              apr export smollm2-hf/ -o smollm2-q8.gguf --format gguf --dtype q8_0
     """
+    if fmt == "gguf":
+        show(export_gguf(open_model(model), output, dtype), jsonr.gguf_export_doc, text.render_gguf_export)
+        return
     show(
         export_safetensors(open_model(model), output, dtype),
         jsonr.export_doc,

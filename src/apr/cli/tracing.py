@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import replace
@@ -31,6 +32,7 @@ from apr.diff.bisect import SideSpec
 from apr.diff.bisect import bisect as run_bisect
 from apr.diff.compare import Tolerance, diff_stage_files, diff_traces, require_compared
 from apr.diff.growth import ToleranceModel
+from apr.diff.models import diff_models, is_model
 from apr.errors import MismatchError
 from apr.formats import detect_format
 from apr.models import open_model
@@ -39,13 +41,15 @@ from apr.report import bisect as bisect_report
 from apr.report import html as html_report
 from apr.report import inspect as inspect_report
 from apr.report import json as jsonr
+from apr.report import model_diff as model_diff_report
 from apr.report import payload as payload_report
 from apr.report import text
 from apr.stages import ALIASES, STAGE_ORDER
+from apr.trace.estimate import parse_size
 from apr.trace.layout import default_output_dir
 from apr.trace.payload import run_payload
 from apr.trace.plan import DEFAULT_LAYERS, TracePlan
-from apr.trace.prompt import Prompt
+from apr.trace.prompt import DEFAULT_MAX_TOKENS, Prompt
 from apr.trace.reader import read_trace
 from apr.trace.run import ENGINES, PRECISIONS, TraceOptions, prepare_trace
 
@@ -96,6 +100,13 @@ def prompt_options(what: str) -> Callable[[F], F]:
             "as transformers' apply_chat_template).",
         ),
         click.option("--system", metavar="TEXT", help="With --chat: a system message before the user's."),
+        click.option(
+            "--max-tokens",
+            type=click.IntRange(min=1),
+            default=DEFAULT_MAX_TOKENS,
+            show_default=True,
+            help="Refuse a prompt of more tokens (the model's context is always the limit too).",
+        ),
     ]
 
     def decorate(f: F) -> F:
@@ -107,11 +118,13 @@ def prompt_options(what: str) -> Callable[[F], F]:
             tokens: tuple[int, ...] | None,
             chat: bool,
             system: str | None,
+            max_tokens: int,
             **kw: Any,
         ) -> Any:
             source = click.get_current_context().get_parameter_source("prompt_text")
             given = None if source is ParameterSource.DEFAULT else prompt_text
-            return f(*args, prompt=_prompt(given, prompt_file, tokens, chat, system), **kw)
+            prompt = _prompt(given, prompt_file, tokens, chat, system)
+            return f(*args, prompt=dataclasses.replace(prompt, max_tokens=max_tokens), **kw)
 
         for option in reversed(options):
             command = option(command)
@@ -180,13 +193,32 @@ def stages() -> None:
     metavar="START..END",
     help="Layer range for --save-tensor, END exclusive.",
 )
+@click.option(
+    "--save-tensor-positions",
+    default="all",
+    show_default=True,
+    metavar="START..END",
+    help="Prompt positions per-position stages keep ([positions, …]; attn_scores / attn_softmax as "
+    "[heads, positions, T]): END exclusive, negative from the end, either side optional (-16.. is the "
+    "last 16), last, or all.",
+)
+@click.option(
+    "--max-disk",
+    default="4GiB",
+    show_default=True,
+    metavar="SIZE",
+    help="Refuse (exit 5) a trace estimated to write more than SIZE (4GiB, 500M, bytes), or none. "
+    "The output filesystem's free space always applies.",
+)
 @prompt_options("the model")
 @click.option(
     "--precision",
     type=click.Choice(list(PRECISIONS)),
     default="f32",
     show_default=True,
-    help="Compute precision (f64: a high-precision reference; reference and transformers engines).",
+    help="Compute precision (f64: a high-precision reference; reference and transformers engines; "
+    "ggml: f32 with every matmul as ggml-cpu does it, activations quantized to Q8_0/Q8_1/Q8_K; reference "
+    "engine).",
 )
 @click.option(
     "--engine",
@@ -202,6 +234,11 @@ def stages() -> None:
     "--payload", is_flag=True, help="Without --save-tensor: report per-layer activation statistics."
 )
 @click.option(
+    "--progress",
+    is_flag=True,
+    help="Report `layer N/L` on stderr also when it is not a terminal (-q: never).",
+)
+@click.option(
     "--layer", "layer_filter", help="Without --save-tensor/--payload: filter layers by name substring."
 )
 def trace(
@@ -209,11 +246,14 @@ def trace(
     save_tensor: str | None,
     save_tensor_dir: Path | None,
     save_tensor_layers: str,
+    save_tensor_positions: str,
+    max_disk: str,
     prompt: Prompt,
     precision: str,
     engine: str,
     lm_head_all: bool,
     payload: bool,
+    progress: bool,
     layer_filter: str | None,
 ) -> None:
     """Run the forward pass on FILE (.gguf, .apr, HF folder) and save the selected stage tensors.
@@ -230,17 +270,21 @@ def trace(
     if save_tensor is None:
         _trace_report(file, prompt, options, payload, layer_filter)
         return
-    plan = TracePlan.from_cli(save_tensor, save_tensor_layers)  # plan errors come before any model I/O
+    plan = TracePlan.from_cli(save_tensor, save_tensor_layers, save_tensor_positions)  # before any model I/O
+    options = replace(options, max_disk=parse_size(max_disk))
     out_dir = save_tensor_dir or default_output_dir(file)
     quiet_header = wants_json()
     fmt = detect_format(file)
     if not quiet_header:
         emit(text.render_trace_header(fmt.name, file, save_tensor, save_tensor_layers, out_dir))
     prepared = prepare_trace(file, prompt, options.engine)
+    disk = prepared.estimate_disk(plan, out_dir, options)
     if not quiet_header:
         emit(text.render_prompt(prepared.shown_prompt, prepared.token_ids))
-    progress = Progress(prepared.model.config.n_layers, "layer")
-    outcome = prepared.run(plan, out_dir, replace(options, on_layer=progress))
+        emit(text.render_disk_estimate(disk.bytes, disk.free))
+    disk.check()
+    on_layer = Progress(prepared.model.config.n_layers, "layer", force=progress)
+    outcome = prepared.run(plan, out_dir, replace(options, on_layer=on_layer))
     show(outcome, jsonr.trace_outcome_doc, text.render_trace_outcome)
 
 
@@ -278,7 +322,8 @@ def _trace_report(
 @click.option(
     "--check",
     is_flag=True,
-    help="Exit 1 when any compared stage diverges (an error when no stage could be compared).",
+    help="Exit 1 when any compared stage diverges or MoE routing differs (an error when no stage could be "
+    "compared).",
 )
 def diff(
     a: Path,
@@ -289,14 +334,23 @@ def diff(
     max_rel: float | None,
     check: bool,
 ) -> None:
-    """Compare two stage files (APRT) or two trace directories, element by element.
+    """Compare two models, two trace directories or two stage files (APRT).
 
     \b
-    Two files: aprender's max|diff|, RMS, cosine and top-N report.
+    Two models (any formats): config, tokenizer and tensor set, before any forward pass
+    (--check: exit 1 when they differ in more than storage and types).
     Two directories: one row per common stage in forward order, first divergence marked.
+    Two files: aprender's max|diff|, RMS, cosine and top-N report, element by element.
     Example:  apr diff run-a/ run-b/ --values --check --min-cos 0.9999
+              apr diff model.gguf model-hf/
     """
     tolerance = Tolerance.from_options(min_cos, max_rel)
+    if is_model(a) and is_model(b):  # one model against a trace: the trace checks below say what it is
+        found = diff_models(open_model(a), open_model(b))
+        show(found, model_diff_report.to_doc, model_diff_report.render_text)
+        if check and found.differs:
+            exit_diverged()
+        return
     if a.is_dir() != b.is_dir() and a.exists() and b.exists():
         kinds = ("directory" if a.is_dir() else "file", "directory" if b.is_dir() else "file")
         raise MismatchError(f"cannot compare a {kinds[0]} ({a}) with a {kinds[1]} ({b})")
@@ -305,7 +359,7 @@ def diff(
         if check:
             require_compared(result)
         show(result, jsonr.trace_diff_doc, text.render_trace_diff)
-        if check and result.diverged:
+        if check and (result.diverged or result.routing_changed):
             exit_diverged()
         return
     single = diff_stage_files(a, b, limit)
@@ -360,14 +414,19 @@ def bisect_cmd(
     Both sides run on the same token ids (their tokenizers must agree on the prompt; --tokens gives
     both the ids, no tokenizer involved); each stage's relative error is compared with the error its
     inputs already carry: a stage that adds more than growth × input error + its weights' expected
-    quantization error is the first divergence. Exit 1 when one is found, 0 when none.
+    quantization error is the first divergence. MoE traces: positions that select different experts
+    are reported first. Exit 1 when either is found, 0 when none.
     Example:  apr bisect model-f32.gguf model-q4_k.gguf --engine-b llama.cpp --report report.html
     """
     model = ToleranceModel(floor=floor, growth=growth)
+    found = diff_models(open_model(a), open_model(b)) if is_model(a) and is_model(b) else None
+    if found is not None and not wants_json():
+        emit(model_diff_report.render_text(found) + "\n")
     sides = SideSpec(a, engine_a), SideSpec(b, engine_b)
     result = run_bisect(*sides, prompt, model=model, isolate=isolate, keep=keep)
     if report_path is not None:
-        write_bytes_atomic(report_path, html_report.render(result).encode("utf-8"))
-    show(result, bisect_report.to_doc, bisect_report.render_text)
-    if result.growth.first_jump is not None:
+        write_bytes_atomic(report_path, html_report.render(result, found).encode("utf-8"))
+    extra = {} if found is None else {"model_diff": model_diff_report.to_doc(found)}
+    show(result, lambda r: bisect_report.to_doc(r) | extra, bisect_report.render_text)
+    if result.growth.first_jump is not None or result.diff.routing_changed:
         exit_diverged()

@@ -23,16 +23,19 @@ import numpy as np
 
 from apr.errors import FormatError, ValidationError
 from apr.formats import names
+from apr.formats.aprcodec import CODE_OF
 from apr.formats.aprwrite import AprTensor, metadata_for, write_apr
 from apr.formats.base import TensorInfo
 from apr.models import Model, open_model
 from apr.models.exchange import apr_keys, hf_name
 from apr.quant import quantize
-from apr.quant.types import QUANT_LAYOUT, QuantType
+from apr.quant.quantize import fitting_type
+from apr.quant.types import QuantType
 
 PASSTHROUGH: Final = frozenset({QuantType.F32, QuantType.F16, QuantType.BF16, QuantType.Q4_K, QuantType.Q6_K})
 QUANTIZE_TARGETS: Final = {"q4_k": QuantType.Q4_K, "q6_k": QuantType.Q6_K, "q8_0": QuantType.Q8_0}
 LM_HEAD_NAME: Final = "lm_head.weight"
+APR_STORABLE: Final = frozenset(CODE_OF)  # .apr has no code for Q5_0: Q4_K falls back to Q8_0 there
 
 
 @dataclass
@@ -42,6 +45,8 @@ class ImportResult:
     passthrough: list[str] = field(default_factory=list)
     converted: list[tuple[str, str, str]] = field(default_factory=list)  # (name, from type, to type)
     tied_lm_head: bool = False
+    wanted: str | None = None  # the --quantize type
+    matrices: list[tuple[str, int, str]] = field(default_factory=list)  # (name, row length, type) quantized
 
 
 def _stored_name(model: Model, canonical: str) -> str:
@@ -51,9 +56,10 @@ def _stored_name(model: Model, canonical: str) -> str:
 
 
 def _target(t: TensorInfo, want: QuantType | None) -> QuantType:
-    """The type `t` is stored as: passthrough, requantized, or F32 of its exact values."""
-    if want is not None and len(t.shape) == 2 and t.shape[1] % QUANT_LAYOUT[want].block_size == 0:
-        return want
+    """The type `t` is stored as: requantized (a matrix; as llama-quantize, another type when its rows do
+    not fit the requested one's blocks), passthrough, or F32 of its exact values."""
+    if want is not None and len(t.shape) == 2:
+        return fitting_type(want, t.shape[1], APR_STORABLE)
     return t.qtype if t.qtype in PASSTHROUGH else QuantType.F32
 
 
@@ -87,20 +93,25 @@ def import_gguf(src: Path, out: Path, quantize_to: str | None = None) -> ImportR
 
 
 def convert_apr(src: Path, out: Path, quantize_to: str | None = None) -> ImportResult:
-    """`apr convert`: .apr → .apr, tensors (re)quantized as asked, names kept as stored."""
-    ckpt = _open_as(src, "apr", "convert")
-    return write_converted(ckpt, out, _quant_target(quantize_to), lambda t: t.source_name or t.name)
+    """`apr convert`: any model → .apr, tensors (re)quantized as asked; an .apr keeps its stored names,
+    another format gets the names `apr import` gives."""
+    ckpt = open_model(src)
+    if ckpt.format_name == "apr":
+        return write_converted(ckpt, out, _quant_target(quantize_to), lambda t: t.source_name or t.name)
+    return write_converted(ckpt, out, _quant_target(quantize_to), lambda t: _stored_name(ckpt, t.name))
 
 
 def write_converted(
     ckpt: Model, out: Path, want: QuantType | None, stored: Callable[[TensorInfo], str]
 ) -> ImportResult:
     """Write `ckpt` as .apr v2: each tensor passed through, requantized to `want`, or stored as exact F32."""
-    result = ImportResult(out)
+    result = ImportResult(out, wanted=want.name if want is not None else None)
     tensors: list[AprTensor] = []
     sources = list(ckpt.tensors())
     for t in sources:
         to = _target(t, want)
+        if want is not None and len(t.shape) == 2:
+            result.matrices.append((t.name, t.shape[1], to.name))
         tensors.append(AprTensor(stored(t), to, t.shape, _producer(ckpt, t, to)))  # type: ignore[arg-type]
         if to == t.qtype:
             result.passthrough.append(t.name)

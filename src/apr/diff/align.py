@@ -79,6 +79,13 @@ def align(
     return x.reshape(-1), y.reshape(-1)
 
 
+def needs_alignment(a: Trace, b: Trace, sid: StageId) -> bool:
+    """Whether `align` could change anything for this stage (else both files compare as stored)."""
+    sx, sy = Side.of(a), Side.of(b)
+    relayout = sx.layout != sy.layout and sx.layout and sy.layout and sid.stage in _LAYOUT_FIXES
+    return bool(relayout) or a.entries[sid].header.count != b.entries[sid].header.count
+
+
 def load_aligned(a: Trace, b: Trace, sid: StageId) -> tuple[F32, F32]:
     """Both sides of one stage of two traces, aligned (see `align`)."""
     return align(sid, a.load(sid), Side.of(a), b.load(sid), Side.of(b), (a.path, b.path))

@@ -70,6 +70,10 @@ class BisectResult:
     token_ids: tuple[int, ...]
     isolated: list[IsolatedRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    top1_text: tuple[list[str], list[str]] = (
+        [],
+        [],
+    )  # each side's top-1 tokens decoded (when it has a tokenizer)
 
 
 def is_trace_dir(path: Path) -> bool:
@@ -164,6 +168,8 @@ def bisect(
         cfg = ta.manifest.run.config if ta.manifest else None
         growth = analyze(diff, tm, (types[0], types[1]), stage_graph(cfg))
         result = BisectResult(a, b, (ta.manifest, tb.manifest), diff, growth, _logits(ta, tb), ids)
+        if result.logits is not None:
+            result.top1_text = (_decode(pa, result.logits.top1_a), _decode(pb, result.logits.top1_b))
         if isolate:
             assert isinstance(pb, PreparedTrace)
             result.isolated = isolate_layers(ta, pb, diff)
@@ -178,6 +184,11 @@ def _logits(a: Trace, b: Trace) -> LogitAgreement | None:
     if x.shape != y.shape:  # one side kept the last position only
         x, y = x.reshape(-1, x.shape[-1])[-1:], y.reshape(-1, y.shape[-1])[-1:]
     return compare_logits(np.asarray(x), np.asarray(y))
+
+
+def _decode(side: PreparedTrace | Trace, ids: list[int]) -> list[str]:
+    tok = side.tokenizer if isinstance(side, PreparedTrace) else None
+    return [tok.decode([i]) for i in ids] if tok is not None else []
 
 
 class _Collect:

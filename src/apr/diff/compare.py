@@ -3,7 +3,8 @@
 Results are values (StageFileDiff, StageDiff, TraceDiff); report/ renders them and recomputes nothing.
 A stage *diverges* under a `Tolerance`: by default when cosine < 0.999 (aprender's bisection rule of thumb);
 with `min_cos` and/or `max_rel` given, exactly the given thresholds apply. `first_divergence` walks rows in
-forward order (layer, then stage; whole-model stages last).
+forward order (layer, then stage; whole-model stages last). For MoE traces `routing` says where the two
+select different experts (diff/router.py), which `apr diff --check` and `apr bisect` count as a divergence.
 
 Nothing passes by comparing nothing: a directory without stage files is refused (saying what it holds
 instead), and a gate (`apr diff --check`, `apr bisect`) refuses two traces that share no stage
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from apr.diff.align import load_aligned
-from apr.diff.metrics import ElementDiff, Metrics, compare, top_diffs
+from apr.diff.align import load_aligned, needs_alignment
+from apr.diff.metrics import CHUNK, ElementDiff, Metrics, compare, compare_chunks
+from apr.diff.router import RouterDivergence, router_divergence
 from apr.errors import MismatchError, ValidationError
 from apr.formats import formats
 from apr.stages import StageId
@@ -43,24 +45,27 @@ class StageFileDiff:
 
 
 def diff_stage_files(path_a: Path, path_b: Path, limit: int = 10) -> StageFileDiff:
-    a, b = aprt.read_aprt(path_a), aprt.read_aprt(path_b)
-    if a.header.count != b.header.count:
+    """Read in chunks of CHUNK values (memory a few MB whatever the files' size)."""
+    ha, hb = (aprt.read_aprt(p).header for p in (path_a, path_b))  # validates both
+    if ha.count != hb.count:
         raise MismatchError(
-            f"APRT dim_product mismatch: {path_a} has {a.header.count} f32s, {path_b} has "
-            f"{b.header.count} f32s — cannot compare stage tensors of different sizes"
+            f"APRT dim_product mismatch: {path_a} has {ha.count} f32s, {path_b} has "
+            f"{hb.count} f32s — cannot compare stage tensors of different sizes"
         )
-    if a.layer != b.layer:
+    if ha.layer != hb.layer:
         raise MismatchError(
-            f"APRT layer mismatch: {path_a} is layer {_layer(a.layer)}, {path_b} is layer "
-            f"{_layer(b.layer)} — stages from different layers cannot be compared element-wise"
+            f"APRT layer mismatch: {path_a} is layer {_layer(ha.layer)}, {path_b} is layer "
+            f"{_layer(hb.layer)} — stages from different layers cannot be compared element-wise"
         )
-    return StageFileDiff(
-        path_a,
-        path_b,
-        a.layer,
-        compare(a.values, b.values),
-        top_diffs(a.values, b.values, limit),
-    )
+    metrics, top = _streamed(path_a, ha, path_b, hb, max(limit, 1))
+    return StageFileDiff(path_a, path_b, ha.layer, metrics, top)
+
+
+def _streamed(
+    pa: Path, ha: aprt.AprtHeader, pb: Path, hb: aprt.AprtHeader, limit: int = 0
+) -> tuple[Metrics, list[ElementDiff]]:
+    chunks = zip(aprt.iter_values(pa, ha, CHUNK), aprt.iter_values(pb, hb, CHUNK), strict=True)
+    return compare_chunks(chunks, limit)
 
 
 def _layer(layer: int | None) -> str:
@@ -123,10 +128,16 @@ class TraceDiff:
     only_in_a: list[StageId] = field(default_factory=list)
     only_in_b: list[StageId] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    routing: RouterDivergence | None = None  # MoE traces: the experts each side selects (diff/router.py)
 
     @property
     def first_divergence(self) -> StageDiff | None:
         return first_divergence(self.rows)
+
+    @property
+    def routing_changed(self) -> bool:
+        """Some position selects a different set of experts: a divergence whatever the stage metrics say."""
+        return bool(self.routing)
 
     @property
     def diverged(self) -> list[StageDiff]:
@@ -150,12 +161,11 @@ def diff_traces(a: Trace, b: Trace, tolerance: Tolerance | None = None) -> Trace
     rows = []
     for sid in common:
         ea, eb = a.entries[sid], b.entries[sid]
-        if ea.sha256 is not None and ea.sha256 == eb.sha256 and ea.shape == eb.shape:
-            x = a.load(sid).reshape(-1)
-            m = compare(x, x)  # byte-identical files: skip reading the second
-        else:
-            x, y = load_aligned(a, b, sid)
-            m = compare(x, y)
+        # always both files: equal manifest hashes prove nothing about the bytes
+        if needs_alignment(a, b, sid):
+            m = compare(*load_aligned(a, b, sid))
+        else:  # the common case: same layout and size, streamed from the files
+            m = _streamed(ea.path, ea.header, eb.path, eb.header)[0]
         rows.append(StageDiff(sid, m, tol.passes(m), ea.shape or eb.shape))
     notes = _run_notes(a, b)
     return TraceDiff(
@@ -166,6 +176,7 @@ def diff_traces(a: Trace, b: Trace, tolerance: Tolerance | None = None) -> Trace
         only_in_a=[s for s in a.entries if s not in b.entries],
         only_in_b=[s for s in b.entries if s not in a.entries],
         notes=notes,
+        routing=router_divergence(a, b),
     )
 
 
@@ -216,9 +227,21 @@ def _check_same_input(a: Trace, b: Trace) -> None:
             f"the traces ran on different token ids ({list(ta)} vs {list(tb)}); "
             "stage tensors of different inputs cannot be compared element-wise"
         )
+    pa, pb = a.manifest.positions, b.manifest.positions
+    if pa != pb:
+        raise MismatchError(
+            f"the traces saved different prompt positions ({pa} vs {pb}); "
+            "trace both with the same --save-tensor-positions"
+        )
 
 
 def _run_notes(a: Trace, b: Trace) -> list[str]:
+    bare = [str(t.path) for t in (a, b) if not t.verified]
+    if bare:
+        return [
+            f"comparing unverified bare traces ({', '.join(bare)}: no manifest.json, so file sizes, "
+            "hashes and the run's identity are not checked)"
+        ]
     if a.manifest is None or b.manifest is None:
         return []
     ra, rb = a.manifest.run, b.manifest.run

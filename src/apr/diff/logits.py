@@ -5,7 +5,7 @@ Side A is the reference: KL(P_A ‖ P_B) with P = softmax(logits) in f64 (llama-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -20,6 +20,8 @@ class LogitAgreement:
     kl: list[float]  # per position
     top1_agree: list[bool]
     top5_overlap: list[float]  # |top5(A) ∩ top5(B)| / 5
+    top1_a: list[int] = field(default_factory=list)  # each side's top-1 token id per position
+    top1_b: list[int] = field(default_factory=list)
 
     @property
     def kl_mean(self) -> float:
@@ -58,4 +60,6 @@ def compare_logits(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> LogitAgreement:
         kl=[float(v) for v in kl],
         top1_agree=[bool(x) for x in top_a[:, 0] == top_b[:, 0]],
         top5_overlap=overlap,
+        top1_a=[int(i) for i in top_a[:, 0]],
+        top1_b=[int(i) for i in top_b[:, 0]],
     )

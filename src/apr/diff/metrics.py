@@ -9,6 +9,7 @@ first (they are the most divergent thing there is), then by |Δ| descending, sta
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,32 +55,97 @@ def first_max(d: F32) -> tuple[float, int]:
     return float(d[i]), i
 
 
-def compare(a: F32, b: F32) -> Metrics:
-    """All metrics at once. `a` and `b` must have the same size (callers check and explain)."""
+CHUNK = 1 << 20  # elements per pass: ~30 MB of temporaries whatever the stage's size
+
+
+class _Running:
+    """Metrics accumulated over chunks: f64 sums, aprender's first maximum, the NaN count, the top-k."""
+
+    def __init__(self, limit: int) -> None:
+        self.n, self.max_abs, self.idx, self.a_max, self.b_max = 0, 0.0, 0, 0.0, 0.0
+        self.sum_sq = self.na = self.nb = self.dot = 0.0
+        self.nans, self.limit = 0, limit
+        self.first = (0.0, 0.0)  # a[0], b[0]: aprender reports them when nothing differs
+        self.top: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], F32, F32] | None = None
+
+    def add(self, a: F32, b: F32) -> None:
+        if self.n == 0 and a.size:
+            self.first = (float(a[0]), float(b[0]))
+        d = abs_diff(a, b)
+        m, i = first_max(d)
+        if m > self.max_abs:
+            self.max_abs, self.idx, self.a_max, self.b_max = m, self.n + i, float(a[i]), float(b[i])
+        d64, a64, b64 = d.astype(np.float64), a.astype(np.float64), b.astype(np.float64)
+        self.sum_sq += float(np.dot(d64, d64))
+        self.na, self.nb = self.na + float(np.dot(a64, a64)), self.nb + float(np.dot(b64, b64))
+        self.dot += float(np.dot(a64, b64))
+        self.nans += int(np.count_nonzero(np.isnan(a) | np.isnan(b)))
+        if self.limit:
+            self._keep_top(d, a, b)
+        self.n += a.size
+
+    def _keep_top(self, d: F32, a: F32, b: F32) -> None:
+        key = np.where(np.isnan(d), np.float32(np.inf), d)
+        best = np.argsort(-key, kind="stable")[: self.limit]
+        key, at, a, b = key[best], best + self.n, a[best], b[best]
+        if self.top is not None:
+            tk, ta, tx, ty = self.top
+            key, at, a, b = (
+                np.concatenate([tk, key]),
+                np.concatenate([ta, at]),
+                np.concatenate([tx, a]),
+                np.concatenate([ty, b]),
+            )
+        keep = np.lexsort((at, -key))[: self.limit]
+        self.top = (key[keep], at[keep], a[keep], b[keep])
+
+    def metrics(self) -> Metrics:
+        n, nb = self.n, self.nb
+        cosine = 0.0 if self.na == 0.0 or nb == 0.0 else self.dot / (math.sqrt(self.na) * math.sqrt(nb))
+        return Metrics(
+            n=n,
+            max_abs=self.max_abs,
+            max_index=self.idx,
+            rms=float(np.float32(math.sqrt(self.sum_sq / n))) if n else 0.0,
+            cosine=cosine,
+            rel_l2=_ratio(math.sqrt(self.sum_sq), math.sqrt(nb)),
+            sqnr_db=_sqnr(nb, self.sum_sq),
+            a_at_max=self.a_max if self.max_abs else self.first[0],
+            b_at_max=self.b_max if self.max_abs else self.first[1],
+            nan_count=self.nans,
+        )
+
+    def diffs(self) -> list[ElementDiff]:
+        if self.top is None:
+            return []
+        _, at, a, b = self.top
+        d = abs_diff(a, b)
+        return [
+            ElementDiff(int(i), float(x), float(y), float(z)) for i, x, y, z in zip(at, a, b, d, strict=True)
+        ]
+
+
+def compare_chunks(chunks: Iterable[tuple[F32, F32]], limit: int = 0) -> tuple[Metrics, list[ElementDiff]]:
+    """Metrics (and the `limit` largest differences) of two tensors given as matching chunk pairs, so a
+    stage of any size is compared in bounded memory (apr.trace.format.iter_values reads them)."""
+    run = _Running(limit)
+    for k, (a, b) in enumerate(chunks):
+        if a.size != b.size:
+            raise ValueError(f"chunk {k}: {a.size} vs {b.size} values")  # callers pair equal sizes
+        run.add(np.asarray(a, np.float32).reshape(-1), np.asarray(b, np.float32).reshape(-1))
+    return run.metrics(), run.diffs()
+
+
+def sliced(a: F32, b: F32) -> Iterator[tuple[F32, F32]]:
     a = np.asarray(a, dtype=np.float32).reshape(-1)
     b = np.asarray(b, dtype=np.float32).reshape(-1)
-    n = a.size
-    d = abs_diff(a, b)
-    max_abs, idx = first_max(d)
-    d64 = d.astype(np.float64)
-    sum_sq = float(np.dot(d64, d64))
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    na, nb = float(np.dot(a64, a64)), float(np.dot(b64, b64))
-    dot = float(np.dot(a64, b64))
-    cosine = 0.0 if na == 0.0 or nb == 0.0 else dot / (math.sqrt(na) * math.sqrt(nb))
-    rms = float(np.float32(math.sqrt(sum_sq / n))) if n else 0.0
-    return Metrics(
-        n=n,
-        max_abs=max_abs,
-        max_index=idx,
-        rms=rms,
-        cosine=cosine,
-        rel_l2=_ratio(math.sqrt(sum_sq), math.sqrt(nb)),
-        sqnr_db=_sqnr(nb, sum_sq),
-        a_at_max=float(a[idx]) if n else 0.0,
-        b_at_max=float(b[idx]) if n else 0.0,
-        nan_count=int(np.count_nonzero(np.isnan(a) | np.isnan(b))),
-    )
+    for lo in range(0, a.size, CHUNK):
+        yield a[lo : lo + CHUNK], b[lo : lo + CHUNK]
+
+
+def compare(a: F32, b: F32) -> Metrics:
+    """All metrics at once. `a` and `b` must have the same size (callers check and explain)."""
+    return compare_chunks(sliced(a, b))[0]
 
 
 def _ratio(num: float, den: float) -> float:
@@ -102,10 +168,4 @@ def _sqnr(signal: float, noise: float) -> float:
 
 def top_diffs(a: F32, b: F32, limit: int) -> list[ElementDiff]:
     """The `max(limit, 1)` largest |a−b|, NaN first, then descending, ties by index."""
-    a = np.asarray(a, dtype=np.float32).reshape(-1)
-    b = np.asarray(b, dtype=np.float32).reshape(-1)
-    d = abs_diff(a, b)
-    key = np.where(np.isnan(d), np.float32(np.inf), d)
-    k = min(max(limit, 1), d.size)
-    order = np.argsort(-key, kind="stable")[:k]
-    return [ElementDiff(int(i), float(a[i]), float(b[i]), float(d[i])) for i in order]
+    return compare_chunks(sliced(a, b), max(limit, 1))[1]

@@ -6,19 +6,27 @@ Every function keeps its input dtype (f32 by default, f64 for the high-precision
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from apr.engine import ggml_math
+
 Array = npt.NDArray[Any]
 
 
 def rms_norm(x: Array, w: Array, eps: float) -> Array:
-    """x / sqrt(mean(x²) + eps) · w over the last axis."""
-    ms = np.mean(np.square(x), axis=-1, keepdims=True)  # (..., 1)
-    out: Array = x / np.sqrt(ms + x.dtype.type(eps)) * w  # (..., D)
+    """x · (1 / sqrt(mean(x²) + eps)) · w over the last axis, in ggml's order (ggml_compute_forward_rms_norm
+    then MUL): the squares in x's dtype summed in float64, the mean rounded back, one reciprocal. In f32 that
+    is llama.cpp's bits, which `--precision ggml` needs: its activation quantizer turns a one-ulp
+    difference here into whole rounding steps."""
+    total = np.square(x).astype(np.float64).sum(axis=-1, keepdims=True)  # (..., 1)
+    mean = (total / x.shape[-1]).astype(x.dtype)  # (..., 1)
+    scale = x.dtype.type(1) / np.sqrt(mean + x.dtype.type(eps))  # (..., 1)
+    out: Array = x * scale * w  # (..., D)
     return out
 
 
@@ -42,10 +50,16 @@ def rope_adjacent(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def silu(x: Array) -> Array:
+    """x · sigmoid(x). float32 goes through ggml-cpu's own expf (apr.engine.ggml_math: ≤ 2 ulp, and
+    llama.cpp's bits, which `--precision ggml` needs); other dtypes through numpy's exp."""
+    if x.dtype == np.float32:
+        return ggml_math.silu(x)
     out: Array = x / (1 + np.exp(-x))
     return out
 
 
+# The whole-matrix attention steps below (hidden_keys … upper_zeroed) are the plain definitions; the decoder
+# runs `causal_attention`, a block of queries at a time, which the tests check against them.
 def hidden_keys(t: int, window: int = 0) -> Array:
     """(T, T) bool: True where query i may not see key j — the future, and with a sliding window of
     `window` keys, keys with i - j >= window (transformers' and llama.cpp's SWA rule)."""
@@ -120,6 +134,7 @@ def top_k(x: Array, k: int) -> npt.NDArray[np.int64]:
     return order
 
 
+Each = Callable[[Callable[[int], None], Iterable[int]], None] | None
 BLOCK_BYTES = 8 << 20  # one query block's (H, block, T) scores: a few MiB, whatever T is
 
 
@@ -132,50 +147,71 @@ class Attended:
     probs: Array | None = None  # (H, R, T)
 
 
+def query_blocks(t: int, block: int) -> list[tuple[int, int]]:
+    """[a, b) query blocks of about `block` rows covering 0..t, none of 1 row unless t is 1: numpy's
+    einsum takes another summation path for a length-1 axis, and the bits must not depend on blocking."""
+    block = max(2, block)
+    starts = list(range(0, t, block))
+    if len(starts) > 1 and t - starts[-1] == 1:
+        starts.pop()
+    return [(a, starts[n + 1] if n + 1 < len(starts) else t) for n, a in enumerate(starts)]
+
+
 def causal_attention(
     q: Array,
     k: Array,
     v: Array,
-    n_rep: int,
     *,
     scale: float = 0.0,
     cap: float = 0.0,
     window: int = 0,
     keep_rows: npt.NDArray[np.intp] | None = None,
+    each: Each = None,
 ) -> Attended:
-    """softmax(causal(cap(Q·Kᵀ·scale)))·V, a block of queries at a time: memory O(H · block · T).
+    """softmax(causal(cap(Q·Kᵀ·scale)))·V per query head (GQA: query head h reads kv head h // (H/Hkv)),
+    a block of queries at a time: memory O(H · block · T), whatever is kept.
 
-    The same numbers, bit for bit, as `attend(causal_softmax(softcap(attention_scores(…))))` on the
-    whole (H, T, T) matrix: a block computes scores and exp only for the keys up to its last query (the
-    causal lower part), and pads with exact zeros where a reduction's order depends on the row length
-    (the row sum and the contraction with V). `keep_rows` (sorted query positions) returns their scores
-    (hidden entries 0.0, as aprender saves them) and probabilities as (H, R, T).
-    q: (T, H, Dh), k, v: (T, Hkv, Dh)."""
+    A block computes scores and exp only for the keys up to its last query (the causal lower part) and
+    pads with exact zeros where a reduction's order depends on the row length (the row sum, the product
+    with V), so every number is the same, bit for bit, whatever the blocking and whatever is kept.
+    `keep_rows` (sorted query positions) returns their scores (hidden entries 0.0, as aprender saves
+    them) and probabilities as (H, R, T). `each(fn, blocks)` runs the blocks (Weights' threads).
+    q: (T, H, Dh), k, v: (T, Hkv, Dh) → out (T, H·Dh)."""
     T, H, Dh = q.shape
-    k_rep = np.repeat(k, n_rep, axis=1)  # (T, H, Dh)
-    v_rep = np.repeat(v, n_rep, axis=1)  # (T, H, Dh)
+    Hkv = k.shape[1]
+    rep = H // Hkv
+    kh = np.ascontiguousarray(k.transpose(1, 0, 2))  # (Hkv, T, Dh)
+    vh = np.ascontiguousarray(v.transpose(1, 0, 2))  # (Hkv, T, Dh)
     scale_t = q.dtype.type(scale or 1.0 / np.sqrt(Dh))
     out = np.empty((T, H, Dh), q.dtype)  # (T, H, Dh)
     rows = np.empty(0, np.intp) if keep_rows is None else np.asarray(keep_rows, np.intp)
-    kept_s = np.zeros((H, len(rows), T), q.dtype) if keep_rows is not None else None  # (H, R, T)
-    kept_p = np.zeros((H, len(rows), T), q.dtype) if keep_rows is not None else None  # (H, R, T)
-    block = max(1, min(T, BLOCK_BYTES // max(1, H * T * q.dtype.itemsize)))
-    padded = np.zeros((H, block, T), q.dtype)  # (H, block, T): exp beyond the block's keys stays 0
-    for a in range(0, T, block):
-        b = min(T, a + block)  # queries a..b see keys 0..b at most
-        s = np.einsum("thd,shd->hts", q[a:b], k_rep[:b], optimize=True) * scale_t  # (H, n, b)
+    kept = None if keep_rows is None else (np.zeros((2, H, len(rows), T), q.dtype))  # scores, probs
+    bounds = query_blocks(T, BLOCK_BYTES // (H * T * q.dtype.itemsize))
+
+    def block(n: int) -> None:
+        a, b = bounds[n]  # queries a..b see keys 0..b at most
+        qg = q[a:b].transpose(1, 0, 2).reshape(Hkv, rep * (b - a), Dh)  # (Hkv, rep·n, Dh)
+        s = (qg @ kh[:, :b].transpose(0, 2, 1)).reshape(H, b - a, b) * scale_t  # (H, n, b)
         if cap:
             s = softcap(s, cap)
         i, j = np.arange(a, b)[:, None], np.arange(b)[None, :]
         hidden = (j > i) | ((i - j >= window) if window else False)  # (n, b)
         masked = np.where(hidden, -np.inf, s)  # (H, n, b)
-        e = padded[:, : b - a]  # (H, n, T)
+        e = np.zeros((H, b - a, T), q.dtype)  # (H, n, T): exp of the keys no query here sees is 0
         np.exp(masked - masked.max(axis=-1, keepdims=True), out=e[:, :, :b])
         p = e / e.sum(axis=-1, keepdims=True)  # (H, n, T)
-        out[a:b] = np.einsum("hts,shd->thd", p, v_rep, optimize=True)  # (n, H, Dh)
+        o = p.reshape(Hkv, rep * (b - a), T) @ vh  # (Hkv, rep·n, Dh)
+        out[a:b] = o.reshape(H, b - a, Dh).transpose(1, 0, 2)  # (n, H, Dh)
         sel = np.flatnonzero((rows >= a) & (rows < b))
-        if kept_s is not None and kept_p is not None and len(sel):
+        if kept is not None and len(sel):
             local = rows[sel] - a
-            kept_s[:, sel, :b] = np.where(hidden[local], q.dtype.type(0), s[:, local])
-            kept_p[:, sel] = p[:, local]
-    return Attended(out.reshape(T, H * Dh), kept_s, kept_p)
+            kept[0][:, sel, :b] = np.where(hidden[local], q.dtype.type(0), s[:, local])
+            kept[1][:, sel] = p[:, local]
+
+    (each or _serial)(block, range(len(bounds)))
+    return Attended(out.reshape(T, H * Dh), *(() if kept is None else (kept[0], kept[1])))
+
+
+def _serial(fn: Callable[[int], None], items: Iterable[int]) -> None:
+    for item in items:
+        fn(item)

@@ -12,6 +12,12 @@ Row blocks run on `threads` threads (numpy's heavy calls and BLAS release the GI
 one thread (below). Each output element is one BLAS dot product over a block that depends only on the
 matrix's shape, so results are the same bits whatever the thread count, the file format or the quant type
 of the same values.
+
+`ggml=True` (`--precision ggml`) multiplies as ggml-cpu does instead (apr.quant.vecdot): the activation is
+converted to the weight type's vec_dot type first (quantized to Q8_0 / Q8_1 / Q8_K blocks, or rounded to
+f16 / bf16); Q4_1 / Q5_1 / Q5_0 / Q8_0 rows then go through the kernels' own f32 order (bit for bit,
+apr.quant.vecdot_lanes), the other types through the BLAS product of the dequantized values (plus Q8_1's
+rounded-sum term), on the same row blocks and threads.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from apr.errors import InferenceError, ModelLoadError
+from apr.errors import InferenceError, ModelLoadError, ValidationError
 from apr.formats import names
 from apr.formats.base import F32Array, TensorInfo
 from apr.quant import dequantize, row_nbytes
+from apr.quant.vecdot import Activation, Q8Blocks, activation, block_minimums
+from apr.quant.vecdot_lanes import LANE_TYPES, lane_dot
 
 Array = npt.NDArray[Any]
 # Elements of one row block in `linear`. BLAS packs all of x for every block, so blocks of a few long
@@ -66,10 +74,17 @@ def default_threads() -> int:
 
 class Weights:
     def __init__(
-        self, ckpt: TensorSource, dtype: type[np.floating[Any]] = np.float32, threads: int | None = None
+        self,
+        ckpt: TensorSource,
+        dtype: type[np.floating[Any]] = np.float32,
+        threads: int | None = None,
+        ggml: bool = False,
     ) -> None:
         self.ckpt = ckpt
         self.dtype = np.dtype(dtype)
+        if ggml and self.dtype != np.float32:
+            raise ValidationError("ggml's matmul arithmetic is float32 (--precision ggml)")
+        self.ggml = ggml  # multiply as ggml-cpu does (module docstring)
         # our own threads only where BLAS can be held to one (below); elsewhere BLAS does the threading
         self.threads = threads or (default_threads() if _openblas_libs() else 1)
         self._names = {t.name for t in ckpt.tensors()}
@@ -103,6 +118,8 @@ class Weights:
         self._need(name)
         info = self.ckpt.info(name)
         rows, cols = info.shape
+        if self.ggml:
+            return self._ggml_blocked(x, info, rows, cols, self._row_reader(info))
         return self._blocked(x, rows, cols, self._row_reader(info))
 
     def expert_linear(self, x: Array, name: str, expert: int) -> Array:
@@ -118,17 +135,87 @@ class Weights:
         size = row_nbytes(info.qtype, cols)
         if info.parts or size is None or size * n * rows != info.nbytes:
             w = self.ckpt.read_rows(name, slice(expert, expert + 1))[0].astype(self.dtype, copy=False)
-            return self._blocked(x, rows, cols, lambda r0, r1: w[r0:r1])
-        return self._blocked(x, rows, cols, self._raw_rows(info, size, cols, expert * rows))
+            read: Callable[[int, int], Array] = lambda r0, r1: w[r0:r1]  # noqa: E731
+        else:
+            read = self._raw_rows(info, size, cols, expert * rows)
+        if self.ggml:
+            return self._ggml_blocked(x, info, rows, cols, read, expert * rows)
+        return self._blocked(x, rows, cols, read)
 
-    def _blocked(self, x: Array, rows: int, cols: int, read: Callable[[int, int], Array]) -> Array:
-        """x @ Wᵀ with W (rows, cols) read as row blocks [r0, r1) by `read`. (T, cols) → (T, rows)"""
+    def _ggml_blocked(
+        self,
+        x: Array,
+        info: TensorInfo,
+        rows: int,
+        cols: int,
+        read: Callable[[int, int], Array],
+        base: int = 0,
+    ) -> Array:
+        """x @ Wᵀ as ggml-cpu computes it (module docstring): x converted for W's type, rows [base, base +
+        rows) of `info` read by `read`, plus Q8_1's minimum term for Q4_1/Q5_1."""
+        act = activation(x, info.qtype)
+        size = row_nbytes(info.qtype, cols)
+        if info.qtype in LANE_TYPES and act.blocks is not None and size is not None and not info.parts:
+            return self._lane_blocked(act.blocks, info, rows, cols, size, base)
+        return self._blocked(act.values, rows, cols, read, self._minimum_term(act, info, cols, base))
+
+    def _lane_blocked(
+        self, blocks: Q8Blocks, info: TensorInfo, rows: int, cols: int, size: int, base: int
+    ) -> Array:
+        """x @ Wᵀ in the order of ggml's own kernel for W's type (apr.quant.vecdot_lanes), in row blocks."""
+
+        def compute(r0: int, r1: int, dst: Array) -> None:
+            raw = self.ckpt.raw(info.name)[(base + r0) * size : (base + r1) * size]
+            dst[...] = lane_dot(raw, info.qtype, r1 - r0, blocks)
+
+        return self._rows(rows, cols, blocks.d.shape[0], compute)
+
+    def _minimum_term(
+        self, act: Activation, info: TensorInfo, cols: int, base: int
+    ) -> Callable[[int, int], Array] | None:
+        """rows [r0, r1) of m_w · (s − d·Σq)ᵀ (r1 − r0, T): what Q8_1's f16-rounded s adds for Q4_1/Q5_1."""
+        offset = act.offset
+        if offset is None:
+            return None
+        size = row_nbytes(info.qtype, cols)
+        if info.parts or size is None:
+            raise InferenceError(f"{info.name}: ggml emulation of {info.qtype.name} needs its stored blocks")
+
+        def term(r0: int, r1: int) -> Array:
+            raw = self.ckpt.raw(info.name)[(base + r0) * size : (base + r1) * size]
+            m = block_minimums(raw, info.qtype, r1 - r0)  # (r1 - r0, nb)
+            assert m is not None
+            return m @ offset.T
+
+        return term
+
+    def _blocked(
+        self,
+        x: Array,
+        rows: int,
+        cols: int,
+        read: Callable[[int, int], Array],
+        extra: Callable[[int, int], Array] | None = None,
+    ) -> Array:
+        """x @ Wᵀ (+ extra(r0, r1) per row block) with W (rows, cols) read as row blocks [r0, r1) by `read`.
+        (T, cols) → (T, rows)"""
+
+        def compute(r0: int, r1: int, dst: Array) -> None:
+            np.matmul(read(r0, r1), x.T, out=dst)  # (r1 - r0, in) @ (in, T)
+            if extra is not None:
+                dst += extra(r0, r1)
+
+        return self._rows(rows, cols, x.shape[0], compute)
+
+    def _rows(self, rows: int, cols: int, t: int, compute: Callable[[int, int, Array], None]) -> Array:
+        """The (T, rows) result of compute(r0, r1, out) filling rows [r0, r1) of out (rows, T), run in row
+        blocks of ~ROW_BLOCK_ELEMS weights on the `linear` threads."""
         step = max(1, min(ROW_BLOCK_ELEMS // cols, -(-rows // 2)))  # ≥ 2 blocks to share
-        out = np.empty((rows, x.shape[0]), dtype=self.dtype)  # (out, T): blocks of rows are contiguous
+        out = np.empty((rows, t), dtype=self.dtype)  # (out, T): blocks of rows are contiguous
 
         def block(r0: int) -> None:
-            w = read(r0, min(rows, r0 + step))  # (≤ step, in)
-            np.matmul(w, x.T, out=out[r0 : r0 + w.shape[0]])
+            r1 = min(rows, r0 + step)
+            compute(r0, r1, out[r0:r1])
 
         self._each(block, range(0, rows, step))
         return np.ascontiguousarray(out.T)
@@ -150,6 +237,10 @@ class Weights:
             return dequantize(raw, info.qtype, (r1 - r0, cols)).astype(self.dtype, copy=False)
 
         return read
+
+    def each(self, fn: Callable[[int], None], items: Iterable[int]) -> None:
+        """fn(item) for every item on the `linear` threads, BLAS held to one thread (attention's blocks)."""
+        self._each(fn, items)
 
     def _each(self, fn: Callable[[int], None], items: Iterable[int]) -> None:
         """fn(item) for every item, on `threads` threads that take the next item as they finish one."""

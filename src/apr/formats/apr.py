@@ -49,6 +49,7 @@ from apr.formats.aprmeta import (
     tokenizer_from_metadata,
 )
 from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
+from apr.formats.files import regular
 from apr.formats.tensorio import read_exact
 from apr.quant import dequantize
 from apr.quant.types import QuantType
@@ -78,6 +79,7 @@ class AprCheckpoint:
         self.path = path
         self._closed = False
         where = str(path)
+        regular(path)
         try:
             with path.open("rb") as f:
                 self.file_size = os.fstat(f.fileno()).st_size

@@ -34,6 +34,7 @@ from enum import IntFlag
 from typing import BinaryIO, Final
 
 from apr.errors import FormatError
+from apr.formats.files import printable
 from apr.quant.types import QUANT_LAYOUT, QuantType
 
 MAGIC: Final = b"APR\x00"
@@ -272,6 +273,7 @@ def _decode_entry(buf: bytes, pos: int, at: str) -> tuple[AprEntry, int]:
         raise FormatError(f"{at}: tensor name is not valid UTF-8 (byte {e.start})") from None
     pos += 2 + name_len
     code, ndim = buf[pos], buf[pos + 1]
+    name = printable(name, at)
     at = f"{at} ('{name}')"
     if ndim > MAX_NDIM:
         raise FormatError(f"{at}: ndim {ndim} exceeds the maximum {MAX_NDIM}")

@@ -25,6 +25,7 @@ import numpy as np
 from apr.errors import FormatError
 from apr.formats.aprcodec import MAX_METADATA_SIZE
 from apr.formats.base import TokenizerSpec
+from apr.formats.jsonio import parse_json
 
 # AprV2Metadata fields in declaration (= serialization) order -> value kind.
 TYPED_KEYS: Final[dict[str, str]] = {
@@ -205,17 +206,7 @@ def decode_metadata(raw: bytes, where: str) -> tuple[dict[str, Any], tuple[str, 
             out[k] = v
         return out
 
-    def constant(name: str) -> Any:
-        raise FormatError(f"{where}: metadata is not valid JSON: non-standard constant {name}")
-
-    try:
-        meta = json.loads(raw.decode(), object_pairs_hook=pairs, parse_constant=constant)
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{where}: metadata is not valid UTF-8 (byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: metadata is not valid JSON: {e.msg} (char {e.pos})") from None
-    except RecursionError:
-        raise FormatError(f"{where}: metadata JSON nests too deeply") from None
+    meta = parse_json(raw, f"{where}: metadata", pairs=pairs)
     if not isinstance(meta, dict):
         raise FormatError(f"{where}: metadata must be a JSON object, found {_json_type(meta)}")
     warnings = [f"metadata repeats key '{k}' (the last value wins)" for k in duplicates]

@@ -82,3 +82,17 @@ def confined(root: Path, rel: str, where: str) -> Path:
     if not target.is_relative_to(base):
         raise FormatError(f"{where}: path {rel!r} leaves {root}")
     return root / rel
+
+
+def printable(name: str, what: str) -> str:
+    """A name read from a file (tensor, key), refused when it holds control characters: every message
+    that names it stays one line, and no real checkpoint has such a name."""
+    if not name.isprintable():
+        raise FormatError(f"{what}: name '{shown(name)}' holds control characters")
+    return name
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """A name read from a file as an error message shows it: control characters escaped (one line), cut."""
+    out = text if text.isprintable() else repr(text)[1:-1]
+    return out if len(out) <= limit else out[:limit] + "…"

@@ -28,9 +28,10 @@ import numpy.typing as npt
 
 from apr.errors import AprIOError, NotFoundError, UnsupportedQuantError, ValidationError
 from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
+from apr.formats.files import regular
 from apr.formats.gguf_meta import GGUFSource, Metadata, tokenizer_spec
 from apr.formats.gguf_parse import HEADER_SIZE, MAGIC, Header, located, parse_header
-from apr.formats.tensorio import read_exact
+from apr.formats.tensorio import check_extent, read_exact
 from apr.quant import DEQUANT_TYPES, dequantize
 
 
@@ -46,6 +47,7 @@ def open_gguf(path: Path | str) -> GGUFCheckpoint:
     (49152, 576)
     """
     path = Path(path)
+    regular(path)  # a FIFO would block open(), a device would be mapped whole
     try:
         file = path.open("rb")
     except FileNotFoundError:

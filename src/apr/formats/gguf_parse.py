@@ -33,6 +33,7 @@ import numpy.typing as npt
 
 from apr.errors import AprError, FormatError
 from apr.formats.base import TensorInfo
+from apr.formats.files import printable
 from apr.quant.types import GGML_LAYOUT, QuantType
 
 MAGIC: Final = b"GGUF"
@@ -265,7 +266,7 @@ _VALUE_READERS: Final[dict[ValueType, Callable[[_Cursor, str], Value]]] = {
 
 def _read_field(c: _Cursor, index: int) -> Field:
     at = c.pos
-    key = c.string(f"metadata key #{index}")
+    key = printable(c.string(f"metadata key #{index}"), f"metadata key #{index} at offset {at}")
     what = f"metadata key '{key}'"
     code_at, code = c.pos, c.u32(f"{what} value type")
     if code not in _VALUE_TYPES:
@@ -338,7 +339,7 @@ class _Entry:
 
 def _read_entry(c: _Cursor, index: int) -> _Entry:
     at = c.pos
-    name = c.string(f"tensor #{index} name")
+    name = printable(c.string(f"tensor #{index} name"), f"tensor #{index} at offset {at}")
     what = f"tensor '{name}'"
     n_dims = c.u32(f"{what} n_dims")
     if n_dims > MAX_DIMS:

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import numpy as np
 
@@ -49,11 +49,31 @@ def _depth(data: bytes) -> int:
     return int(np.cumsum(steps).max(initial=0))
 
 
+_SURROGATE_ESCAPE: Final = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_strings(doc: Any, where: str) -> None:
+    """Refuse a string holding an unpaired UTF-16 surrogate (`"\\ud800"`): it cannot be encoded again."""
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FormatError(f"{where} holds a string with an unpaired surrogate escape") from None
+
+
 def _parse_int(where: str) -> Any:
     def parse(s: str) -> int:
         if len(s.lstrip("-")) > MAX_INT_DIGITS:
             raise FormatError(
-                f"{where}: an integer of {len(s.lstrip('-'))} digits (at most {MAX_INT_DIGITS})"
+                f"{where} holds an integer of {len(s.lstrip('-'))} digits (at most {MAX_INT_DIGITS})"
             )
         return int(s)
 
@@ -64,7 +84,7 @@ def _parse_float(where: str) -> Any:
     def parse(s: str) -> float:
         v = float(s)
         if not math.isfinite(v):
-            raise FormatError(f"{where}: number {s[:40]} is out of range for a 64-bit float")
+            raise FormatError(f"{where} holds a number out of range for a 64-bit float: {s[:40]}")
         return v
 
     return parse
@@ -72,7 +92,7 @@ def _parse_float(where: str) -> Any:
 
 def _constant(where: str) -> Any:
     def parse(name: str) -> Any:
-        raise FormatError(f"{where}: not valid JSON: non-standard constant {name}")
+        raise FormatError(f"{where} is not valid JSON: non-standard constant {name}")
 
     return parse
 
@@ -83,11 +103,11 @@ def parse_json(raw: bytes | str, where: str, max_depth: int = MAX_DEPTH, pairs: 
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise FormatError(f"{where}: not valid UTF-8 (byte {e.start})") from None
+        raise FormatError(f"{where} is not valid UTF-8 (byte {e.start})") from None
     if (depth := _depth(data)) > max_depth:
-        raise FormatError(f"{where}: JSON nests {depth} levels deep (at most {max_depth})")
+        raise FormatError(f"{where} nests {depth} levels deep (at most {max_depth})")
     try:
-        return json.loads(
+        doc = json.loads(
             text,
             parse_int=_parse_int(where),
             parse_float=_parse_float(where),
@@ -95,9 +115,12 @@ def parse_json(raw: bytes | str, where: str, max_depth: int = MAX_DEPTH, pairs: 
             object_pairs_hook=pairs,
         )
     except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from None
+        raise FormatError(f"{where} is not valid JSON: {e.msg} (char {e.pos})") from None
     except RecursionError:  # unreachable after the depth scan; kept so no decoder path escapes
-        raise FormatError(f"{where}: JSON nests too deeply") from None
+        raise FormatError(f"{where} nests too deeply") from None
+    if _SURROGATE_ESCAPE.search(data):
+        _check_strings(doc, where)
+    return doc
 
 
 def load_json(path: Path, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH) -> Any:
@@ -128,14 +151,10 @@ def maybe(d: Mapping[str, Any], key: str, kind: type[T] | tuple[type, ...], wher
 
 def check(value: Any, kind: type[T] | tuple[type, ...], what: str) -> T:
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        ok = False
-    else:
-        ok = isinstance(value, kinds)
-    if not ok:
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
         raise FormatError(f"{what} must be {names}, found {type_name(value)}")
-    return value  # type: ignore[no-any-return]
+    return cast(T, value)
 
 
 def int_list(value: Any, what: str) -> list[int]:

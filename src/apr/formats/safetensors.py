@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from apr.errors import FormatError, ModelLoadError
 from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
-from apr.formats.files import confined, regular
+from apr.formats.files import confined, printable, regular, shown
 from apr.formats.jsonio import check, int_list, load_object, parse_json, type_name, want
 from apr.formats.tensorio import read_tensor, read_tensor_rows, tensor_bytes
 from apr.quant.types import QuantType
@@ -67,7 +67,7 @@ def parse_header(path: Path) -> tuple[int, dict[str, Any]]:
 
 
 def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
-    where = f"{path}: tensor {name}"
+    where = f"{path}: tensor {printable(name, f'{path}: a tensor')}"
     entry = check(entry, dict, where)
     dtype = want(entry, "dtype", str, where)
     shape = tuple(int_list(want(entry, "shape", list, where), f"{where}: 'shape'"))
@@ -76,9 +76,7 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) 
         raise FormatError(f"{where}: 'data_offsets' must be [begin, end], found {len(offsets)} numbers")
     begin, end = offsets
     if dtype not in ST_DTYPES:
-        raise FormatError(
-            f"{path}: tensor {name}: unsupported dtype {dtype} (supported: {', '.join(ST_DTYPES)})"
-        )
+        raise FormatError(f"{where}: unsupported dtype {shown(dtype)} (supported: {', '.join(ST_DTYPES)})")
     qtype = ST_DTYPES[dtype]
     if any(d > MAX_DIM for d in shape):
         raise FormatError(f"{where}: shape {list(shape)} has a dimension above {MAX_DIM}")
@@ -87,11 +85,11 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) 
         need *= max(d, 0)
     if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != need:
         raise FormatError(
-            f"{path}: tensor {name}: data_offsets [{begin}, {end}] hold {end - begin} bytes, "
+            f"{where}: data_offsets [{begin}, {end}] hold {end - begin} bytes, "
             f"shape {list(shape)} × {dtype} needs {need}"
         )
     if data_start + end > size:
-        raise FormatError(f"{path}: tensor {name}: data ends at byte {data_start + end}, file has {size}")
+        raise FormatError(f"{where}: data ends at byte {data_start + end}, file has {size}")
     return TensorInfo(name, qtype, shape, data_start + begin, need)
 
 
@@ -185,7 +183,7 @@ def open_safetensors(path: Path) -> SafetensorsCheckpoint:
                 continue
             info = _tensor_info(f, name, entry, start, size)
             if info.name in tensors:
-                raise FormatError(f"{f}: tensor {name} is also in {where[info.name]}")
+                raise FormatError(f"{f}: tensor {shown(name)} is also in {where[info.name]}")
             tensors[info.name], where[info.name] = info, f
     meta = {k: v for k, v in hf_cfg.items() if isinstance(v, (str, int, float, bool)) or v is None}
     return SafetensorsCheckpoint(folder, HFSource(hf_cfg), meta, tensors, where)

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from apr.errors import FormatError
 from apr.formats.base import TokenizerSpec
-from apr.formats.tokenizer_bpe import BYTE_CHARS, PRE_TOKENIZERS, byte_level_bpe
+from apr.formats.tokenizer_bpe import BYTE_CHARS, ENCODE, PRE_TOKENIZERS, byte_level_bpe, load
 from apr.formats.tokenizer_hf import MODEL as HF_MODEL
 from apr.formats.tokenizer_hf import hf_backend
 from apr.formats.tokenizer_special import partition, special_tokens, token_attrs
@@ -92,7 +92,7 @@ def _byte_level_bpe(spec: TokenizerSpec) -> Tokenizer:
         return [i for p in partition(text, specials) for i in ([p] if isinstance(p, int) else bpe.encode(p))]
 
     def decode(ids: Sequence[int]) -> str:
-        text: str = bpe.backend.decode(list(ids), skip_special_tokens=False)
+        text: str = load(lambda: bpe.backend.decode(list(ids), skip_special_tokens=False), "", DECODE)
         return text
 
     return Tokenizer(len(tokens), encode_text, decode, *_ends(spec, len(tokens)), backend=bpe.backend)
@@ -122,21 +122,22 @@ def _from_json(spec: TokenizerSpec) -> Tokenizer:
     backend = hf_backend(spec.json_path)
 
     def encode_text(text: str) -> list[int]:  # the post-processor adds what transformers adds
-        ids: list[int] = backend.encode(text, add_special_tokens=True).ids
+        ids: list[int] = load(lambda: backend.encode(text, add_special_tokens=True).ids, "", ENCODE)
         return ids
 
     def bare_text(text: str) -> list[int]:
-        ids: list[int] = backend.encode(text, add_special_tokens=False).ids
+        ids: list[int] = load(lambda: backend.encode(text, add_special_tokens=False).ids, "", ENCODE)
         return ids
 
     def decode(ids: Sequence[int]) -> str:
-        text: str = backend.decode(list(ids), skip_special_tokens=False)
+        text: str = load(lambda: backend.decode(list(ids), skip_special_tokens=False), "", DECODE)
         return text
 
     size = int(backend.get_vocab_size(with_added_tokens=True))
     return Tokenizer(size, encode_text, decode, backend=backend, bare_text=bare_text)
 
 
+DECODE: Final = "cannot decode token ids"
 BUILDERS: Final[dict[str, Callable[[TokenizerSpec], Tokenizer]]] = {
     "llama": _spm,
     "gpt2": _byte_level_bpe,

@@ -80,7 +80,7 @@ class Bpe:
     extra: dict[int, list[int]]  # id past the vocab → the vocab ids llama.cpp emits for that symbol
 
     def encode(self, text: str) -> list[int]:
-        ids: list[int] = self.backend.encode(text, add_special_tokens=False).ids
+        ids: list[int] = load(lambda: self.backend.encode(text, add_special_tokens=False).ids, "", ENCODE)
         if not self.extra or max(ids, default=0) < self.vocab_size:
             return ids
         return [j for i in ids for j in self.extra.get(i, (i,))]
@@ -158,6 +158,9 @@ def _added(i: int, text: str) -> dict[str, Any]:
     }
 
 
+ENCODE: Final = "cannot tokenize the prompt"
+
+
 def _merge_pairs(merges: Sequence[str]) -> list[list[str]]:
     """ "Ġ t" → ["Ġ", "t"], split at the first space after position 0 as llama.cpp does."""
     pairs = [m.split(" ", 1) for m in merges]
@@ -170,11 +173,22 @@ def _merge_pairs(merges: Sequence[str]) -> list[list[str]]:
     return pairs
 
 
-def load(make: Any, where: str = "") -> Any:
+def load(make: Any, where: str = "", doing: str = "cannot build the tokenizer") -> Any:
+    """`make()` behind the `tokenizers` boundary: its errors, and its Rust panics (pyo3's PanicException
+    derives from BaseException, so `except Exception` misses it), become one-line FormatErrors."""
     try:
         return make()
     except Exception as e:  # tokenizers raises plain Exception subclasses with a message
-        raise FormatError(f"{where}cannot build the tokenizer: {e}") from None
+        raise FormatError(f"{where}{doing}: {_first_line(e)}") from None
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise FormatError(f"{where}{doing}: the tokenizers library panicked: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 # ---- bytes the vocab has no token for -----------------------------------------------------------

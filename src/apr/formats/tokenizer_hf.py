@@ -24,7 +24,6 @@ used); `hf_backend` builds the tokenizer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 
 from apr.errors import AprIOError, FormatError
 from apr.formats.base import TokenizerSpec
+from apr.formats.files import read_regular
+from apr.formats.jsonio import MAX_JSON_BYTES, load_json, maybe
 from apr.formats.tokenizer_bpe import load
 
 TOKENIZER_JSON: Final = "tokenizer.json"
@@ -42,6 +43,7 @@ TOKENIZER_CONFIG: Final = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE: Final = "chat_template.jinja"  # transformers 5 saves a single template here
 CONFIG_JSON: Final = "config.json"
 MODEL: Final = "tokenizer.json"  # TokenizerSpec.model of an HF tokenizer
+MAX_VOCAB: Final = 1 << 24  # token ids past this are corrupt (the largest real vocabs are ~260k)
 CONTROL, USER_DEFINED = 3, 4  # GGUF token types given to added tokens (special or not), for the summary
 SPECIAL_KEYS: Final = ("bos_token", "eos_token", "unk_token", "pad_token")
 # transformers 5 TOKENIZER_MAPPING_NAMES / MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, for apr's model types
@@ -115,17 +117,18 @@ def _token_text(v: Any) -> str | None:
 
 
 def _json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
+    return load_json(path)
+
+
+def _text(path: Path) -> str:
+    return read_regular(path, MAX_JSON_BYTES).decode("utf-8", errors="replace")
 
 
 def hf_backend(path: Path) -> Any:
     """The `tokenizers.Tokenizer` transformers encodes with, for tokenizer.json at `path`."""
     if not path.is_file():
         raise AprIOError(f"tokenizer file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = _text(path)
     backend = load(lambda: tokenizers.Tokenizer.from_str(text), f"{path}: ")
     cfg = read_config(path.parent, text)
     rebuild = REBUILDS.get(cfg.klass)
@@ -187,16 +190,18 @@ def hf_spec(folder: Path) -> TokenizerSpec | None:
     model = doc.get("model") if isinstance(doc, dict) else None
     if not isinstance(model, dict):
         raise FormatError(f"{path}: no 'model' object")
-    tokens, types = _vocab(model, doc.get("added_tokens") or [], path)
-    cfg = read_config(folder, path.read_text(encoding="utf-8", errors="replace"))
+    where = str(path)
+    tokens, types = _vocab(model, maybe(doc, "added_tokens", list, where, []), path)
+    cfg = read_config(folder, _text(path))
     ids = {t: i for i, t in enumerate(tokens)}
     bos, eos = _ends(doc.get("post_processor"))
-    merges = model.get("merges") or []
+    merges = maybe(model, "merges", list, f"{where}: 'model'", [])
+    pre = maybe(doc, "pre_tokenizer", dict, where, {})
     return TokenizerSpec(
         model=MODEL,
-        pre=str((doc.get("pre_tokenizer") or {}).get("type", "none")),
+        pre=str(pre.get("type", "none")),
         tokens=tokens,
-        merges=[m if isinstance(m, str) else " ".join(m) for m in merges],
+        merges=[_merge(m, f"{where}: 'model.merges'") for m in merges],
         token_types=types,
         bos_id=ids.get(bos or cfg.token("bos_token") or ""),
         eos_id=ids.get(eos or cfg.token("eos_token") or ""),
@@ -207,12 +212,21 @@ def hf_spec(folder: Path) -> TokenizerSpec | None:
     )
 
 
+def _merge(m: Any, what: str) -> str:
+    """A merge as "a b", from tokenizers' old string or new [a, b] spelling."""
+    if isinstance(m, str):
+        return m
+    if isinstance(m, list) and all(isinstance(x, str) for x in m):
+        return " ".join(m)
+    raise FormatError(f"{what}: a merge must be a string or an array of strings, found {m!r:.60}")
+
+
 def chat_template(folder: Path) -> str | None:
     """The chat template transformers loads for the tokenizer in `folder`, or None."""
     jinja = folder / CHAT_TEMPLATE_FILE
     if jinja.is_file():
         try:
-            return jinja.read_text(encoding="utf-8")
+            return read_regular(jinja, MAX_JSON_BYTES).decode("utf-8")
         except UnicodeDecodeError as e:
             raise FormatError(f"{jinja}: not UTF-8 text ({e})") from None
     path = folder / TOKENIZER_CONFIG
@@ -226,13 +240,22 @@ def chat_template(folder: Path) -> str | None:
 
 def _vocab(model: dict[str, Any], added: list[Any], path: Path) -> tuple[list[str], list[int]]:
     vocab = model.get("vocab") or {}
-    pairs = list(vocab.items()) if isinstance(vocab, dict) else [(v[0], i) for i, v in enumerate(vocab)]
-    extra = [(a["content"], a["id"], a.get("special", False)) for a in added if isinstance(a, dict)]
-    if not all(isinstance(i, int) and i >= 0 for _, i in pairs) or not all(
-        isinstance(i, int) and i >= 0 for _, i, _ in extra
-    ):
-        raise FormatError(f"{path}: token ids must be non-negative integers")
-    n = max([i + 1 for _, i in pairs] + [i + 1 for _, i, _ in extra], default=0)
+    if isinstance(vocab, dict):
+        pairs = list(vocab.items())
+    elif isinstance(vocab, list) and all(isinstance(v, list) and v for v in vocab):
+        pairs = [(v[0], i) for i, v in enumerate(vocab)]
+    else:
+        raise FormatError(f"{path}: 'model.vocab' must be an object or an array of [token, score]")
+    try:
+        extra = [(a["content"], a["id"], a.get("special", False)) for a in added if isinstance(a, dict)]
+    except KeyError as e:
+        raise FormatError(f"{path}: an added token has no {e}") from None
+    ids = [i for _, i in pairs] + [i for _, i, _ in extra]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_VOCAB for i in ids):
+        raise FormatError(f"{path}: token ids must be integers in [0, {MAX_VOCAB})")
+    if not all(isinstance(t, str) for t, _ in pairs) or not all(isinstance(t, str) for t, _, _ in extra):
+        raise FormatError(f"{path}: tokens must be strings")
+    n = max([i + 1 for i in ids], default=0)
     tokens, types = [""] * n, [1] * n
     for t, i in pairs:
         tokens[i] = t
@@ -243,15 +266,17 @@ def _vocab(model: dict[str, Any], added: list[Any], path: Path) -> tuple[list[st
 
 def _ends(post: Any) -> tuple[str | None, str | None]:
     """The special tokens the file's TemplateProcessing puts before and after the text."""
-    if post is None:
+    if not isinstance(post, dict):
         return None, None
-    single = _single_template(post)
-    special = [(p.get("SpecialToken") or {}).get("id") for p in single[:1] + single[-1:]]
+    single = [p for p in _single_template(post) if isinstance(p, dict)]
+    found = [p.get("SpecialToken") for p in single[:1] + single[-1:]]
+    special = [t.get("id") if isinstance(t, dict) and isinstance(t.get("id"), str) else None for t in found]
     return (special[0], special[-1]) if len(special) == 2 else (None, None)
 
 
-def _single_template(post: dict[str, Any]) -> list[dict[str, Any]]:
-    if post.get("type") == "Sequence":
-        found = [_single_template(p) for p in post.get("processors", [])]
+def _single_template(post: dict[str, Any]) -> list[Any]:
+    if post.get("type") == "Sequence" and isinstance(procs := post.get("processors"), list):
+        found = [_single_template(p) for p in procs if isinstance(p, dict)]
         return next((s for s in found if s), [])
-    return list(post.get("single", [])) if post.get("type") == "TemplateProcessing" else []
+    single = post.get("single")
+    return list(single) if post.get("type") == "TemplateProcessing" and isinstance(single, list) else []

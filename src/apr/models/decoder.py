@@ -19,7 +19,7 @@ from apr.engine import ops, rope
 from apr.engine.weights import Weights
 from apr.formats.config import QKLayout
 from apr.models.config import ModelConfig
-from apr.stages import Stage, StageId, Tap
+from apr.stages import Stage, StageId, Tap, tap_positions, tap_wants
 
 Array = npt.NDArray[Any]
 ROPE_FN: Final = {QKLayout.HF: ops.rope_half_split, QKLayout.INTERLEAVED: ops.rope_adjacent}
@@ -29,8 +29,23 @@ def layer_names(i: int) -> Callable[[str], str]:
     return lambda suffix: f"blk.{i}.{suffix}"
 
 
-def emitter(tap: Tap, i: int) -> Callable[[Stage, Array], None]:
-    return lambda stage, value: tap(StageId(stage, i), value)
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Layer i's capture points: `emit(stage, value)` taps it; `wants(stage)` says whether the tap keeps
+    it, so work done only for the tap (a concatenation, a zeroed copy) is skipped when it does not."""
+
+    tap: Tap
+    layer: int
+
+    def __call__(self, stage: Stage, value: Array) -> None:
+        self.tap(StageId(stage, self.layer), value)
+
+    def wants(self, stage: Stage) -> bool:
+        return tap_wants(self.tap, StageId(stage, self.layer))
+
+
+def emitter(tap: Tap, i: int) -> Emit:
+    return Emit(tap, i)
 
 
 def norm_weight(w: Weights, cfg: ModelConfig, name: str) -> Array:
@@ -70,7 +85,7 @@ def attention(
     cfg: ModelConfig,
     i: int,
     h: Array,
-    emit: Callable[[Stage, Array], None],
+    emit: Emit,
     rot: Rotary,
     *,
     qk_norm_full: bool = False,
@@ -84,12 +99,14 @@ def attention(
     q = w.linear(h, p("attn_q.weight"))  # (T, H·Dh)
     k = w.linear(h, p("attn_k.weight"))  # (T, Hkv·Dh)
     v = w.linear(h, p("attn_v.weight"))  # (T, Hkv·Dh)
-    emit(Stage.QKV_MATMUL, np.concatenate([q, k, v], axis=1))  # (T, H·Dh + 2·Hkv·Dh)
+    if emit.wants(Stage.QKV_MATMUL):
+        emit(Stage.QKV_MATMUL, np.concatenate([q, k, v], axis=1))  # (T, H·Dh + 2·Hkv·Dh)
     if cfg.qkv_bias:
         q = q + w.vector(p("attn_q.bias"))
         k = k + w.vector(p("attn_k.bias"))
         v = v + w.vector(p("attn_v.bias"))
-        emit(Stage.QKV_BIAS, np.concatenate([q, k, v], axis=1))  # (T, H·Dh + 2·Hkv·Dh)
+        if emit.wants(Stage.QKV_BIAS):
+            emit(Stage.QKV_BIAS, np.concatenate([q, k, v], axis=1))  # (T, H·Dh + 2·Hkv·Dh)
     if cfg.qk_norm and qk_norm_full:
         q = ops.rms_norm(q, norm_weight(w, cfg, p("attn_q_norm.weight")), cfg.rms_eps)  # (T, H·Dh)
         k = ops.rms_norm(k, norm_weight(w, cfg, p("attn_k_norm.weight")), cfg.rms_eps)  # (T, Hkv·Dh)
@@ -105,15 +122,27 @@ def attention(
     k3 = ROPE_FN[cfg.qk_layout](k3, cos, sin)  # (T, Hkv, Dh)
     emit(Stage.Q_POST_ROPE, q3.reshape(T, H * Dh))
     emit(Stage.K_POST_ROPE, k3.reshape(T, Hkv * Dh))
-    # causal self-attention (GQA; sliding window and soft-capping where the config says)
-    window = cfg.layer_window(i)
-    scores = ops.attention_scores(q3, k3, H // Hkv, cfg.attn_scale)  # (H, T, T)
-    if cfg.attn_softcap:
-        scores = ops.softcap(scores, cfg.attn_softcap)  # (H, T, T)
-    emit(Stage.ATTN_SCORES, ops.upper_zeroed(scores, window))
-    probs = ops.causal_softmax(scores, window)  # (H, T, T)
-    emit(Stage.ATTN_SOFTMAX, probs)
-    att = ops.attend(probs, v3, H // Hkv)  # (T, H·Dh)
+    # causal self-attention (GQA; sliding window and soft-capping where the config says), a block of
+    # queries at a time; the (H, R, T) scores and probabilities only of the positions the tap keeps
+    rows = None
+    if emit.wants(Stage.ATTN_SCORES) or emit.wants(Stage.ATTN_SOFTMAX):
+        kept = tap_positions(emit.tap, T)
+        rows = np.arange(T) if kept is None else kept
+    a = ops.causal_attention(
+        q3,
+        k3,
+        v3,
+        scale=cfg.attn_scale,
+        cap=cfg.attn_softcap,
+        window=cfg.layer_window(i),
+        keep_rows=rows,
+        each=w.each,
+    )
+    if a.scores is not None and a.probs is not None:
+        for stage, kept in ((Stage.ATTN_SCORES, a.scores), (Stage.ATTN_SOFTMAX, a.probs)):
+            if emit.wants(stage):
+                emit(stage, kept)  # (H, R, T); scores: hidden entries 0.0
+    att = a.out  # (T, H·Dh)
     emit(Stage.ATTENTION, att)
     o = w.linear(att, p("attn_output.weight"))  # (T, D)
     if w.has(p("attn_output.bias")):

@@ -305,13 +305,14 @@ LAYER_HOOKS: Final = (
     ("", OUT, Stage.POST_FFN_RESIDUAL),
 )
 GATED_HOOKS: Final = (("mlp.shared_expert", "mlp.shared_expert_gate", Stage.MOE_SHARED_OUT),)
-# llama.cpp (build_moe_ffn in llama-graph.cpp, models/{llama,qwen2moe,qwen3moe}.cpp): the names every variant
-# gives the same value. Not mapped, because a name means different things per variant or ggml stores it as
-# I32: the top-k weights (`ffn_moe_weights_norm` after renormalisation: llama, qwen3moe; `ffn_moe_weights`
-# without: qwen2moe), the expert ids (`ffn_moe_topk`, an I32 view of the argsort), the MoE output
-# (`ffn_moe_out` in llama and qwen3moe; in qwen2moe that is the routed part only and the sum with the shared
-# expert is `ffn_out`, which in llama names the residual add). The shared expert's build_ffn reuses the
-# dense names (ffn_gate, ffn_up, ffn_swiglu, ffn_out): dropped with the dense FFN's.
+# llama.cpp (build_moe_ffn in llama-graph.cpp, models/{llama,qwen2moe,qwen3moe}.cpp): names every variant
+# gives the same value. The top-k weights are named per variant (`ffn_moe_weights_norm` after
+# renormalisation: llama, qwen3moe; `ffn_moe_weights` without: qwen2moe), so moe_router is read as the
+# weights input of `ffn_moe_weighted` (runtimes/llamacpp.py INPUT_STAGES); the expert ids `ffn_moe_topk` are
+# an I32 view of the argsort; the MoE output (`ffn_moe_out` in llama and qwen3moe; in qwen2moe that is the
+# routed part only, and the sum with the shared expert is `ffn_out`, which in llama names the residual add)
+# is found by structure, the residual add's other input. The shared expert's build_ffn reuses the dense
+# names (ffn_gate, ffn_up, ffn_swiglu, ffn_out): dropped with the dense FFN's.
 GGML_NODES: Final = {
     **{
         k: v
@@ -319,6 +320,8 @@ GGML_NODES: Final = {
         if k not in ("ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out")
     },
     "ffn_moe_logits": Stage.MOE_ROUTER_LOGITS,
+    "ffn_moe_weighted": Stage.MOE_ROUTER,  # its input 1: the top-k weights
+    "ffn_moe_topk": Stage.MOE_ROUTER_INDICES,
     "ffn_shexp_out": Stage.MOE_SHARED_OUT,
 }
 

@@ -1,6 +1,6 @@
-"""Quantizers: float32 → Q8_0, Q4_K, Q6_K (and the trivial F32, F16, BF16), as ggml's reference code.
+"""Quantizers: float32 → Q8_0, Q5_0, Q4_K, Q6_K (and the trivial F32, F16, BF16), as ggml's reference code.
 
-These follow ggml's `quantize_row_{q8_0,q4_K,q6_K}_ref` (ggml-quants.c; what `ggml_quantize_chunk` and
+These follow ggml's `quantize_row_{q8_0,q5_0,q4_K,q6_K}_ref` (ggml-quants.c; what `ggml_quantize_chunk` and
 llama.cpp's quantizer run without an importance matrix) step for step, vectorized over every block of
 a chunk: the same float32 operations in the same order, sums accumulated left to right (never numpy's
 pairwise sum), `nearest_int` as ggml's add-1.5·2²³ trick, and `roundf` as round-half-away. The output
@@ -10,7 +10,7 @@ is then byte-identical to ggml on finite input. Each quantizer maps `(n_blocks, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Final
 
 import numpy as np
@@ -54,6 +54,22 @@ def quantize(values: npt.NDArray[np.float32], qtype: QuantType) -> npt.NDArray[n
         for i in range(0, len(blocks), step):
             out[i : i + step] = quantizer(blocks[i : i + step])
     return out.reshape(*x.shape[:-1], cols // layout.block_size * layout.type_size)
+
+
+# llama-quantize's substitute for a type whose blocks do not fit a tensor's rows (llama-quant.cpp, after
+# `convert_incompatible_tensor`); then Q8_0 (for a format that cannot store the substitute), F16, F32
+FALLBACK: Final[dict[QuantType, QuantType]] = {QuantType.Q4_K: QuantType.Q5_0, QuantType.Q6_K: QuantType.Q8_0}
+LAST_RESORTS: Final = (QuantType.Q8_0, QuantType.F16, QuantType.F32)
+
+
+def fitting_type(want: QuantType, cols: int, storable: Collection[QuantType] | None = None) -> QuantType:
+    """`want`, or what llama-quantize stores instead when rows of `cols` values are not whole blocks of it
+    (skipping types the output format cannot store, when `storable` says which it can)."""
+    for qtype in (want, FALLBACK.get(want), *LAST_RESORTS):
+        fits = qtype is not None and cols % QUANT_LAYOUT[qtype].block_size == 0
+        if fits and (storable is None or qtype in storable):
+            return qtype  # type: ignore[return-value]
+    return QuantType.F32
 
 
 def register(qtype: QuantType) -> Callable[[BlockQuantizer], BlockQuantizer]:
@@ -130,6 +146,20 @@ def _q8_0(x: F32Array) -> U8Array:
     inv = np.where(d != 0, f32(1) / d, f32(0))
     q = round_away(x * inv).astype(np.int8)
     return np.concatenate([f16_bytes(d), q.view(np.uint8)], axis=1)
+
+
+@register(QuantType.Q5_0)
+def _q5_0(x: F32Array) -> U8Array:
+    """`quantize_row_q5_0_ref`: d = (the first value of largest magnitude) / −16, q = min(31, ⌊x/d + 16.5⌋);
+    the low 4 bits of q[j] and q[j + 16] share byte j of qs, the fifth bits make the u32 qh."""
+    big = x[np.arange(len(x)), np.abs(x).argmax(axis=1)][:, None]
+    d = big / f32(-16)
+    inv = np.where(d != 0, f32(1) / d, f32(0))
+    q = np.minimum(x * inv + f32(16.5), f32(31)).astype(np.int32)  # (int) truncates; the value is ≥ 0.5
+    low = (q & 0x0F).astype(np.uint8)
+    qs = low[:, :16] | (low[:, 16:] << np.uint8(4))
+    qh = (((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+    return np.concatenate([f16_bytes(d), qh.astype("<u4").reshape(-1, 1).view(np.uint8), qs], axis=1)
 
 
 # --- Q4_K -------------------------------------------------------------------------------------------

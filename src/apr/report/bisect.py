@@ -6,6 +6,7 @@ from typing import Any
 
 from apr.diff.bisect import BisectResult, first_beyond_cosine, layer_summary
 from apr.diff.growth import GrowthRow
+from apr.report import routing
 from apr.report.json import stage_diff_doc
 from apr.report.numfmt import json_float, short
 
@@ -47,6 +48,7 @@ def render_text(r: BisectResult) -> str:
         f"  tokens:        {list(r.token_ids)} ({len(r.token_ids)})",
         f"  tolerance:     growth ×{tm.growth:g} (norms ×{tm.norm_growth:g}), floor {tm.floor:g}, "
         "+ expected error of each stage's weight types" + _activation_note(tm.activation_quant),
+        *routing.render_text(r.diff.routing),
         "",
         f"{'layer':>5}  {'output rel L2':>13}  {'cosine':>11}  {'SQNR dB':>7}  "
         f"{'worst stage':<20} {'rel L2':>9}  jumps",
@@ -111,6 +113,7 @@ def to_doc(r: BisectResult) -> dict[str, Any]:
             "floor": tm.floor,
             "activation_quant": list(tm.activation_quant),
         },
+        "routing": routing.to_doc(r.diff.routing),
         "first_divergence": _growth_doc(j) if j is not None else None,
         "first_beyond_cosine": stage_diff_doc(cos) if cos is not None else None,
         "verdict": verdict(r),

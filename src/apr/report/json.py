@@ -6,8 +6,10 @@ import json
 from typing import Any, Final
 
 from apr.convert.export import ExportResult
+from apr.convert.gguf_export import GgufExportResult
 from apr.convert.importer import ImportResult
 from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
+from apr.report import routing
 from apr.report.numfmt import json_float
 from apr.trace.run import TraceOutcome
 
@@ -79,6 +81,7 @@ def trace_diff_doc(d: TraceDiff) -> dict[str, Any]:
         "compared": len(d.rows),
         "diverged": len(d.diverged),
         "first_divergence": stage_diff_doc(first) if first is not None else None,
+        "routing": routing.to_doc(d.routing),
         "stages": [stage_diff_doc(r) for r in d.rows],
         "only_in_a": [str(s) for s in d.only_in_a],
         "only_in_b": [str(s) for s in d.only_in_b],
@@ -115,6 +118,9 @@ def import_doc(r: ImportResult) -> dict[str, Any]:
         "passthrough": r.passthrough,
         "converted": [{"name": n, "from": a, "to": b} for n, a, b in r.converted],
         "tied_lm_head": r.tied_lm_head,
+        "quantize": None
+        if r.wanted is None
+        else {"type": r.wanted, "matrices": [{"name": n, "cols": c, "type": t} for n, c, t in r.matrices]},
     }
 
 
@@ -124,6 +130,20 @@ def export_doc(r: ExportResult) -> dict[str, Any]:
         "output": str(r.out_dir),
         "files": [str(f) for f in r.files],
         "tensors": r.tensors,
+        "qk_permuted": r.permuted,
+        "notes": r.notes,
+    }
+
+
+def gguf_export_doc(r: GgufExportResult) -> dict[str, Any]:
+    return {
+        "schema": "apr-export-gguf-v1",
+        "output": str(r.out),
+        "architecture": r.architecture,
+        "tensors": r.tensors,
+        "types": r.types,
+        "copied": r.copied,
+        "fallback": [{"name": n, "wanted": a, "written": b} for n, a, b in r.fallback],
         "qk_permuted": r.permuted,
         "notes": r.notes,
     }

@@ -12,10 +12,14 @@ from pathlib import Path
 from typing import Final
 
 from apr.convert.export import ExportResult
+from apr.convert.gguf_export import GgufExportResult
 from apr.convert.importer import ImportResult
 from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
+from apr.quant.types import QUANT_LAYOUT, QuantType
+from apr.report import routing
 from apr.report.numfmt import rust_exp, rust_fixed, short
 from apr.stages import StageId
+from apr.trace.estimate import human
 from apr.trace.run import TraceOutcome
 
 BOX_WIDTH: Final = 80
@@ -82,6 +86,7 @@ def render_trace_diff(d: TraceDiff) -> str:
         f"A: {d.path_a}",
         f"B: {d.path_b}",
         f"rule: a stage diverges when {d.tolerance.describe()}",
+        *routing.render_text(d.routing),
         "",
     ]
     out.append(_HEADER)
@@ -115,6 +120,11 @@ def render_prompt(prompt: str | None, token_ids: Sequence[int]) -> str:
     ids = ", ".join(str(t) for t in token_ids)
     shown = "(token ids given)" if prompt is None else f'"{prompt}"'
     return f"Test prompt:  {shown}\nToken ids:    [{ids}] ({len(token_ids)} tokens)\n\n"
+
+
+def render_disk_estimate(estimate: int, free: int) -> str:
+    """The disk estimate printed before a trace runs (apr.trace.estimate)."""
+    return f"Disk:         ~{human(estimate)} estimated ({human(free)} free)\n\n"
 
 
 def _layer_ranges(layers: list[int]) -> str:
@@ -166,8 +176,10 @@ def render_trace_outcome(o: TraceOutcome) -> str:
     return "\n".join(out) + "\n"
 
 
-def render_import(r: ImportResult) -> str:
+def render_import(r: ImportResult, verbose: bool = False) -> str:
     out = [f"Wrote {r.out} ({r.tensors} tensors)"]
+    if r.wanted is not None:
+        out.append("  " + quantize_summary(r))
     out.append(f"  {len(r.passthrough)} tensors stored byte for byte")
     if r.converted:
         kinds = Counter((a, b) for _, a, b in r.converted)
@@ -175,10 +187,22 @@ def render_import(r: ImportResult) -> str:
             f"  {len(r.converted)} tensors converted: "
             + ", ".join(f"{a}→{b} ×{n}" for (a, b), n in kinds.items())
         )
-        out += [f"    {name}: {a} → {b}" for name, a, b in r.converted]
+        if verbose:
+            out += [f"    {name}: {a} → {b}" for name, a, b in r.converted]
     if r.tied_lm_head:
         out.append("  lm_head.weight: copied from the embedding (tied_embeddings)")
     return "\n".join(out) + "\n"
+
+
+def quantize_summary(r: ImportResult) -> str:
+    """`211 matrices: 181 Q8_0, 30 Q4_K (rows of 576 are not a multiple of 256)`, commonest type first."""
+    types = Counter(t for _, _, t in r.matrices)
+    line = f"{len(r.matrices)} matrices: " + ", ".join(f"{n} {t}" for t, n in types.most_common())
+    short = sorted({cols for _, cols, t in r.matrices if t != r.wanted})
+    if short and r.wanted is not None:
+        block = QUANT_LAYOUT[QuantType[r.wanted]].block_size
+        line += f" (rows of {', '.join(map(str, short))} are not a multiple of {block})"
+    return line
 
 
 def render_export(r: ExportResult) -> str:
@@ -186,5 +210,22 @@ def render_export(r: ExportResult) -> str:
     out += [f"  {f.name}" for f in r.files]
     if r.permuted:
         out.append(f"  {len(r.permuted)} Q/K tensors put back in Hugging Face row order")
+    out += [f"  note: {n}" for n in r.notes]
+    return "\n".join(out) + "\n"
+
+
+def render_gguf_export(r: GgufExportResult) -> str:
+    types = Counter(r.types.values())
+    out = [f"Wrote {r.out} ({r.tensors} tensors, architecture {r.architecture})"]
+    out.append("  types: " + ", ".join(f"{n} {t}" for t, n in types.most_common()))
+    if r.copied:
+        out.append(f"  {len(r.copied)} tensors copied byte for byte")
+    if r.fallback:
+        kinds = Counter((a, b) for _, a, b in r.fallback)
+        out += [
+            f"  {n} tensors {b} instead of {a} (rows are not whole {a} blocks)" for (a, b), n in kinds.items()
+        ]
+    if r.permuted:
+        out.append(f"  {len(r.permuted)} Q/K tensors put in GGUF (interleaved) row order")
     out += [f"  note: {n}" for n in r.notes]
     return "\n".join(out) + "\n"

@@ -17,6 +17,13 @@ by layer. When one name sits on several consecutive ops, the last one is the val
     attn_softmax: kq_soft_max [:, :S, :S]          (both are padded to the KV-cache view, ≥ 256 cells)
     attn_out, post_attn_residual: by structure from kqv_out-i (`_AttnOutPath`); Phi-3's residual has no name
     ffn_gate, ffn_up of a GLU op with one input (Phi-3's ffn_up is [gate|up]): the halves of that input
+    moe_router: input 1 of the node the table maps to it (ffn_moe_weighted = expert outputs × top-k weights;
+        the weights' own name differs per variant: ffn_moe_weights_norm, or ffn_moe_weights unnormalised)
+    moe_router_indices: ffn_moe_topk, an I32 view of the ARGSORT (first k columns), as float32
+    moe_ffn_out: the input of the layer's post_ffn_residual ADD that is not post_attn_residual, in a layer
+        with a router (ffn_moe_out in llama and qwen3moe; qwen2moe's ffn_out, routed + shared expert).
+        Every ADD after the router is copied as it is computed, since ggml-alloc lets the residual ADD
+        overwrite its input in place; the residual ADD then says which copy it was
 
 The hidden entries come from the mask llama.cpp applied, not from apr's reading of the config: the oracle
 reports which keys llama.cpp's own sliding-window rules (pattern defaults, Phi-3's disabled SWA) hid, so a
@@ -74,10 +81,12 @@ UNAVAILABLE_REASONS: Final[dict[Stage, str]] = {
     Stage.FFN_SILU: "llama.cpp computes act(gate)·up as one fused GLU op (SWIGLU: ffn_swiglu, GEGLU: "
     "ffn_geglu); act(gate) is never materialized",
 }
+# a stage the table maps to the node that consumes it: its value is that node's input at this index
+INPUT_STAGES: Final = {Stage.MOE_ROUTER: 1}
 _NODE_NAME: Final = re.compile(r"^(?P<base>.+)-(?P<layer>\d+)$")
 
 QkvKey = tuple[str, int, str]  # (Qcur | Kcur | Vcur, layer, op)
-Slot = StageId | QkvKey  # where a wanted node's copy goes
+Slot = StageId | QkvKey | int  # where a wanted node's copy goes (int: an ADD after a router, by address)
 
 
 def run_llamacpp(
@@ -270,6 +279,8 @@ class _Recorder:
         self.reasons: dict[Stage, str] = {}  # why a stage the table maps could not be exposed
         self.error: BaseException | None = None
         self.layer: int | None = None  # of the last "-{il}" node: where a bare per-layer name belongs
+        self._routed: int | None = None  # the layer whose router was seen, until its residual add
+        self._adds: dict[int, Array] = {}  # ADDs since the router: address → copy (moe_ffn_out candidates)
         self._wanted: dict[int, Slot] = {}  # address → slot, between ask and compute
         self._masks: dict[int, npt.NDArray[np.bool_]] = {}  # one read per mask tensor
         self._attn = _AttnOutPath(ggml)
@@ -292,6 +303,10 @@ class _Recorder:
             if slot is not None and slot != found:
                 raise InferenceError(f"llama.cpp node {node.name} is {slot} by name but {found} by structure")
             slot = found
+        if isinstance(slot, StageId) and slot.stage is Stage.MOE_ROUTER_LOGITS:
+            self._routed = slot.layer
+        elif slot is None and self._routed is not None and node.op == OP_ADD:
+            slot = node.address
         if slot is not None:
             self._wanted[node.address] = slot
         return slot is not None
@@ -313,15 +328,38 @@ class _Recorder:
         return StageId(stage, layer if stage is not Stage.EMBEDDING else 0)
 
     def _store(self, node: Node, slot: Slot) -> None:
+        if isinstance(slot, StageId) and slot.stage in INPUT_STAGES:
+            source = node.src_at(INPUT_STAGES[slot.stage])
+            if source is None:
+                raise InferenceError(f"llama.cpp node {node.name} has no input for {slot}")
+            node = self.ggml.node(source)
         value = self.ggml.read(node)
+        if isinstance(slot, int):
+            self._adds[slot] = value
+            return
         if not isinstance(slot, StageId):
             self.qkv[slot] = value
             return
         self.stages[slot], self.sources[slot] = value, node.address
+        if slot.stage is Stage.POST_FFN_RESIDUAL and slot.layer is not None:
+            self._moe_out(node, slot.layer)
         if slot.stage is Stage.ATTN_SOFTMAX and slot.layer is not None:
             self.softmax[slot.layer] = self._softmax_of(node)
         if slot.stage is Stage.FFN_SWIGL and slot.layer is not None and len(node.srcs) == 1:
             self.fused_glu[slot.layer] = (node.srcs[0], bool(node.op_param_i32(GLU_SWAPPED)))
+
+    def _moe_out(self, residual: Node, layer: int) -> None:
+        """moe_ffn_out by structure: what the residual ADD adds to post_attn_residual, in a routed layer."""
+        adds, routed = self._adds, self._routed
+        self._adds, self._routed = {}, None
+        attn = self.sources.get(StageId(Stage.POST_ATTN_RESIDUAL, layer))
+        if routed != layer or attn not in residual.srcs:
+            return
+        other = [src for src in residual.srcs if src != attn]
+        if residual.op != OP_ADD or len(other) != 1 or other[0] not in adds:
+            raise InferenceError(f"llama.cpp node {residual.name} is not the residual add of an FFN output")
+        sid = StageId(Stage.MOE_FFN_OUT, layer)
+        self.stages[sid], self.sources[sid] = adds[other[0]], other[0]
 
     def _softmax_of(self, node: Node) -> _Softmax:
         """scale and max_bias from the op_params; the mask (src[1]) an input set before the graph ran."""

@@ -38,9 +38,15 @@ GGML_LOG_LEVEL_ERROR: Final = 4
 GGML_LOG_LEVEL_CONT: Final = 5  # continues the previous message
 GGML_TYPE_F32: Final = 0
 GGML_TYPE_F16: Final = 1
+GGML_TYPE_I32: Final = 26
 
-# ggml_type id → numpy dtype of the node types a forward graph's activations use.
-NODE_DTYPES: Final[dict[int, type[np.generic]]] = {GGML_TYPE_F32: np.float32, GGML_TYPE_F16: np.float16}
+# ggml_type id → numpy dtype of the node types a forward graph's activations use (I32: the MoE top-k ids,
+# a view of an ARGSORT).
+NODE_DTYPES: Final[dict[int, type[np.generic]]] = {
+    GGML_TYPE_F32: np.float32,
+    GGML_TYPE_F16: np.float16,
+    GGML_TYPE_I32: np.int32,
+}
 
 
 class GgmlTensor(ctypes.Structure):
@@ -117,14 +123,27 @@ class Ggml:
         return bool(self._lib.ggml_op_desc(address) == b"NONE")
 
     def read(self, node: Node) -> npt.NDArray[np.float32]:
-        """Copy a contiguous F32/F16 node out of its backend buffer; numpy shape = ne reversed."""
+        """Copy an F32/F16/I32 node out of its backend buffer, as float32; numpy shape = ne reversed.
+
+        A node that is not contiguous must be a view of one that is (ffn_moe_topk: the first k columns of
+        the ARGSORT): the viewed tensor is copied whole and the view taken from it by its offset and strides.
+        """
         t = GgmlTensor.from_address(node.address)
         dtype = NODE_DTYPES.get(t.type)
-        if dtype is None or not self._lib.ggml_is_contiguous(node.address):
-            raise InferenceError(f"llama.cpp node {node.name} ({node.op}) is not a contiguous F32/F16")
-        out = np.empty(tuple(reversed(t.ne)), dtype=dtype)
-        self._lib.ggml_backend_tensor_get(node.address, out.ctypes.data, 0, out.nbytes)
-        return out.astype(np.float32, copy=False)
+        if dtype is None:
+            raise InferenceError(f"llama.cpp node {node.name} ({node.op}) is not F32/F16/I32")
+        shape = tuple(reversed(t.ne))
+        if self._lib.ggml_is_contiguous(node.address):
+            out = np.empty(shape, dtype=dtype)
+            self._lib.ggml_backend_tensor_get(node.address, out.ctypes.data, 0, out.nbytes)
+            return out.astype(np.float32, copy=False)
+        if not t.view_src or not self._lib.ggml_is_contiguous(t.view_src):
+            raise InferenceError(f"llama.cpp node {node.name} ({node.op}) is not contiguous nor a view")
+        whole = np.empty(self._lib.ggml_nbytes(t.view_src), dtype=np.uint8)
+        self._lib.ggml_backend_tensor_get(t.view_src, whole.ctypes.data, 0, whole.nbytes)
+        strides = tuple(reversed(t.nb))
+        view = np.ndarray(shape, dtype=dtype, buffer=whole, offset=t.view_offs, strides=strides)
+        return view.astype(np.float32)
 
 
 def _signature(fn: Any, argtypes: list[Any], restype: Any) -> None:

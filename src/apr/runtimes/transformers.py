@@ -215,6 +215,10 @@ def _load(transformers: Any, torch: Any, path: Path, dtype: Any) -> Any:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
         except Exception as e:  # transformers raises anything from OSError to KeyError here
             raise ModelLoadError(f"transformers could not load {path}: {_first_line(e)}") from None
+        except BaseException as e:  # a Rust panic in safetensors / tokenizers (pyo3's PanicException)
+            if type(e).__name__ != "PanicException":
+                raise
+            raise ModelLoadError(f"transformers could not load {path}: {_first_line(e)}") from None
     if not hasattr(getattr(model, "model", None), "layers"):
         raise ModelLoadError(f"transformers runtime traces decoder models (model.layers); {path} is a "
                              f"{type(model).__name__}")  # fmt: skip

@@ -15,7 +15,9 @@ is named once here (`WHOLE_MODEL_LAYER`) and surfaces to callers as `layer=None`
 
 from __future__ import annotations
 
+import stat
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -25,6 +27,7 @@ import numpy.typing as npt
 
 from apr.atomicfile import atomic_output
 from apr.errors import AprIOError, NotFoundError, TraceFormatError
+from apr.formats.files import stat_path
 
 MAGIC: Final = b"APRT"
 HEADER: Final = struct.Struct("<4sII")
@@ -107,11 +110,10 @@ def is_aprt(path: Path) -> bool:
 
 
 def _check_file(path: Path) -> int:
-    if not path.exists():
-        raise NotFoundError(f"File not found: {path}")
-    if not path.is_file():
+    st = stat_path(path)  # not found, or a symlink loop, said as such
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the read, a device never end
         raise NotFoundError(f"Not a file: {path}")
-    return path.stat().st_size
+    return st.st_size
 
 
 def read_aprt_header(path: Path) -> AprtHeader:
@@ -144,3 +146,19 @@ def read_aprt(path: Path) -> AprtTensor:
     except OSError as e:
         raise AprIOError(f"cannot read {path}: {e.strerror or e}") from None
     return AprtTensor(header, values)
+
+
+def iter_values(path: Path, header: AprtHeader, chunk: int) -> Iterator[npt.NDArray[np.float32]]:
+    """The file's values, `chunk` at a time, read (not mapped): memory stays at one chunk, and a file that
+    shrinks while being read is an error, not a SIGBUS."""
+    try:
+        with path.open("rb") as f:
+            f.seek(HEADER_SIZE)
+            for lo in range(0, header.count, chunk):
+                want = 4 * min(chunk, header.count - lo)
+                raw = f.read(want)
+                if len(raw) != want:
+                    raise TraceFormatError(f"{path}: ends at value {lo + len(raw) // 4} of {header.count}")
+                yield np.frombuffer(raw, F32_LE)
+    except OSError as e:
+        raise AprIOError(f"cannot read {path}: {e.strerror or e}") from None

@@ -17,6 +17,8 @@ SUFFIX: Final = ".bin"
 LAYER_DIR: Final = "layer-{layer}"
 MANIFEST_NAME: Final = "manifest.json"
 _LAYER_DIR_RE: Final = re.compile(r"^layer-(0|[1-9][0-9]*)$")
+# what an apr run leaves behind only when it was cut short: atomicfile's `.<name>.tmp-*`, lock files
+_DEBRIS_RE: Final = re.compile(r"^\..+\.tmp-|\.lock$|^\.apr-")
 
 
 def relative_path(sid: StageId) -> Path:
@@ -59,3 +61,14 @@ def stage_files(out_dir: Path) -> dict[StageId, Path]:
         if sid is not None:
             found[sid] = p
     return dict(sorted(found.items(), key=lambda kv: kv[0].sort_key))
+
+
+def debris(out_dir: Path) -> list[str]:
+    """Names (relative, sorted) of apr temp/lock files in `out_dir` and its layer-N/ folders."""
+    found = []
+    for p in out_dir.iterdir():
+        if _DEBRIS_RE.search(p.name):
+            found.append(p.name)
+        elif p.is_dir() and _LAYER_DIR_RE.match(p.name):
+            found.extend(f"{p.name}/{q.name}" for q in p.iterdir() if _DEBRIS_RE.search(q.name))
+    return sorted(found)

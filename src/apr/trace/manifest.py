@@ -7,7 +7,8 @@ complete trace of one run and lists exactly that run's files. Schema `apr-trace-
      "config": ModelConfig fields,
      "prompt", "prompt_source": "text"|"file"|"tokens"|"chat", "prompt_file", "chat": {system, text}|null,
      "token_ids", "engine": {name, version, precision, settings}, "qk_layout",
-     "lm_head_positions": "last"|"all", "plan": {stages, layers}, "not_captured": [{stage, reason}],
+     "lm_head_positions": "last"|"all", "plan": {stages, layers, positions?: "START..END"},
+     "not_captured": [{stage, reason}],
      "notes": [...], "files": [{path, stage, layer, shape, dims, bytes, sha256}]}
 
 No timestamps or host names: two identical runs write byte-identical manifests. `prompt` is the text given
@@ -22,8 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from apr.errors import TraceFormatError
+from apr.errors import FormatError, TraceFormatError
 from apr.formats.config import QKLayout
+from apr.formats.files import read_regular
+from apr.formats.jsonio import check, int_list, maybe, parse_json, want
 from apr.models.config import ModelConfig
 from apr.models.registry import stage_dims
 from apr.stages import Stage, StageId
@@ -31,6 +34,7 @@ from apr.trace.prompt import PromptSource
 from apr.version import __version__
 
 SCHEMA: Final = "apr-trace-manifest-v1"
+MAX_MANIFEST: Final = 64 << 20  # a 1,000-layer full-stage trace writes ~10 MB
 
 QK_STAGES: Final = frozenset({Stage.QKV_MATMUL, Stage.QKV_BIAS, Stage.Q_POST_ROPE, Stage.K_POST_ROPE})
 
@@ -67,8 +71,15 @@ class FileEntry:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FileEntry:
-        sid = StageId(Stage(d["stage"]), d["layer"])
-        return cls(str(d["path"]), sid, tuple(int(x) for x in d["shape"]), int(d["bytes"]), d["sha256"])
+        where = "manifest 'files' entry"
+        d = check(d, dict, where)
+        layer = maybe(d, "layer", int, where, -1)
+        sid = StageId(Stage(want(d, "stage", str, where)), None if layer == -1 else layer)
+        shape = tuple(int_list(want(d, "shape", list, where), f"{where}: 'shape'"))
+        if any(n < 0 for n in shape) or (layer < 0 and layer != -1):
+            raise TraceFormatError(f"{where}: negative layer or dimension in {d!r:.120}")
+        size, sha = want(d, "bytes", int, where), want(d, "sha256", str, where)
+        return cls(want(d, "path", str, where), sid, shape, size, sha)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +115,12 @@ class Manifest:
     plan_layers: str
     files: tuple[FileEntry, ...]
     not_captured: tuple[tuple[str, str], ...] = ()  # (stage id, reason)
+    plan_positions: str | None = None  # "START..END" resolved (--save-tensor-positions); None: all
+
+    @property
+    def positions(self) -> str:
+        """The prompt positions per-position stages hold, as "START..END" (all: "0..T")."""
+        return self.plan_positions or f"0..{len(self.run.token_ids)}"
 
     def to_json(self) -> str:
         r = self.run
@@ -131,7 +148,11 @@ class Manifest:
             },
             "qk_layout": r.qk_layout.value,
             "lm_head_positions": r.lm_head_positions,
-            "plan": {"stages": list(self.plan_stages), "layers": self.plan_layers},
+            "plan": {
+                "stages": list(self.plan_stages),
+                "layers": self.plan_layers,
+                **({} if self.plan_positions is None else {"positions": self.plan_positions}),
+            },
             "unavailable": dict(sorted(r.unavailable.items())),
             "not_captured": [{"stage": s, "reason": why} for s, why in self.not_captured],
             "notes": list(r.notes),
@@ -140,9 +161,11 @@ class Manifest:
         return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str) -> Manifest:
+    def from_json(cls, text: str | bytes, source: str) -> Manifest:
         try:
-            d = json.loads(text)
+            d = parse_json(text, source)
+            if not isinstance(d, dict):
+                raise TraceFormatError(f"{source}: a trace manifest must be a JSON object")
             if d.get("schema") != SCHEMA:
                 raise TraceFormatError(
                     f"{source}: unsupported manifest schema {d.get('schema')!r} (this apr reads {SCHEMA}); "
@@ -173,9 +196,15 @@ class Manifest:
             )
             files = tuple(FileEntry.from_json(f) for f in d["files"])
             not_captured = tuple((n["stage"], n["reason"]) for n in d["not_captured"])
-            return cls(run, tuple(d["plan"]["stages"]), d["plan"]["layers"], files, not_captured)
+            plan = d["plan"]
+            positions = plan.get("positions")
+            if positions is not None and not isinstance(positions, str):
+                raise TraceFormatError(f"{source}: plan 'positions' must be a string, got {positions!r:.40}")
+            return cls(run, tuple(plan["stages"]), plan["layers"], files, not_captured, positions)
         except TraceFormatError:
             raise
+        except FormatError as e:
+            raise TraceFormatError(str(e)) from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise TraceFormatError(
                 f"{source}: malformed trace manifest ({type(exc).__name__}: {exc})"
@@ -184,7 +213,7 @@ class Manifest:
 
 def read_manifest(path: Path) -> Manifest:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TraceFormatError(f"{path}: cannot read trace manifest: {e}") from None
-    return Manifest.from_json(text, str(path))
+        raw = read_regular(path, MAX_MANIFEST)
+    except FormatError as e:
+        raise TraceFormatError(str(e)) from None
+    return Manifest.from_json(raw, str(path))

@@ -3,7 +3,8 @@
 Parsing follows aprender's `SaveTensorPlan::from_cli` exactly (spec §2.2–2.3): `all` (any case) or a comma
 list (trimmed, case-insensitive, order and duplicates kept, empty token and unknown name are errors), and a
 half-open `START..END` layer range of u32 with END > START. Whole-model stages ignore the range, and
-`embedding` (emitted as layer 0) is saved only when 0 is in the range.
+`embedding` (emitted as layer 0) is saved only when 0 is in the range. apr adds the prompt positions to keep
+(`Positions`, default all).
 """
 
 from __future__ import annotations
@@ -54,6 +55,51 @@ def parse_layer_range(text: str) -> range:
     return range(start, end)
 
 
+_POS_RE: Final = re.compile(r"^\s*([+-]?[0-9]+)?\s*\.\.\s*([+-]?[0-9]+)?\s*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Positions:
+    """`--save-tensor-positions START..END`: the prompt positions per-position stages keep. END exclusive,
+    negative values count from the end, either side may be omitted (`-16..` is the last 16); `last` is
+    `-1..`, `all` (the default, as aprender) is `..`. Python slice semantics, resolved per prompt."""
+
+    start: int | None = None
+    end: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Positions:
+        """`"-16.."` → Positions(-16, None); `"last"` → Positions(-1, None); `"all"` → Positions()."""
+        word = text.strip().lower()
+        if word in ("all", "last"):
+            return cls() if word == "all" else cls(-1)
+        m = _POS_RE.match(text)
+        if not m:
+            raise PlanError(
+                f"save-tensor positions invalid ({json.dumps(text)}): expected START..END (END exclusive, "
+                "negative from the end, either side optional: 0..8, -16.., ..4), last or all"
+            )
+        return cls(*(None if g is None else int(g) for g in m.groups()))
+
+    @property
+    def every(self) -> bool:
+        return self.start in (None, 0) and self.end is None
+
+    def select(self, n_tokens: int) -> range:
+        """The positions of an `n_tokens` prompt, in order. Raises PlanError when none is left."""
+        rows = range(n_tokens)[self.start : self.end]
+        if not rows:
+            raise PlanError(
+                f"--save-tensor-positions {self} selects no position of the {n_tokens}-token prompt"
+            )
+        return rows
+
+    def __str__(self) -> str:
+        return "".join(
+            ("" if self.start is None else str(self.start), "..", "" if self.end is None else str(self.end))
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class TracePlan:
     """What to save. `all_stages` remembers that the user said `all` (so a dense model saves dense stages)."""
@@ -61,10 +107,11 @@ class TracePlan:
     stages: tuple[Stage, ...]
     layers: range = range(0, 1)
     all_stages: bool = False
+    positions: Positions = Positions()
 
     @classmethod
-    def from_cli(cls, stages: str, layers: str = DEFAULT_LAYERS) -> TracePlan:
-        """Parse `--save-tensor` and `--save-tensor-layers`.
+    def from_cli(cls, stages: str, layers: str = DEFAULT_LAYERS, positions: str = "all") -> TracePlan:
+        """Parse `--save-tensor`, `--save-tensor-layers` and `--save-tensor-positions`.
 
         >>> TracePlan.from_cli("embedding,lm_head", "0..2").layers
         range(0, 2)
@@ -76,7 +123,7 @@ class TracePlan:
                 parsed, all_stages = parse_stage_list(stages), False
             except StageParseError as e:
                 raise StageParseError(f"save-tensor stage list invalid: {e}") from None
-        return cls(parsed, parse_layer_range(layers), all_stages)
+        return cls(parsed, parse_layer_range(layers), all_stages, Positions.parse(positions))
 
     def should_save(self, sid: StageId) -> bool:
         """aprender's `should_save`: selected, and per-layer stages only inside the range."""
@@ -99,7 +146,7 @@ class TracePlan:
         if self.all_stages:
             # the model's stages, and aprender's dense ones it lacks (listed as not captured, with why)
             keep = set(model_stages) | set(DENSE_STAGES)
-            return TracePlan(tuple(s for s in STAGE_ORDER if s in keep), self.layers, True)
+            return TracePlan(tuple(s for s in STAGE_ORDER if s in keep), self.layers, True, self.positions)
         named_moe = [s.value for s in self.stages if s.moe]
         if named_moe and not moe:
             raise PlanError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Final
 
 from apr.errors import AprIOError, FormatError, NotFoundError, ValidationError
 from apr.formats.base import TokenizerSpec
@@ -21,6 +22,9 @@ from apr.formats.chat import chat_messages, render_chat, template_tokens
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
 from apr.models import Model
 from apr.runtimes.base import check_token_ids
+
+DEFAULT_MAX_TOKENS: Final = 32768  # attn_scores alone is heads × T² floats: 4 GiB per head here
+MAX_CHARS_PER_TOKEN: Final = 64  # no tokenizer packs more into one token; longer text is refused untokenized
 
 
 class PromptSource(StrEnum):
@@ -39,8 +43,11 @@ class Prompt:
     file: Path | None = None  # where `text` was read from
     chat: bool = False
     system: str | None = None  # a system message before the user's (chat only)
+    max_tokens: int = DEFAULT_MAX_TOKENS  # refuse a longer prompt (besides the model's context)
 
     def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValidationError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if (self.text is None) == (self.token_ids is None):
             raise ValidationError("a prompt is either text or token ids, not both or neither")
         if self.token_ids is not None and (self.chat or self.file is not None):
@@ -87,7 +94,25 @@ class Encoded:
 
 
 def encode_prompt(prompt: Prompt, model: Model) -> Encoded:
-    """The ids `model` runs on for `prompt` (see the module docstring)."""
+    """The ids `model` runs on for `prompt` (see the module docstring), refused beyond its context."""
+    context = model.config.max_position
+    limit = min(context, prompt.max_tokens)
+    what = (
+        f"the model's context of {context} tokens"
+        if context <= prompt.max_tokens
+        else (f"--max-tokens {prompt.max_tokens}")
+    )
+    if prompt.text is not None and len(prompt.text) > MAX_CHARS_PER_TOKEN * limit:
+        raise ValidationError(
+            f"the prompt has {len(prompt.text)} characters, far more than {what} holds; not tokenized"
+        )
+    enc = _encode(prompt, model)
+    if len(enc.token_ids) > limit:
+        raise ValidationError(f"the prompt is {len(enc.token_ids)} tokens, more than {what}")
+    return enc
+
+
+def _encode(prompt: Prompt, model: Model) -> Encoded:
     if prompt.token_ids is not None:
         return Encoded(check_token_ids(prompt.token_ids, model.config.vocab_size), None)
     assert prompt.text is not None  # __post_init__: text or ids

@@ -1,21 +1,27 @@
 """Read a trace directory: the manifest when there is one (apr's traces), else aprender's bare layout.
 
 Every stage file's APRT header is checked against where it lives (layer-N/ ↔ header layer, root ↔ the
-whole-model sentinel) and, with a manifest, against the recorded shape and size. Values are memory-mapped.
+whole-model sentinel) and, with a manifest, against the recorded shape, size and sha256 (hashed streaming,
+so a stage file changed under an unchanged manifest is refused, not compared). Manifest paths must stay
+inside the directory; only regular files are read. A directory without a manifest is read as aprender's
+bare layout (`Trace.verified` is False) only when no apr temp or lock file says a run was cut short.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from apr.errors import NotFoundError, TraceFormatError
+from apr.formats.files import confined, regular, stat_path
 from apr.stages import StageId
 from apr.trace import format as aprt
-from apr.trace.layout import MANIFEST_NAME, stage_files
+from apr.trace.layout import MANIFEST_NAME, debris, stage_files
 from apr.trace.manifest import Manifest, read_manifest
 
 
@@ -34,13 +40,30 @@ class Trace:
     manifest: Manifest | None
     entries: dict[StageId, TraceEntry]  # in forward order
 
+    @property
+    def verified(self) -> bool:
+        """Every stage file was checked against a manifest (False for aprender's bare traces)."""
+        return self.manifest is not None
+
     def load(self, sid: StageId) -> npt.NDArray[np.float32]:
         e = self.entries[sid]
         values = aprt.read_aprt(e.path).values
         return values.reshape(e.shape) if e.shape is not None else values
 
 
+HASH_CHUNK: Final = 1 << 20
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _check_header(sid: StageId, path: Path) -> aprt.AprtHeader:
+    regular(path)
     header = aprt.read_aprt_header(path)
     expected = sid.layer if sid.stage.per_layer else None
     if header.layer != expected:
@@ -53,26 +76,41 @@ def _check_header(sid: StageId, path: Path) -> aprt.AprtHeader:
 
 def read_trace(path: Path) -> Trace:
     """Open a trace directory written by apr (manifest.json) or by aprender (layout only)."""
-    if not path.exists():
-        raise NotFoundError(f"File not found: {path}")
+    stat_path(path)  # not found, or a symlink loop, said as such
     if not path.is_dir():
         raise NotFoundError(f"Not a directory: {path}")
     manifest_path = path / MANIFEST_NAME
-    if not manifest_path.is_file():
-        found = stage_files(path)
-        entries = {sid: TraceEntry(sid, p, _check_header(sid, p), None) for sid, p in found.items()}
-        return Trace(path, None, entries)
+    if not manifest_path.exists() and not manifest_path.is_symlink():
+        return _read_bare(path)
     manifest = read_manifest(manifest_path)
     entries = {}
     for f in manifest.files:
-        p = path / f.path
-        if not p.is_file():
+        p = confined(path, f.path, str(manifest_path))
+        if not p.exists():
             raise TraceFormatError(f"{manifest_path}: lists {f.path}, which is missing")
         header = _check_header(f.sid, p)
         if header.count != int(np.prod(f.shape, dtype=np.int64)):
             raise TraceFormatError(
                 f"{p}: holds {header.count} values, the manifest says shape {list(f.shape)}"
             )
+        if (size := p.stat().st_size) != f.bytes:
+            raise TraceFormatError(f"{p}: {size} bytes, the manifest says {f.bytes}")
+        if _sha256(p) != f.sha256:
+            raise TraceFormatError(
+                f"{p}: sha256 differs from the manifest's (the file was changed after the run wrote it)"
+            )
         entries[f.sid] = TraceEntry(f.sid, p, header, f.shape, f.sha256)
     ordered = dict(sorted(entries.items(), key=lambda kv: kv[0].sort_key))
     return Trace(path, manifest, ordered)
+
+
+def _read_bare(path: Path) -> Trace:
+    """aprender's layout (no manifest): refused when apr's own temp/lock files show an interrupted run."""
+    if left := debris(path):
+        raise TraceFormatError(
+            f"{path}: no {MANIFEST_NAME} and an interrupted apr run's files ({', '.join(left[:3])}): "
+            "not a complete trace; re-run `apr trace` into it"
+        )
+    found = stage_files(path)
+    entries = {sid: TraceEntry(sid, p, _check_header(sid, p), None) for sid, p in found.items()}
+    return Trace(path, None, entries)

@@ -23,15 +23,24 @@ from apr.formats.config import QKLayout
 from apr.formats.tokenizer import Tokenizer
 from apr.models import Model, open_model
 from apr.models.generic import NAME as GENERIC
+from apr.quant.vecdot import VEC_DOT_TYPE
+from apr.quant.vecdot_lanes import LANE_TYPES
 from apr.runtimes import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun, run_llamacpp, run_transformers
 from apr.stages import Tap
+from apr.trace.estimate import DiskEstimate, estimate_disk
 from apr.trace.manifest import RunInfo
 from apr.trace.plan import TracePlan
 from apr.trace.prompt import Prompt, encode_prompt
 from apr.trace.writer import TraceResult, TraceWriter
 from apr.version import __version__
 
-PRECISIONS: Final[dict[str, type[np.floating[Any]]]] = {"f32": np.float32, "f64": np.float64}
+# ggml: f32, with every matmul done as ggml-cpu does it (apr.quant.vecdot; reference engine only)
+PRECISION_GGML: Final = "ggml"
+PRECISIONS: Final[dict[str, type[np.floating[Any]]]] = {
+    "f32": np.float32,
+    "f64": np.float64,
+    PRECISION_GGML: np.float32,
+}
 HASH_CHUNK: Final = 8 << 20
 
 
@@ -42,6 +51,7 @@ class TraceOptions:
     lm_head_all: bool = False
     n_threads: int = 2
     on_layer: Callable[[int], None] | None = None  # progress callback (reference engine)
+    max_disk: int | None = None  # refuse a trace estimated to write more (the free space always applies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,16 +69,29 @@ EngineFn = Callable[[Path, Model, tuple[int, ...], Tap, TraceOptions], EngineRun
 
 
 def _reference(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
-    w = Weights(model, PRECISIONS[opt.precision])
+    ggml = opt.precision == PRECISION_GGML
+    w = Weights(model, PRECISIONS[opt.precision], ggml=ggml)
     cfg = model.config
     logits = model.family.forward(w, cfg, ids, tap, lm_head_all=opt.lm_head_all, on_layer=opt.on_layer)
+    settings = {"family": model.family.name, "rope_pairing": cfg.qk_layout.rope_pairing}
+    if ggml:
+        settings.update(ggml_settings(model))
     return EngineRun(
-        "reference",
-        f"apr {__version__} / numpy {np.__version__}",
-        cfg.qk_layout,
-        {"family": model.family.name, "rope_pairing": cfg.qk_layout.rope_pairing},
-        logits=logits,
+        "reference", f"apr {__version__} / numpy {np.__version__}", cfg.qk_layout, settings, logits=logits
     )
+
+
+def ggml_settings(model: Model) -> dict[str, str]:
+    """How `--precision ggml` ran, for the manifest: each matrix weight type → its activation type."""
+    types = sorted({t.qtype for t in model.tensors() if len(t.shape) >= 2 and t.qtype in VEC_DOT_TYPE})
+    return {
+        "matmul": "ggml-cpu emulation (apr.quant.vecdot): activations converted to the vec_dot type",
+        "vec_dot_types": ", ".join(f"{t.name}→{VEC_DOT_TYPE[t].name}" for t in types),
+        "activation_quantizers": "x86 AVX2 q8_0/q8_1 (id = 127/amax, round half to even), q8_K reference",
+        "kernel_order": f"{', '.join(sorted(t.name for t in LANE_TYPES))}: ggml's; others: BLAS",
+        "ops": "RMSNorm and SiLU in ggml's f32 arithmetic (every f32 run)",
+        "kv_cache": "f32",
+    }
 
 
 TORCH_DTYPES: Final = {"f32": "float32", "f64": "float64"}
@@ -83,6 +106,8 @@ def _engine_run(r: RuntimeRun) -> EngineRun:
 
 
 def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
+    if opt.precision not in TORCH_DTYPES:
+        raise ValidationError(f"--engine transformers computes in {' or '.join(TORCH_DTYPES)} only")
     stages = [n.stage for n in model.graph()]
     return _engine_run(
         run_transformers(
@@ -99,7 +124,7 @@ def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt:
 
 def _llamacpp(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
     if opt.precision != "f32":
-        raise ValidationError("--engine llama.cpp computes in f32 only; drop --precision f64")
+        raise ValidationError(f"--engine llama.cpp computes in f32 only; drop --precision {opt.precision}")
     stages = [n.stage for n in model.graph()]
     return _engine_run(
         run_llamacpp(
@@ -187,10 +212,19 @@ class PreparedTrace:
             tensor_types={t.name: t.qtype.name for t in self.model.tensors()},
         )
 
+    def estimate_disk(self, plan: TracePlan, out_dir: Path, opt: TraceOptions) -> DiskEstimate:
+        """What the trace will write to `out_dir`, against its free space and `opt.max_disk`."""
+        cfg = self.model.config
+        plan = plan.for_model(cfg.n_layers, self.model.stages())
+        n = len(self.token_ids)
+        stages = self.model.stages()
+        return estimate_disk(plan, cfg, stages, n, out_dir, lm_head_all=opt.lm_head_all, limit=opt.max_disk)
+
     def run(self, plan: TracePlan, out_dir: Path, opt: TraceOptions) -> TraceOutcome:
         """Run the engine once, writing the plan's stages to `out_dir` (atomically, with a manifest)."""
         cfg = self.model.config
         plan = plan.for_model(cfg.n_layers, self.model.stages())
+        self.estimate_disk(plan, out_dir, opt).check()  # ValidationError: over the free space / max_disk
         run_engine = engine_fn(opt)
         base = EngineRun(opt.engine, "", cfg.qk_layout)
         writer = TraceWriter(out_dir, plan, self.run_info(base, opt))

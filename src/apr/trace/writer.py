@@ -1,30 +1,32 @@
 """TraceWriter: the Tap that turns (StageId, array) into APRT files in aprender's layout, plus manifest.json.
 
-It filters by the plan, writes each file atomically at its capture point, and on success writes the manifest
-last. Stage files of an earlier run in the same directory are removed first (and reported); a stage-named
-`.bin` that is not an APRT file is refused rather than deleted. If the run fails, the files this run wrote
-are removed, so a directory never holds a partial run under a manifest.
+It filters by the plan (and tells the engine what it keeps: `wants`, `positions`), writes each file at its
+capture point into a temporary sibling of the output directory, and on success writes the manifest last and
+swaps the directory in whole (apr.trace.outdir: a lock per directory; the previous trace survives SIGINT,
+kill -9 and disk-full). Stage files of an earlier run in the directory are dropped with it (and reported),
+other files in it are kept; a stage-named `.bin` that is not an APRT file is refused rather than deleted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from apr.atomicfile import write_bytes_atomic
-from apr.errors import AprIOError, ValidationError
+from apr.errors import AprIOError
 from apr.stages import Stage, StageId
 from apr.trace import format as aprt
-from apr.trace.layout import MANIFEST_NAME, relative_path, stage_files
+from apr.trace.layout import MANIFEST_NAME, relative_path
 from apr.trace.manifest import FileEntry, Manifest, RunInfo
+from apr.trace.outdir import OutputDir
 from apr.trace.plan import TracePlan
+
+TXT_STAGES: Final = frozenset({Stage.ATTN_SCORES, Stage.ATTN_SOFTMAX})  # (H, T, T): rows are query positions
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,49 +67,50 @@ class TraceWriter:
         self.run = run
         self.result = TraceResult(out_dir)
         self._entries: dict[StageId, FileEntry] = {}
+        self._dir = OutputDir(out_dir)
+        self._tmp = out_dir  # the temporary directory, from __enter__
+        n = len(run.token_ids)
+        self._rows = None if plan.positions.every else plan.positions.select(n)  # PlanError: none left
 
     def __enter__(self) -> TraceWriter:
-        self._clear_stale()
+        self._tmp = self._dir.open()
         return self
 
-    def _clear_stale(self) -> None:
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise ValidationError(f"output directory {self.out_dir} exists and is not a directory")
-        stale = stage_files(self.out_dir)
-        foreign = [p for p in stale.values() if not aprt.is_aprt(p)]
-        if foreign:
-            raise ValidationError(
-                f"{foreign[0]} is named like a stage file but is not an APRT file; "
-                "refusing to overwrite it (choose another --save-tensor-dir)"
-            )
-        for p in stale.values():
-            try:
-                p.unlink()
-            except OSError as e:
-                raise AprIOError(f"cannot remove stale trace file {p}: {e.strerror or e}") from None
-            self.result.removed_stale.append(p)
-        try:
-            (self.out_dir / MANIFEST_NAME).unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as e:  # no manifest to remove is fine; a folder we may not change is not
-            raise AprIOError(f"cannot write to {self.out_dir}: {e.strerror or e}") from None
+    def wants(self, sid: StageId) -> bool:
+        """The engine's question (apr.stages.tap_wants): is `sid` saved? If not, it skips work done only
+        for the tap."""
+        return self.plan.should_save(sid) and sid not in self._entries
+
+    def positions(self, n_tokens: int) -> npt.NDArray[np.intp] | None:
+        """The engine's question (apr.stages.tap_positions): which rows of the T×T stages to compute."""
+        return None if self._rows is None else np.arange(n_tokens)[self._rows.start : self._rows.stop]
 
     def __call__(self, sid: StageId, value: npt.NDArray[Any], /) -> None:
-        if not self.plan.should_save(sid) or sid in self._entries:
+        if not self.wants(sid):
             return
-        arr = np.ascontiguousarray(value, dtype=aprt.F32_LE)
-        if sid.stage is Stage.LM_HEAD and self.run.lm_head_positions == "last" and arr.ndim == 2:
-            arr = np.ascontiguousarray(arr[-1])
+        if sid.stage is Stage.LM_HEAD and self.run.lm_head_positions == "last" and value.ndim == 2:
+            value = value[-1]
+        arr = np.ascontiguousarray(self._select(sid.stage, value), dtype=aprt.F32_LE)
         rel = relative_path(sid)
         data = aprt.encode(sid.layer if sid.stage.per_layer else None, arr)
         try:
-            write_bytes_atomic(self.out_dir / rel, data)
+            (self._tmp / rel).parent.mkdir(exist_ok=True)
+            (self._tmp / rel).write_bytes(data)  # no temp file: the directory is swapped in whole
         except OSError as e:
             raise AprIOError(f"cannot write {self.out_dir / rel}: {e.strerror or e}") from None
         entry = FileEntry(rel.as_posix(), sid, arr.shape, len(data), hashlib.sha256(data).hexdigest())
         self._entries[sid] = entry
         self.result.files.append(WrittenFile(self.out_dir / rel, sid, len(data)))
+
+    def _select(self, stage: Stage, value: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        """The kept positions of a per-position stage: rows of (T, …); query rows of the (H, T, T) attention
+        stages, unless the engine computed only those (the reference engine does; runtimes do not)."""
+        rows = self._rows
+        if rows is None or (stage is Stage.LM_HEAD and value.ndim == 1):
+            return value
+        if stage in TXT_STAGES:
+            return value if value.shape[1] == len(rows) else value[:, rows.start : rows.stop]
+        return value[rows.start : rows.stop]
 
     def __exit__(
         self,
@@ -115,16 +118,11 @@ class TraceWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is not None:
-            self._discard()
-            return
-        self._finish()
-
-    def _discard(self) -> None:
-        for f in self.result.files:
-            with contextlib.suppress(OSError):
-                f.path.unlink()
-        self.result.files.clear()
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            self._dir.close()  # removes the temporary directory unless it was swapped in
 
     def _finish(self) -> None:
         missing = [
@@ -136,19 +134,23 @@ class TraceWriter:
         entries = sorted(self._entries.values(), key=lambda e: e.sid.sort_key)
         self.result.files.sort(key=lambda f: f.sid.sort_key)
         if not entries:
-            return  # like aprender: nothing selected, nothing written, no directory created
+            self.result.files.clear()
+            return  # like aprender: nothing selected, nothing written (an earlier trace stays as it was)
         manifest = Manifest(
             run=self.run,
             plan_stages=tuple(s.value for s in self.plan.stages),
             plan_layers=f"{self.plan.layers.start}..{self.plan.layers.stop}",
+            plan_positions=None if self._rows is None else f"{self._rows.start}..{self._rows.stop}",
             files=tuple(entries),
             not_captured=tuple(missing),
         )
         path = self.out_dir / MANIFEST_NAME
         try:
-            write_bytes_atomic(path, manifest.to_json().encode("utf-8"))
+            (self._tmp / MANIFEST_NAME).write_bytes(manifest.to_json().encode("utf-8"))
         except OSError as e:
             raise AprIOError(f"cannot write {path}: {e.strerror or e}") from None
+        self._dir.commit()
+        self.result.removed_stale = list(self._dir.stale.values())
         self.result.manifest_path = path
 
 

@@ -1,0 +1,126 @@
+"""Long prompts: `apr trace` of SmolLM2 at 7, 512 and 2048 tokens against llama.cpp's plain eval of the
+same file and token ids, every figure measured in this run (issue 12).
+
+    .venv/bin/python bench/long.py                          # this tree
+    .venv/bin/python bench/long.py --src /tmp/before/src    # another tree's apr (e.g. `git archive HEAD src`)
+    .venv/bin/python bench/long.py --only 7,512             # prompt lengths to run
+
+Rows: each case is one whole process (start-up, forward, writing the trace), best of --runs; the trace is
+written to a temporary directory on the output filesystem and its size on disk reported. Token ids are
+SmolLM2's tokens of a repeated English text, cut to the length. "T×T" are attn_scores and attn_softmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+ROOT: Final = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import run as bench  # noqa: E402  (bench/run.py: the timed-child machinery and the table)
+from tests.fixtures import models  # noqa: E402
+
+from apr.stages import DENSE_STAGES, Stage  # noqa: E402
+from apr.trace.run import prepare_trace  # noqa: E402
+
+TEXT: Final = (
+    "The quick brown fox jumps over the lazy dog. A model gives different numbers in two places, and "
+    "apr finds the first stage where they part ways. "
+)
+NOT_TXT: Final = ",".join(s.value for s in DENSE_STAGES if s not in (Stage.ATTN_SCORES, Stage.ATTN_SOFTMAX))
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    tokens: int
+    label: str
+    stages: str
+    extra: tuple[str, ...] = ()
+
+
+CASES: Final = (
+    Case(7, "every stage", "all"),
+    Case(512, "every stage", "all"),
+    Case(512, "every stage but T×T", NOT_TXT),
+    Case(2048, "every stage but T×T", NOT_TXT),
+    Case(2048, "every stage, --save-tensor-positions -16..", "all", ("--save-tensor-positions", "-16..")),
+)
+
+
+def token_ids(model: Path, n: int) -> tuple[int, ...]:
+    prepared = prepare_trace(model, TEXT * (n // 20 + 1))
+    prepared.model.close()
+    ids = prepared.token_ids[:n]
+    assert len(ids) == n, f"the text is {len(prepared.token_ids)} tokens, need {n}"
+    return ids
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
+
+
+def apr_case(
+    model: Path, case: Case, ids: Sequence[int], runs: int, src: Path | None
+) -> tuple[bench.Proc, int]:
+    if src is not None:
+        os.environ["PYTHONPATH"] = str(src)  # the children import apr from there
+    results, size = [], 0
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="apr-long-") as d:
+            out = Path(d) / "trace"
+            args = ["--quiet", "trace", str(model), "--tokens", ",".join(map(str, ids)), "--save-tensor"]
+            args += [case.stages, "--save-tensor-layers", "0..30", *case.extra, "--save-tensor-dir", str(out)]
+            results.append(bench.run_process(bench.APR_CHILD, args))
+            size = du(out)
+    os.environ.pop("PYTHONPATH", None)
+    return bench.Proc(min(r.seconds for r in results), max(r.max_rss for r in results)), size
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--src", type=Path, help="run apr from this source tree (its src/ folder)")
+    parser.add_argument("--runs", type=int, default=1, help="best of N (default 1)")
+    parser.add_argument("--only", default="7,512,2048", help="prompt lengths (default 7,512,2048)")
+    parser.add_argument("--skip-positions", action="store_true", help="no --save-tensor-positions case")
+    args = parser.parse_args(argv)
+    lengths = {int(n) for n in args.only.split(",")}
+    model = models.smollm2_gguf()
+    bench.warm(model)
+    rows, reference = [], {}
+    for case in CASES:
+        if case.tokens not in lengths or (args.skip_positions and case.extra):
+            continue
+        ids = token_ids(model, case.tokens)
+        if case.tokens not in reference:
+            bench.status(f"llama.cpp eval, {case.tokens} tokens")
+            reference[case.tokens] = bench.llamacpp(model, ids, args.runs)
+        bench.status(f"apr trace, {case.tokens} tokens, {case.label}")
+        ours, size = apr_case(model, case, ids, args.runs, args.src)
+        theirs = reference[case.tokens]
+        what = f"SmolLM2 Q4_1, {case.tokens} tokens, 30 layers, {case.label}"
+        ratio = f"{ours.seconds / theirs.seconds:.2f}×"
+        rows.append(
+            bench.Row(what, "wall s", f"{ours.seconds:.2f}", f"{theirs.seconds:.2f} llama.cpp", ratio)
+        )
+        rows.append(
+            bench.Row(
+                "  written, peak RSS",
+                "MiB",
+                f"{size / 2**20:.0f}, {ours.max_rss / 2**20:.0f}",
+                f"—, {theirs.max_rss / 2**20:.0f}",
+            )
+        )
+    print(f"apr from: {args.src or ROOT / 'src'}")
+    print(bench.render(rows))
+
+
+if __name__ == "__main__":
+    main()

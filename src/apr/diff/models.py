@@ -1,0 +1,180 @@
+"""`apr diff MODEL_A MODEL_B`: what differs between two checkpoints before any forward pass.
+
+Three comparisons, as values (report/model_diff.py renders them):
+
+- config: every ModelConfig field (RoPE scaling field by field), each difference marked as changing the
+  math or only how the file stores the same math (Q/K row order, Gemma's stored 1 + w, Llama 3's scaling
+  as a `rope_freqs` tensor);
+- tokenizer: vocabulary size, the special ids and flags, the first differing token and merge;
+- tensors under canonical names: missing in B, extra in B, a different shape, a different type.
+
+Nothing here reads tensor data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from apr.errors import AprError
+from apr.formats import detect_format
+from apr.formats.base import TokenizerSpec
+from apr.models import Model
+from apr.models.config import ModelConfig, RopeScaling
+
+# fields whose difference is how a format stores the same math, not a different model
+STORAGE_FIELDS: Final = {
+    "qk_layout": "Q/K row order of the file (the forward pairs RoPE to match)",
+    "norm_offset": "norm weights stored as w or 1 + w",
+    "rope_scaling.freq_factors": "Llama 3 scaling stored as a rope_freqs tensor",
+}
+HF_TOKENIZER: Final = "tokenizer.json"  # TokenizerSpec.model of an HF folder's tokenizer
+TOKENIZER_FIELDS: Final = ("bos_id", "eos_id", "add_bos", "add_eos", "add_space_prefix")
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDiff:
+    name: str  # ModelConfig field, "rope_scaling.factor" for a RopeScaling one
+    a: Any
+    b: Any
+    storage: str = ""  # why this is only a storage difference ("" when the math differs)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerDiff:
+    a_size: int | None  # None: that side has no tokenizer
+    b_size: int | None
+    fields: list[FieldDiff] = field(default_factory=list)  # specials and flags
+    first_token: tuple[int, str, str] | None = None  # (id, A's text, B's text)
+    first_type: tuple[int, str, str] | None = None  # (id, A's GGUF token type, B's)
+    merges: tuple[int, int] = (0, 0)
+    first_merge: tuple[int, str, str] | None = None  # (rank, A's, B's)
+
+    @property
+    def differs(self) -> bool:
+        sizes = self.a_size != self.b_size or self.merges[0] != self.merges[1]
+        return sizes or bool(self.fields or self.first_token or self.first_type or self.first_merge)
+
+
+@dataclass(frozen=True, slots=True)
+class TensorDiff:
+    name: str  # canonical
+    kind: str  # "missing" (in B), "extra" (in B), "shape", "type"
+    a: str  # "Q4_K [576, 49152]" or "" when absent
+    b: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDiff:
+    a: str  # paths as given
+    b: str
+    formats: tuple[str, str]
+    architectures: tuple[str, str]
+    config: list[FieldDiff]
+    tokenizer: TokenizerDiff
+    tensors: list[TensorDiff]
+    tensor_counts: tuple[int, int]
+
+    @property
+    def math_config(self) -> list[FieldDiff]:
+        return [d for d in self.config if not d.storage]
+
+    @property
+    def differs(self) -> bool:
+        """A difference that changes what the models compute (types only change precision)."""
+        structural = any(t.kind != "type" for t in self.tensors)
+        return bool(self.math_config) or self.tokenizer.differs or structural
+
+
+def is_model(path: Path) -> bool:
+    """A checkpoint apr reads (a trace directory or an APRT stage file is not)."""
+    try:
+        detect_format(path)
+    except AprError:
+        return False
+    return True
+
+
+def diff_models(a: Model, b: Model) -> ModelDiff:
+    """Config, tokenizer and tensor-set differences of two opened models (no tensor data read)."""
+    return ModelDiff(
+        str(a.path),
+        str(b.path),
+        (a.format_name, b.format_name),
+        (a.config.architecture, b.config.architecture),
+        diff_configs(a.config, b.config),
+        diff_tokenizers(a.tokenizer_spec(), b.tokenizer_spec()),
+        _diff_tensors(a, b),
+        (len(a.tensors()), len(b.tensors())),
+    )
+
+
+def diff_configs(a: ModelConfig, b: ModelConfig) -> list[FieldDiff]:
+    out = []
+    for f in fields(ModelConfig):
+        va, vb = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(va, RopeScaling):
+            out += [
+                FieldDiff(f"rope_scaling.{g.name}", x, y, STORAGE_FIELDS.get(f"rope_scaling.{g.name}", ""))
+                for g in fields(RopeScaling)
+                if not _same(x := getattr(va, g.name), y := getattr(vb, g.name))
+            ]
+        elif not _same(va, vb):
+            pa, pb = (v.value if hasattr(v, "value") else v for v in (va, vb))
+            out.append(FieldDiff(f.name, pa, pb, STORAGE_FIELDS.get(f.name, "")))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal; floats when equal as float32 (GGUF stores them so: 1e-6 reads back as 9.99999997e-07)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return bool(np.float32(a) == np.float32(b))
+    return bool(a == b)
+
+
+def diff_tokenizers(a: TokenizerSpec | None, b: TokenizerSpec | None) -> TokenizerDiff:
+    if a is None or b is None:
+        return TokenizerDiff(None if a is None else len(a.tokens), None if b is None else len(b.tokens))
+    # an HF tokenizer.json has no GGUF token types, no space-prefix flag, and SentencePiece merges a GGUF
+    # vocab leaves out: those are compared only between two vocabularies that both store them
+    both_gguf = HF_TOKENIZER not in (a.model, b.model)
+    keys = TOKENIZER_FIELDS if both_gguf else tuple(k for k in TOKENIZER_FIELDS if k != "add_space_prefix")
+    merges = both_gguf or (bool(a.merges) and bool(b.merges))
+    return TokenizerDiff(
+        len(a.tokens),
+        len(b.tokens),
+        [FieldDiff(k, x, y) for k in keys if (x := getattr(a, k)) != (y := getattr(b, k))],
+        _first_difference(a.tokens, b.tokens),
+        _first_difference(a.token_types, b.token_types) if both_gguf else None,
+        (len(a.merges), len(b.merges)) if merges else (0, 0),
+        _first_difference(a.merges, b.merges) if merges else None,
+    )
+
+
+def _first_difference(a: Any, b: Any) -> tuple[int, str, str] | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i, str(x), str(y)
+    return None  # a longer list shows as a different size
+
+
+def _describe(t: Any) -> str:
+    return f"{t.qtype.name} {list(t.shape)}"
+
+
+def _diff_tensors(a: Model, b: Model) -> list[TensorDiff]:
+    ta, tb = {t.name: t for t in a.tensors()}, {t.name: t for t in b.tensors()}
+    out = []
+    for name, t in ta.items():
+        other = tb.get(name)
+        if other is None:
+            out.append(TensorDiff(name, "missing", _describe(t), ""))
+        elif t.shape != other.shape:
+            out.append(TensorDiff(name, "shape", _describe(t), _describe(other)))
+        elif t.qtype != other.qtype:
+            out.append(TensorDiff(name, "type", _describe(t), _describe(other)))
+    out += [TensorDiff(n, "extra", "", _describe(t)) for n, t in tb.items() if n not in ta]
+    return out

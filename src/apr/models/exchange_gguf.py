@@ -1,0 +1,91 @@
+"""A family's config written as GGUF metadata: exchange.py's counterpart for `apr export --format gguf`.
+
+Derived from the same parameter tables that read GGUF files (models/params.py): every common parameter goes
+out under its GGUF key, a family's own parameter when it differs from its default, RoPE scaling under
+`{arch}.rope.scaling.*` (Llama 3's scaling as the `rope_freqs.weight` tensor, as llama.cpp's converter
+writes it), Gemma's sliding layers as `{arch}.attention.sliding_window_pattern` when they are not llama.cpp's
+default pattern. So what is written is what `open_model` reads back. Values are plain Python (int, float,
+bool, str, list of bool); the writer (convert/gguf_export.py) picks the GGUF value types.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from apr.engine.rope import llama3_factors
+from apr.errors import ValidationError
+from apr.models.config import ModelConfig
+from apr.models.exchange import COMMON_FIELDS
+from apr.models.model import Model
+from apr.models.params import Param
+
+Value = int | float | bool | str | list[bool]
+ROPE_FREQS: Final = "rope_freqs.weight"
+SLIDING_PATTERN: Final = "{arch}.attention.sliding_window_pattern"
+# (ModelConfig.rope_scaling field, GGUF key under {arch}.rope.scaling.) per scaling kind
+ROPE_SCALING_KEYS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
+    "linear": (("factor", "factor"),),
+    "yarn": (
+        ("factor", "factor"),
+        ("original_max_position", "original_context_length"),
+        ("beta_fast", "yarn_beta_fast"),
+        ("beta_slow", "yarn_beta_slow"),
+        ("attention_factor", "yarn_attn_factor"),
+    ),
+}
+
+
+def gguf_architecture(model: Model) -> str:
+    """`general.architecture`: the variant's GGUF name; a variant without one (Mistral) is written as its
+    family's first variant, as llama.cpp's converter writes Mistral as "llama"."""
+    for variant in (model.variant, model.family.variants[0]):
+        if variant.gguf:
+            return variant.gguf[0]
+    raise ValidationError(f"cannot export architecture {model.config.architecture!r} to GGUF")
+
+
+def gguf_metadata(model: Model) -> dict[str, Value]:
+    """The `{arch}.*` keys of `model`'s config (general.* and tokenizer keys are the writer's)."""
+    cfg, arch = model.config, gguf_architecture(model)
+    out: dict[str, Value] = {}
+    for p in model.family.params:
+        if p.gguf and _wanted(p, cfg):
+            out[p.gguf.format(arch=arch)] = _plain(getattr(cfg, p.field), p.kind)
+    out[f"{arch}.vocab_size"] = cfg.vocab_size
+    out[f"{arch}.rope.dimension_count"] = cfg.head_dim
+    out[f"{arch}.attention.value_length"] = cfg.head_dim
+    s = cfg.rope_scaling
+    if s.kind in ROPE_SCALING_KEYS:
+        out[f"{arch}.rope.scaling.type"] = s.kind
+        for field, key in ROPE_SCALING_KEYS[s.kind]:
+            if value := getattr(s, field):
+                out[f"{arch}.rope.scaling.{key}"] = value
+    if cfg.sliding_window and SLIDING_PATTERN in model.family.gguf_keys:
+        out[SLIDING_PATTERN.format(arch=arch)] = [i in cfg.sliding_layers for i in range(cfg.n_layers)]
+    return out
+
+
+def _wanted(p: Param, cfg: ModelConfig) -> bool:
+    if p.field in COMMON_FIELDS or callable(p.default):
+        return True
+    return bool(getattr(cfg, p.field) != p.default)
+
+
+def _plain(value: object, kind: type) -> Value:
+    if kind is float:
+        return float(value)  # type: ignore[arg-type]
+    assert isinstance(value, int | str | bool), value
+    return value
+
+
+def rope_freqs(cfg: ModelConfig) -> npt.NDArray[np.float32] | None:
+    """Llama 3's per-frequency divisors as the `rope_freqs.weight` a GGUF carries (None for any other
+    scaling, or when the checkpoint has the tensor already)."""
+    s = cfg.rope_scaling
+    if s.kind != "llama3" or s.freq_factors:
+        return None
+    base = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    return llama3_factors(base, s).astype(np.float32)

@@ -1,0 +1,92 @@
+"""`apr diff MODEL_A MODEL_B`: config, tokenizer and tensor-set differences before any forward pass."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from apr.diff.models import diff_models
+from apr.models import open_model
+from tests.fixtures.cli import run
+from tests.fixtures.zoo import ZooModel
+
+
+def edited_copy(hf_dir: Path, out: Path, **changes: Any) -> Path:
+    """A copy of an HF folder with config.json values changed (tensors shared by symlink)."""
+    out.mkdir()
+    for f in hf_dir.iterdir():
+        (out / f.name).symlink_to(f) if f.name != "config.json" else None
+    cfg = json.loads((hf_dir / "config.json").read_text()) | changes
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_same_model_as_gguf_and_hf_differs_only_in_storage(zoo: Any) -> None:
+    z: ZooModel = zoo("llama")
+    d = diff_models(open_model(z.gguf), open_model(z.hf_dir))
+    assert [(f.name, bool(f.storage)) for f in d.config] == [("qk_layout", True)]
+    assert not d.tokenizer.differs and d.tensors == [] and not d.differs
+    code, out, _ = run("diff", str(z.gguf), str(z.hf_dir), "--check")
+    assert code == 0 and "=> no difference in the math" in out
+    assert "qk_layout" in out and "storage only" in out
+
+
+def test_a_changed_rope_theta_and_eps_are_named_and_fail_check(zoo: Any, tmp_path: Path) -> None:
+    z: ZooModel = zoo("llama")
+    b = edited_copy(
+        z.hf_dir, tmp_path / "b", rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=128
+    )
+    code, out, _ = run("diff", str(z.hf_dir), str(b), "--check")
+    assert code == 1, out
+    assert "config: 3 fields differ" in out
+    for name in ("max_position", "rope_theta", "rms_eps"):
+        assert name in out
+    code, out, _ = run("diff", str(z.hf_dir), str(b), "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["schema"] == "apr-model-diff-v1" and doc["differs"] is True
+    got = {c["field"]: (c["a"], c["b"]) for c in doc["config"]}
+    assert got == {"max_position": (64, 128), "rope_theta": (10000.0, 500000.0), "rms_eps": (1e-6, 1e-5)}
+
+
+def test_tokenizer_and_tensor_set_differences(zoo: Any) -> None:
+    a, b = zoo("qwen2"), zoo("llama")
+    d = diff_models(open_model(a.gguf), open_model(b.gguf))
+    assert d.tokenizer.first_token == (0, "<|endoftext|>", "<unk>")
+    assert d.tokenizer.fields and d.tokenizer.differs
+    missing = sorted(t.name for t in d.tensors if t.kind == "missing")
+    assert missing == [f"blk.{i}.attn_{x}.bias" for i in (0, 1) for x in "kqv"]
+    code, out, _ = run("diff", str(a.gguf), str(b.gguf))
+    assert code == 0
+    assert "first differing token: id 0: '<|endoftext|>' → '<unk>'" in out
+    assert "only in A: 6 tensors" in out and "blk.0.attn_q.bias: F32 [64]  →  -" in out
+
+
+def test_quantized_against_f32_differs_in_types_only(smollm2_gguf: Path, smollm2_f32_gguf: Path) -> None:
+    code, out, _ = run("diff", str(smollm2_gguf), str(smollm2_f32_gguf), "--check")
+    assert code == 0, out
+    assert "type differs: 211 tensors (Q4_1 → F32" in out and "config: identical" in out
+    assert "(types differ: precision only)" in out
+
+
+def test_a_model_against_a_trace_is_refused(zoo: Any, tmp_path: Path) -> None:
+    z: ZooModel = zoo("llama")
+    trace = tmp_path / "run"
+    trace.mkdir()
+    code, _, err = run("diff", str(z.gguf), str(trace))
+    assert (code, err) == (5, f"error: cannot compare a file ({z.gguf}) with a directory ({trace})\n")
+
+
+def test_bisect_prints_the_model_diff_first(zoo: Any, tmp_path: Path) -> None:
+    z: ZooModel = zoo("llama")
+    b = edited_copy(z.hf_dir, tmp_path / "b", rope_theta=20000.0)
+    code, out, _ = run("bisect", str(z.hf_dir), str(b), "--tokens", ",".join(map(str, z.token_ids())))
+    assert code == 1
+    assert out.index("rope_theta") < out.index("apr bisect") < out.index("verdict")
+    code, out, _ = run(
+        "bisect", str(z.hf_dir), str(b), "--tokens", ",".join(map(str, z.token_ids())), "--json"
+    )
+    doc = json.loads(out)
+    assert [c["field"] for c in doc["model_diff"]["config"]] == ["rope_theta"]
+    shutil.rmtree(b)

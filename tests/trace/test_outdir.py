@@ -1,0 +1,153 @@
+"""Trace-directory atomicity with real signals and a real full disk: the previous trace survives SIGINT,
+kill -9 and ENOSPC exactly as it was, nothing partial is left, and a second run into a directory being
+written is refused."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apr.errors import AprIOError
+from apr.stages import Stage, StageId
+from apr.trace.outdir import OutputDir, lock_path
+from apr.trace.plan import TracePlan
+from apr.trace.writer import TraceWriter
+from tests.fixtures.cli import run
+from tests.fixtures.traces import run_info
+
+IDS = ",".join(str(100 + 37 * i % 4000) for i in range(96))  # long enough to be caught mid-run
+
+
+def digest(d: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in d.rglob("*") if p.is_file()
+    }
+
+
+def start_trace(model: Path, out: Path) -> subprocess.Popen[bytes]:
+    args = ["trace", str(model), "--tokens", IDS, "--save-tensor", "all", "--save-tensor-layers", "0..30"]
+    cmd = [sys.executable, "-m", "apr", *args, "--save-tensor-dir", str(out), "-q"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_mid_run(proc: subprocess.Popen[bytes], out: Path) -> None:
+    """Until the run has written layer 2 into its temporary directory."""
+    deadline = time.monotonic() + 60
+    while not list(out.parent.glob(f".{out.name}.apr-tmp-*/layer-2")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}"))
+
+
+@pytest.fixture
+def old_trace(smollm2_gguf: Path, tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
+    out = tmp_path / "t"
+    code, _, stderr = run(
+        "trace", str(smollm2_gguf), "--save-tensor", "ffn_up,lm_head", "--save-tensor-dir", str(out)
+    )
+    assert (code, stderr) == (0, "")
+    (out / "notes.txt").write_text("mine")
+    yield out, digest(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_an_interrupted_rerun_keeps_the_previous_trace(
+    smollm2_gguf: Path, old_trace: tuple[Path, dict[str, str]], sig: signal.Signals
+) -> None:
+    out, before = old_trace
+    proc = start_trace(smollm2_gguf, out)
+    wait_mid_run(proc, out)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert digest(out) == before
+    if sig is signal.SIGINT:
+        assert (proc.returncode, stderr) == (130, b"error: interrupted\n")
+        assert siblings(out) == []
+    else:
+        assert proc.returncode == -9 and len(siblings(out)) == 2  # its temporary directory and lock file
+        code, _, _ = run(
+            "trace", str(smollm2_gguf), "--save-tensor", "lm_head", "--save-tensor-dir", str(out)
+        )
+        assert code == 0 and siblings(out) == []  # the next run clears what the killed one left
+        assert set(digest(out)) == {"lm_head.bin", "manifest.json", "notes.txt"}
+
+
+def test_an_interrupted_first_run_leaves_no_directory(smollm2_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fresh"
+    proc = start_trace(smollm2_gguf, out)
+    wait_mid_run(proc, out)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert not out.exists() and siblings(out) == []
+
+
+def test_a_second_run_into_a_directory_being_written_is_refused(smollm2_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    held = OutputDir(out)
+    held.open()
+    try:
+        code, stdout, stderr = run(
+            "trace", str(smollm2_gguf), "--save-tensor", "lm_head", "--save-tensor-dir", str(out)
+        )
+    finally:
+        held.close()
+    assert (code, stdout.count("Wrote")) == (7, 0)
+    assert stderr == (
+        f"error: another apr run is writing {out} (it holds {lock_path(out)}); wait for it or choose another "
+        "--save-tensor-dir\n"
+    )
+    assert not out.exists() and siblings(out) == []
+    assert run("trace", str(smollm2_gguf), "--save-tensor", "lm_head", "--save-tensor-dir", str(out))[0] == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (the suite runs as root, as `make test` does here)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_full_disk_keeps_the_previous_trace(small_disk: Path) -> None:
+    out = small_disk / "t"
+    plan = TracePlan.from_cli("embedding,attn_norm", "0..2")
+    with TraceWriter(out, plan, run_info()) as w:
+        w(StageId(Stage.EMBEDDING, 0), np.ones((3, 8), np.float32))
+    before = digest(out)
+    with (
+        pytest.raises(
+            AprIOError, match=f"^cannot write {out}/layer-0/attn_norm.bin: No space left on device$"
+        ),
+        TraceWriter(out, plan, run_info()) as w,
+    ):
+        w(StageId(Stage.EMBEDDING, 0), np.ones((3, 8), np.float32))
+        w(StageId(Stage.ATTN_NORM, 0), np.ones((3, 1 << 18), np.float32))  # 3 MiB
+    assert digest(out) == before and sorted(os.listdir(small_disk)) == ["t"]
+
+
+def test_a_trace_over_the_free_space_is_refused_before_running(smollm2_gguf: Path, small_disk: Path) -> None:
+    out = small_disk / "t"
+    args = ["trace", str(smollm2_gguf), "--save-tensor", "all", "--save-tensor-layers", "0..5"]
+    code, _, stderr = run(*args, "--save-tensor-dir", str(out), "--max-disk", "none")
+    assert code == 5 and not out.exists()
+    assert stderr == (
+        f"error: the trace would write ~1.9 MiB to {out}, more than the 1.0 MiB free on its filesystem; "
+        "shrink it with --save-tensor-positions (e.g. -16..), --save-tensor-layers, --save-tensor\n"
+    )
