@@ -347,3 +347,26 @@ def test_a_llama_gguf_with_experts_is_mixtral_and_the_llama_family_refuses_it(
     monkeypatch.setattr(model_module, "find_family", lambda source: (llama, llama.variant("llama")))
     with pytest.raises(ModelLoadError, match=r"tensor blk\.0\.ffn_gate\.weight is missing$"):
         open_model(z.gguf)  # the llama family alone still refuses it
+
+
+def test_bisect_finds_an_expert_fault_only_for_a_prompt_that_selects_the_expert(
+    family: ZooModel, tmp_path: Path
+) -> None:
+    """`apr bisect good.gguf bad.gguf --tokens …`: one expert of the last layer ×3. On the whole prompt the
+    first divergence is that layer's moe_ffn_out; on the prefix before the first position that selects the
+    expert (a causal model computes the same states there) bisect finds nothing."""
+    from tests.test_cli_bisect import bisect_json
+
+    ids = family.token_ids()
+    last = open_model(family.gguf).config.n_layers - 1
+    chosen = selections(reference(family.gguf, ids), last)  # (T, k)
+    unused_first = [e for e in np.unique(chosen) if e not in chosen[0]]
+    e = int(unused_first[0])  # selected somewhere, but not at position 0
+    first_hit = int(np.argmax((chosen == e).any(axis=1)))
+    faulted = gguf_copy(family, tmp_path / "faulted.gguf",
+                        lambda t: t[f"blk.{last}.ffn_down_exps.weight"][e].__imul__(3.0))  # fmt: skip
+    tokens = ",".join(map(str, ids))
+    code, doc = bisect_json(family.gguf, faulted, "--tokens", tokens)
+    assert code == 1 and doc["first_divergence"]["id"] == f"blk.{last}.moe_ffn_out", doc["first_divergence"]
+    code, doc = bisect_json(family.gguf, faulted, "--tokens", ",".join(map(str, ids[:first_hit])))
+    assert code == 0 and doc["first_divergence"] is None

@@ -26,7 +26,7 @@ from typing import Any, Final
 from apr.errors import FormatError, TraceFormatError
 from apr.formats.config import QKLayout
 from apr.formats.files import read_regular
-from apr.formats.jsonio import check, int_list, maybe, parse_json, want
+from apr.formats.jsonio import check, int_list, parse_json, want
 from apr.models.config import ModelConfig
 from apr.models.registry import stage_dims
 from apr.stages import Stage, StageId
@@ -73,10 +73,12 @@ class FileEntry:
     def from_json(cls, d: dict[str, Any]) -> FileEntry:
         where = "manifest 'files' entry"
         d = check(d, dict, where)
-        layer = maybe(d, "layer", int, where, -1)
-        sid = StageId(Stage(want(d, "stage", str, where)), None if layer == -1 else layer)
+        layer = d.get("layer")
+        if layer is not None:
+            layer = check(layer, int, f"{where}: 'layer'")
+        sid = StageId(Stage(want(d, "stage", str, where)), layer)
         shape = tuple(int_list(want(d, "shape", list, where), f"{where}: 'shape'"))
-        if any(n < 0 for n in shape) or (layer < 0 and layer != -1):
+        if any(n < 0 for n in shape) or (layer is not None and layer < 0):
             raise TraceFormatError(f"{where}: negative layer or dimension in {d!r:.120}")
         size, sha = want(d, "bytes", int, where), want(d, "sha256", str, where)
         return cls(want(d, "path", str, where), sid, shape, size, sha)
