@@ -31,7 +31,7 @@ $(VENV)/.dev: $(VENV)/.base pyproject.toml scripts/llamacpp-wheel.sh
 
 dev: $(VENV)/.dev
 	@# the HTML report's browser test (tests/report/test_html.py) loads it in Debian's chromium
-	command -v chromium >/dev/null 2>&1 || apt-get install -y chromium
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 model: venv
 	$(PY) scripts/fixtures.py smollm2
