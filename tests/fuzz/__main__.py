@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.fuzz.harness import SCRATCH, TARGETS, run_campaign, save_regression, table
+from tests.fuzz.harness import HANG, SCRATCH, TARGETS, run_campaign, save_regression, table
 
 
 def main() -> int:
@@ -35,7 +35,8 @@ def main() -> int:
             s = run_campaign(name, args.inputs, Path(tmp), args.seed, deadline)
             results.append(s)
             print(f"{name}: {s.inputs:,} inputs in {time.monotonic() - start:.0f} s", file=sys.stderr)
-            for where, count in sorted(s.escapes.items(), key=lambda kv: -kv[1]):
+            found = sorted(s.escapes.items(), key=lambda kv: -kv[1]) + ([(HANG, s.hangs)] if s.hangs else [])
+            for where, count in found:
                 print(f"  {count:6} × {where}", file=sys.stderr)
                 if args.save:
                     rel, data = s.examples[where]

@@ -38,7 +38,9 @@ class Hang(BaseException):
 
 
 def read_model(path: Path) -> None:
-    """Open (strict validation), read every tensor and run the reference forward on TOKEN_IDS."""
+    """Open (strict validation), read every tensor, run the reference forward on TOKEN_IDS, and build and
+    run the tokenizer a GGUF or .apr carries."""
+    from apr.formats.tokenizer import build_tokenizer
     from apr.models import open_model
     from apr.stages import no_tap
     from apr.trace.run import ENGINES, TraceOptions
@@ -47,6 +49,10 @@ def read_model(path: Path) -> None:
     for t in model.tensors():
         model.read(t.name)
     ENGINES["reference"](path, model, TOKEN_IDS, no_tap, TraceOptions(n_threads=1))
+    spec = model.tokenizer_spec()  # GGUF / .apr tokenizer metadata (an HF folder's: the tokenizer target)
+    if spec is not None and model.format_name != "safetensors":
+        tok = build_tokenizer(spec)
+        tok.decode(tok.encode("ab c abc"))
 
 
 def read_tokenizer(folder: Path) -> None:

@@ -115,3 +115,10 @@ def test_a_symlink_loop_is_named(tmp_path: Path) -> None:
     assert run("diff", str(a), str(b)) == (4, "", f"error: {a}: symlink loop\n")
     with pytest.raises(FormatError, match="symlink loop"):
         read_trace(a)
+
+
+def test_an_unfinished_run_directory_is_not_a_bare_trace(tmp_path: Path) -> None:
+    run_dir = write_trace(tmp_path / ".t.apr-tmp-x1y2")  # outdir.py's name for a run being written
+    (run_dir / "manifest.json").unlink()
+    with pytest.raises(TraceFormatError, match=r"interrupted apr run's files \(\.t\.apr-tmp-x1y2\)"):
+        read_trace(run_dir)

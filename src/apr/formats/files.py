@@ -16,6 +16,7 @@ from pathlib import Path
 
 from apr.errors import AprIOError, FormatError, NotFoundError
 
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, in bytes: longer names fail every call with ENAMETOOLONG
 _KINDS = (
     (stat.S_ISFIFO, "a FIFO"),
     (stat.S_ISCHR, "a character device"),
@@ -73,14 +74,18 @@ def read_regular(path: Path, limit: int) -> bytes:
 def confined(root: Path, rel: str, where: str) -> Path:
     """`root / rel`, which must stay inside `root` after resolving `..` and symlinks."""
     if not rel or "\0" in rel or Path(rel).is_absolute():
-        raise FormatError(f"{where}: path {rel!r} must be relative to {root}")
+        raise FormatError(f"{where}: path '{shown(rel)}' must be relative to {root}")
+    if len(rel.encode(errors="replace")) > PATH_MAX or any(
+        len(p.encode(errors="replace")) > NAME_MAX for p in Path(rel).parts
+    ):
+        raise FormatError(f"{where}: path '{shown(rel)}' is longer than a file name may be")
     try:
         base = root.resolve()
         target = (root / rel).resolve()
     except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop on older Pythons
-        raise FormatError(f"{where}: cannot resolve {rel!r}: {e}") from None
+        raise FormatError(f"{where}: cannot resolve '{shown(rel)}': {e}") from None
     if not target.is_relative_to(base):
-        raise FormatError(f"{where}: path {rel!r} leaves {root}")
+        raise FormatError(f"{where}: path '{shown(rel)}' leaves {root}")
     return root / rel
 
 

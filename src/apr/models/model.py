@@ -158,10 +158,13 @@ def resolve(ckpt: Checkpoint, *, runtime_only: bool = False) -> Model:
     _refuse_config(family, source, where)
     values = read_params(family.params, source, where)
     _check_heads(values, where)
+    tensors = {t.name: t for t in ckpt.tensors()}
+    if values["n_layers"] > len(tensors):  # before any loop over layers: each needs tensors of its own
+        raise FormatError(
+            f"{where}: {values['n_layers']} layers, but the file holds only {len(tensors)} tensors"
+        )
     provisional = ModelConfig(architecture=variant.name, vocab_size=1, **values)
-    by_file = _stack_experts(
-        family.roles(provisional), provisional, {t.name: t for t in ckpt.tensors()}, where
-    )
+    by_file = _stack_experts(family.roles(provisional), provisional, tensors, where)
     mapped = _map_names(family.roles(provisional), provisional.n_layers, by_file, source.kind)
     present = frozenset(role for role, _ in mapped)
     cfg = family.finish(variant, source, values, present, where)
@@ -231,10 +234,15 @@ def _stack_experts(
     stacks: dict[str, TensorInfo] = {}
     for template in (t for r in roles for t in (r.hf, r.hf_alt) if "{e}" in t):
         for layer in range(cfg.n_layers):
-            names = [template.format(i=layer, e=e) for e in range(cfg.n_experts)]
+            # one tensor per expert: past the file's tensor count they are all missing anyway
+            names = [template.format(i=layer, e=e) for e in range(min(cfg.n_experts, len(by_file) + 1))]
             have = [by_file[n] for n in names if n in by_file]
             if not have:
                 continue
+            if cfg.n_experts > len(by_file):
+                raise FormatError(
+                    f"{where}: {cfg.n_experts} experts, but the file holds only {len(by_file)} tensors"
+                )
             stacked = template.format(i=layer, e=EXPERTS)
             if len(have) < len(names):
                 missing = next(n for n in names if n not in by_file)

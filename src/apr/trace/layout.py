@@ -17,8 +17,9 @@ SUFFIX: Final = ".bin"
 LAYER_DIR: Final = "layer-{layer}"
 MANIFEST_NAME: Final = "manifest.json"
 _LAYER_DIR_RE: Final = re.compile(r"^layer-(0|[1-9][0-9]*)$")
-# what an apr run leaves behind only when it was cut short: atomicfile's `.<name>.tmp-*`, lock files
-_DEBRIS_RE: Final = re.compile(r"^\..+\.tmp-|\.lock$|^\.apr-")
+# what only an unfinished apr run leaves: atomicfile's `.<name>.tmp-*`, lock files, and outdir.py's
+# `.<name>.apr-tmp-*` run directory (a directory so named is itself a run being written)
+_DEBRIS_RE: Final = re.compile(r"^\..+\.tmp-|\.lock$|\.apr-tmp-")
 
 
 def relative_path(sid: StageId) -> Path:
@@ -65,7 +66,7 @@ def stage_files(out_dir: Path) -> dict[StageId, Path]:
 
 def debris(out_dir: Path) -> list[str]:
     """Names (relative, sorted) of apr temp/lock files in `out_dir` and its layer-N/ folders."""
-    found = []
+    found = [out_dir.name] if _DEBRIS_RE.search(out_dir.name) else []
     for p in out_dir.iterdir():
         if _DEBRIS_RE.search(p.name):
             found.append(p.name)
