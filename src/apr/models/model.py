@@ -168,8 +168,9 @@ def resolve(ckpt: Checkpoint, *, runtime_only: bool = False) -> Model:
     mapped = _map_names(family.roles(provisional), provisional.n_layers, by_file, source.kind)
     present = frozenset(role for role, _ in mapped)
     cfg = family.finish(variant, source, values, present, where)
-    if cfg.vocab_size == 0 and ("token_embd.weight", 0) in {(r, 0) for r, _ in mapped}:
-        cfg = dataclasses.replace(cfg, vocab_size=_embedding_rows(mapped, by_file))
+    embedding = next((name for role, (_, name) in mapped if role == "token_embd.weight"), None)
+    if cfg.vocab_size == 0 and embedding is not None and by_file[embedding].shape:
+        cfg = dataclasses.replace(cfg, vocab_size=by_file[embedding].shape[0])  # no vocab key or tokens
     roles = {r.name: r for r in family.roles(cfg)}
     infos, slices = _account(roles, mapped, by_file, cfg, where)
     ignored = _ignorable(family, by_file, {i.source_name or i.name for i in infos.values()}, where)
@@ -277,11 +278,6 @@ def _map_names(
             if name is not None:
                 found.append((role.name, (layer, name)))
     return found
-
-
-def _embedding_rows(mapped: Mapped, by_file: dict[str, TensorInfo]) -> int:
-    name = next(n for r, (_, n) in mapped if r == "token_embd.weight")
-    return by_file[name].shape[0] if by_file[name].shape else 0
 
 
 def _account(
