@@ -4,10 +4,14 @@ same file and token ids, every figure measured in this run (issue 12).
     .venv/bin/python bench/long.py                          # this tree
     .venv/bin/python bench/long.py --src /tmp/before/src    # another tree's apr (e.g. `git archive HEAD src`)
     .venv/bin/python bench/long.py --only 7,512             # prompt lengths to run
+    .venv/bin/python bench/long.py --only 2048 --bisect     # also `apr bisect` at 2048 tokens
 
 Rows: each case is one whole process (start-up, forward, writing the trace), best of --runs; the trace is
 written to a temporary directory on the output filesystem and its size on disk reported. Token ids are
 SmolLM2's tokens of a repeated English text, cut to the length. "T×T" are attn_scores and attn_softmax.
+With --bisect, `apr bisect` of the model against itself at each length (two phases from 2048 tokens:
+statistics of every stage, then the window in full), its peak RSS and the largest temporary disk it used
+(its --keep directory, measured after the run; targets: ≤ 1.5 GiB, ≤ 512 MiB).
 """
 
 from __future__ import annotations
@@ -84,18 +88,58 @@ def apr_case(
     return bench.Proc(min(r.seconds for r in results), max(r.max_rss for r in results)), size
 
 
+BISECT_RSS_TARGET: Final = 3 << 29  # 1.5 GiB
+BISECT_DISK_TARGET: Final = 512 << 20
+
+
+def bisect_case(model: Path, ids: Sequence[int], src: Path | None) -> tuple[bench.Proc, int]:
+    """`apr bisect MODEL MODEL` on the ids (one process), and the bytes its work directory held."""
+    if src is not None:
+        os.environ["PYTHONPATH"] = str(src)
+    with tempfile.TemporaryDirectory(prefix="apr-long-bisect-") as d:
+        keep = Path(d) / "work"
+        args = ["--quiet", "bisect", str(model), str(model), "--tokens", ",".join(map(str, ids))]
+        proc = bench.run_process(bench.APR_CHILD, [*args, "--keep", str(keep)])
+        size = du(keep)
+    os.environ.pop("PYTHONPATH", None)
+    return proc, size
+
+
+def bisect_rows(model: Path, n: int, src: Path | None) -> list[bench.Row]:
+    bench.status(f"apr bisect, {n} tokens")
+    proc, size = bisect_case(model, token_ids(model, n), src)
+    rss_ok, disk_ok = proc.max_rss <= BISECT_RSS_TARGET, size <= BISECT_DISK_TARGET
+    return [
+        bench.Row(
+            f"SmolLM2 Q4_1, {n} tokens, apr bisect (model vs itself)", "wall s", f"{proc.seconds:.2f}", "—"
+        ),
+        bench.Row(
+            "  peak RSS, temporary disk",
+            "MiB",
+            f"{proc.max_rss / 2**20:.0f}, {size / 2**20:.0f}",
+            "—",
+            target="≤ 1536, ≤ 512",
+            met="yes" if rss_ok and disk_ok else "no",
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--src", type=Path, help="run apr from this source tree (its src/ folder)")
     parser.add_argument("--runs", type=int, default=1, help="best of N (default 1)")
     parser.add_argument("--only", default="7,512,2048", help="prompt lengths (default 7,512,2048)")
     parser.add_argument("--skip-positions", action="store_true", help="no --save-tensor-positions case")
+    parser.add_argument("--bisect", action="store_true", help="also `apr bisect` at each length")
+    parser.add_argument("--bisect-only", action="store_true", help="only the bisect rows")
     args = parser.parse_args(argv)
     lengths = {int(n) for n in args.only.split(",")}
     model = models.smollm2_gguf()
     bench.warm(model)
     rows, reference = [], {}
     for case in CASES:
+        if args.bisect_only:
+            break
         if case.tokens not in lengths or (args.skip_positions and case.extra):
             continue
         ids = token_ids(model, case.tokens)
@@ -118,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"—, {theirs.max_rss / 2**20:.0f}",
             )
         )
+    if args.bisect or args.bisect_only:
+        for n in sorted(lengths):
+            rows += bisect_rows(model, n, args.src)
     print(f"apr from: {args.src or ROOT / 'src'}")
     print(bench.render(rows))
 

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +87,31 @@ def test_global_flags_go_before_or_after_the_command() -> None:
         code, out, err = run(*argv)
         assert (code, out) == (3, "") and err.startswith("Traceback (most recent call last):\n")
         assert err.endswith("\nerror: File not found: missing.gguf\n")
+
+
+SIGINT_ON_IMPORT = """
+import importlib.abc, os, signal, sys
+
+class Interrupt(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "apr.cli.tracing":  # a real SIGINT while the CLI's modules are being imported
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+"""
+
+
+@pytest.mark.parametrize("how", ["-m", "script"])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path: Path, how: str) -> None:
+    """SIGINT delivered while `apr` is still importing its modules (before any command runs), through
+    `python -m apr` and through the installed console script: `error: interrupted`, exit 130, no traceback."""
+    (tmp_path / "sitecustomize.py").write_text(SIGINT_ON_IMPORT)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    exe = Path(sys.executable)
+    cmd = [str(exe), "-m", "apr", "stages"] if how == "-m" else [str(exe.parent / "apr"), "stages"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert (p.returncode, p.stdout, p.stderr) == (130, "", "error: interrupted\n")
+    (tmp_path / "sitecustomize.py").write_text("")  # the same command, not interrupted
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "embedding" in p.stdout, p.stderr

@@ -15,7 +15,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "apr"
 LAYER = {
-    "errors": 0, "atomicfile": 0, "version": 0, "stages": 0,
+    "errors": 0, "atomicfile": 0, "version": 0, "stages": 0, "panics": 0,
     "quant": 1,
     "formats": 2,
     "engine": 3,
@@ -24,7 +24,7 @@ LAYER = {
     "trace": 6,
     "diff": 7,
     "report": 8,
-    "cli": 9, "__main__": 10,
+    "cli": 9, "__main__": 10, "entry": 10,
 }  # fmt: skip
 
 

@@ -7,25 +7,51 @@ Public API (the CLI is a thin layer over these):
     read_trace(dir) -> Trace                    a trace directory (apr manifest or aprender layout)
     diff_stage_files(a, b) -> StageFileDiff     aprender's `apr diff --values` on two APRT files
     diff_traces(a, b, Tolerance) -> TraceDiff   every stage of two traces, first divergence
+
+The names are imported on first use (PEP 562), so `import apr` (and the CLI's start-up) does not pay for
+the modules a command does not need.
 """
 
 from __future__ import annotations
 
-from apr.diff.compare import (
-    StageDiff,
-    StageFileDiff,
-    Tolerance,
-    TraceDiff,
-    diff_stage_files,
-    diff_traces,
-    first_divergence,
-)
-from apr.errors import AprError
-from apr.formats import open_checkpoint
-from apr.stages import STAGE_ORDER, Stage, StageId
-from apr.trace.plan import TracePlan
-from apr.trace.reader import Trace, read_trace
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
 from apr.version import __version__
+
+if TYPE_CHECKING:
+    from apr.diff.compare import (
+        StageDiff,
+        StageFileDiff,
+        Tolerance,
+        TraceDiff,
+        diff_stage_files,
+        diff_traces,
+        first_divergence,
+    )
+    from apr.errors import AprError
+    from apr.formats import open_checkpoint
+    from apr.stages import STAGE_ORDER, Stage, StageId
+    from apr.trace.plan import TracePlan
+    from apr.trace.reader import Trace, read_trace
+
+_HOME: Final = {
+    "StageDiff": "apr.diff.compare",
+    "StageFileDiff": "apr.diff.compare",
+    "Tolerance": "apr.diff.compare",
+    "TraceDiff": "apr.diff.compare",
+    "diff_stage_files": "apr.diff.compare",
+    "diff_traces": "apr.diff.compare",
+    "first_divergence": "apr.diff.compare",
+    "AprError": "apr.errors",
+    "open_checkpoint": "apr.formats",
+    "STAGE_ORDER": "apr.stages",
+    "Stage": "apr.stages",
+    "StageId": "apr.stages",
+    "TracePlan": "apr.trace.plan",
+    "Trace": "apr.trace.reader",
+    "read_trace": "apr.trace.reader",
+}
 
 __all__ = [
     "STAGE_ORDER",
@@ -45,3 +71,17 @@ __all__ = [
     "open_checkpoint",
     "read_trace",
 ]
+assert set(__all__) == {*_HOME, "__version__"}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'apr' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,3 +1,3 @@
-from apr.cli import main
+from apr.entry import run
 
-main()
+run()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -81,6 +83,27 @@ def atomic_output(path: Path, *, fsync: bool = False) -> Iterator[AtomicFile]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def held_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive in the block are delivered when it ends, so the KeyboardInterrupt
+    their Python handlers raise cannot land inside it: not between the steps of a swap that must happen
+    whole, nor inside threading's own locks (an interrupted `Future.result()` can leave a condition's lock
+    held, and the process then hangs at exit joining the thread that waits for it). Python runs signal
+    handlers in the main thread only; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for n in dict.fromkeys(caught):
+            signal.raise_signal(n)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -208,6 +208,39 @@ def test_gguf_every_stage_llamacpp_exposes_matches(family: ZooModel) -> None:
     assert errors[worst] <= F32_TOL, f"{worst}: {errors[worst]:.3e}"
 
 
+GGML_ROUTER_TOL = 1e-6  # --precision ggml: every matmul in ggml's order except the F32 routers (BLAS)
+
+
+def test_q8_0_from_llama_quantize_opens_and_the_emulation_matches_llamacpp(
+    family: ZooModel, tmp_path: Path
+) -> None:
+    """llama_model_quantize (pure Q8_0) writes Qwen2-MoE's [1, D] shared-expert gate back as [D] (ggml drops
+    ne = 1); apr opens it as llama.cpp does. With --precision ggml the expert path agrees with llama.cpp on
+    every stage within GGML_ROUTER_TOL, the same experts selected everywhere."""
+    import ctypes
+
+    import llama_cpp
+
+    q8 = tmp_path / "q8_0.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.pure, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, 1
+    status = llama_cpp.llama_model_quantize(str(family.gguf).encode(), str(q8).encode(), ctypes.byref(params))
+    assert status == 0
+    ids = family.token_ids()
+    m, ours = open_model(q8), Recorder()
+    m.family.forward(Weights(m, ggml=True), m.config, ids, ours, lm_head_all=True)
+    theirs = llamacpp_run(q8, ids)
+    side = Side(m.config.qk_layout, m.config)
+    for i in range(m.config.n_layers):
+        assert np.array_equal(selections(theirs, i), selections(ours, i)), i
+    errors = {
+        sid: rel_l2(*align(sid, ours.arrays[sid], side, theirs.arrays[sid], side)) for sid in theirs.order
+    }
+    worst = max(errors, key=errors.__getitem__)
+    assert errors[worst] <= GGML_ROUTER_TOL, f"{worst}: {errors[worst]:.3e}"
+    assert StageId(Stage.LM_HEAD) in errors and len(errors) > 2 * 15
+
+
 def test_gguf_and_hf_traces_agree_and_import_is_bit_identical(family: ZooModel, tmp_path: Path) -> None:
     ids = family.token_ids()
     a, b = reference(family.gguf, ids), reference(family.hf_dir, ids)
@@ -224,7 +257,7 @@ def test_gguf_and_hf_traces_agree_and_import_is_bit_identical(family: ZooModel, 
 
 
 class ByteSpy:
-    """A model whose `raw` views record the byte ranges [start, stop) sliced from each tensor."""
+    """A model that records the byte ranges [start, stop) read from each tensor (`raw_range`, `raw` views)."""
 
     def __init__(self, model: Any) -> None:
         self.model, self.reads = model, defaultdict(list)
@@ -241,6 +274,10 @@ class ByteSpy:
                 return np.asarray(super().__getitem__(key))
 
         return self.model.raw(name).view(View)
+
+    def raw_range(self, name: str, start: int, stop: int) -> np.ndarray:
+        self.reads[name].append((start, stop))
+        return self.model.raw_range(name, start, stop)
 
 
 def test_only_the_selected_experts_bytes_are_read(family: ZooModel) -> None:

@@ -14,7 +14,8 @@ import pytest
 from apr.errors import UnsupportedQuantError
 from apr.quant import dequantize
 from apr.quant.types import QuantType
-from apr.quant.vecdot import ACTIVATION_QUANTIZERS, VEC_DOT_TYPE, activation, block_minimums
+from apr.quant.vecdot import ACTIVATION_QUANTIZERS, VEC_DOT_TYPE, activation, block_minimums, quantize_q8_K
+from apr.quant.vecdot_k import K_TYPES, kernel
 from apr.quant.vecdot_lanes import LANE_TYPES, lane_dot
 from tests.quant import ggml_cpu_ref
 from tests.quant.fixtures import REAL_ROWS, llamacpp_blocks
@@ -107,7 +108,15 @@ def test_rows_must_be_whole_blocks() -> None:
 assert REAL_ROWS >= ROWS
 
 
-@pytest.mark.parametrize("wtype", sorted(LANE_TYPES | {Q.Q4_0}), ids=lambda q: q.name)
+# the weight types whose emulated kernel is ggml_vec_dot itself for these 24 rows × 5 activation rows (the
+# repacked Q4_K / IQ4_NL and the tiled path are checked against llama.cpp's own stage captures instead,
+# tests/engine/test_ggml_precision.py)
+VEC_DOT_LANES = sorted(
+    t for t in LANE_TYPES | {Q.Q4_0} if t not in K_TYPES or kernel(t, ROWS, 5) == "vec_dot"
+)
+
+
+@pytest.mark.parametrize("wtype", VEC_DOT_LANES, ids=lambda q: q.name)
 def test_lane_order_is_ggml_vec_dot_bit_for_bit(wtype: QuantType) -> None:
     raw = llamacpp_blocks(wtype)[:ROWS]
     x = activations(1536)
@@ -115,3 +124,23 @@ def test_lane_order_is_ggml_vec_dot_bit_for_bit(wtype: QuantType) -> None:
     theirs = ggml_cpu_ref.vec_dot(wtype, vdt, raw, ggml_cpu_ref.quantize_row(x, vdt), 1536)
     ours = lane_dot(raw, wtype, ROWS, ACTIVATION_QUANTIZERS[vdt](x)).T
     assert ours.tobytes() == theirs.tobytes()
+
+
+def test_the_repacked_gemms_4_row_q8_K_is_the_reference() -> None:
+    """ggml_quantize_mat_t<4, Q8_K> (what a repacked Q4_K weight's gemm reads, 4 rows at a time) gives the
+    scales of `quantize_q8_K` (the reference, ggml's quantize_row_q8_K), also when a super-block's largest
+    magnitude occurs with both signs: the first one sets the sign of d."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 512)).astype(np.float32)
+    x[0, 3], x[0, 200] = -4.0, 4.0  # tie, negative first
+    x[1, 10], x[1, 11] = 5.0, -5.0  # tie, positive first
+    x[2, 300], x[2, 400] = -6.0, 6.0  # tie in the second super-block
+    lib = ggml_cpu_ref._lib()
+    fn = lib["_Z19ggml_quantize_mat_tILl4EL9ggml_type15EEvPKfPvll"]  # ggml_quantize_mat_t<4, GGML_TYPE_Q8_K>
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    out = np.zeros((2, 4 * 4 + 4 * 256 + 4 * 16 * 2), np.uint8)  # block_q8_Kx4: d[4], qs[1024], bsums[64]
+    fn(x.ctypes.data, out.ctypes.data, 4, 512)
+    theirs = out[:, :16].copy().view("<f4")  # (super-block, row)
+    ours = quantize_q8_K(x).d.T
+    assert ours.tobytes() == theirs.tobytes()
+    assert (np.sign(ours[:, :3]) == [[1, -1, 1], [1, -1, 1]]).all()  # d = 1/(−127/max): the sign flips

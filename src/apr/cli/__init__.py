@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok / within tolerance · 1 divergence found (`diff --check`, `bisect`) · 2 usage error ·
 3 file not found · 4 invalid file format · 5 validation failed · 6 model load failed · 7 I/O error ·
-8 inference failed · 9 optional extra not installed · 70 internal error (a bug: please report it).
+8 inference failed · 9 optional extra not installed · 70 internal error (a bug: please report it) ·
+130 interrupted (SIGINT, SIGTERM).
 """
 
 from __future__ import annotations

@@ -219,5 +219,6 @@ def cli() -> None:
     Global flags (--json, -q, --debug) go before the command or after it.
     Exit codes: 0 ok · 1 divergence found (diff --check, bisect) · 2 usage error · 3 file not found
     · 4 invalid file format · 5 validation failed · 6 model load failed · 7 I/O error
-    · 8 inference failed · 9 optional extra not installed · 70 internal error · 130 interrupted (SIGINT)
+    · 8 inference failed · 9 optional extra not installed · 70 internal error
+    · 130 interrupted (SIGINT, SIGTERM)
     """

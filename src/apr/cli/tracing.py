@@ -28,11 +28,12 @@ from apr.cli.app import (
     show,
     wants_json,
 )
-from apr.diff.bisect import SideSpec
+from apr.diff.bisect import PHASES, SideSpec
 from apr.diff.bisect import bisect as run_bisect
 from apr.diff.compare import Tolerance, diff_stage_files, diff_traces, require_compared
 from apr.diff.growth import ToleranceModel
 from apr.diff.models import diff_models, is_model
+from apr.diff.stats import diff_stats
 from apr.errors import MismatchError
 from apr.formats import detect_format
 from apr.models import open_model
@@ -43,6 +44,7 @@ from apr.report import inspect as inspect_report
 from apr.report import json as jsonr
 from apr.report import model_diff as model_diff_report
 from apr.report import payload as payload_report
+from apr.report import stats_diff as stats_diff_report
 from apr.report import text
 from apr.stages import ALIASES, STAGE_ORDER
 from apr.trace.estimate import parse_size
@@ -50,8 +52,8 @@ from apr.trace.layout import default_output_dir
 from apr.trace.payload import run_payload
 from apr.trace.plan import DEFAULT_LAYERS, TracePlan
 from apr.trace.prompt import DEFAULT_MAX_TOKENS, Prompt
-from apr.trace.reader import read_trace
-from apr.trace.run import ENGINES, PRECISIONS, TraceOptions, prepare_trace
+from apr.trace.reader import is_stats_dir, read_trace
+from apr.trace.run import ENGINES, KV_TYPES, PRECISIONS, TraceOptions, prepare_trace
 
 ENGINE_CHOICE = click.Choice(list(ENGINES))
 
@@ -191,7 +193,15 @@ def stages() -> None:
     default=DEFAULT_LAYERS,
     show_default=True,
     metavar="START..END",
-    help="Layer range for --save-tensor, END exclusive.",
+    help="Layer range for --save-tensor, END exclusive, or all (every layer of the model).",
+)
+@click.option(
+    "--save-tensor-mode",
+    type=click.Choice(["full", "stats"]),
+    default="full",
+    show_default=True,
+    help="full: one APRT file per stage (aprender's layout); stats: per stage and position min, max, "
+    "mean, std, absmax, L2, NaN/Inf counts and a sha256 of the values, in one stats.aprs file.",
 )
 @click.option(
     "--save-tensor-positions",
@@ -228,6 +238,14 @@ def stages() -> None:
     help="Who runs the forward pass (transformers, llama.cpp: optional extras).",
 )
 @click.option(
+    "--kv-type",
+    type=click.Choice(list(KV_TYPES)),
+    default="f32",
+    show_default=True,
+    help="KV cache element type (f16: K and V rounded to f16 after RoPE, as llama.cpp's default cache; "
+    "reference and llama.cpp engines).",
+)
+@click.option(
     "--lm-head-all", is_flag=True, help="Save lm_head logits for every position, not only the last."
 )
 @click.option(
@@ -246,11 +264,13 @@ def trace(
     save_tensor: str | None,
     save_tensor_dir: Path | None,
     save_tensor_layers: str,
+    save_tensor_mode: str,
     save_tensor_positions: str,
     max_disk: str,
     prompt: Prompt,
     precision: str,
     engine: str,
+    kv_type: str,
     lm_head_all: bool,
     payload: bool,
     progress: bool,
@@ -265,12 +285,14 @@ def trace(
     The prompt is one of --prompt, --prompt-file (with --chat: the model's chat template) or --tokens.
     Example:  apr trace model.gguf --save-tensor all --save-tensor-layers 0..4
     Example:  apr trace model.gguf --save-tensor lm_head --chat --prompt "Hi" --system "Be brief."
+    Example:  apr trace m-q4_k.gguf --save-tensor all --precision ggml --kv-type f16   # as llama.cpp runs it
     """
-    options = TraceOptions(engine, precision, lm_head_all)
+    options = TraceOptions(engine, precision, lm_head_all, kv_type=kv_type)
     if save_tensor is None:
         _trace_report(file, prompt, options, payload, layer_filter)
         return
-    plan = TracePlan.from_cli(save_tensor, save_tensor_layers, save_tensor_positions)  # before any model I/O
+    # before any model I/O
+    plan = TracePlan.from_cli(save_tensor, save_tensor_layers, save_tensor_positions, save_tensor_mode)
     options = replace(options, max_disk=parse_size(max_disk))
     out_dir = save_tensor_dir or default_output_dir(file)
     quiet_header = wants_json()
@@ -340,7 +362,9 @@ def diff(
     Two models (any formats): config, tokenizer and tensor set, before any forward pass
     (--check: exit 1 when they differ in more than storage and types).
     Two directories: one row per common stage in forward order, first divergence marked.
-    Two files: aprender's max|diff|, RMS, cosine and top-N report, element by element.
+    Two files: aprender's max|diff|, RMS, cosine and top-N report, element by element; stage
+    files of apr traces are aligned (Q/K layout, positions) as in directory mode, and a Q/K
+    stage whose layout no manifest gives is refused (exit 5).
     Example:  apr diff run-a/ run-b/ --values --check --min-cos 0.9999
               apr diff model.gguf model-hf/
     """
@@ -354,6 +378,8 @@ def diff(
     if a.is_dir() != b.is_dir() and a.exists() and b.exists():
         kinds = ("directory" if a.is_dir() else "file", "directory" if b.is_dir() else "file")
         raise MismatchError(f"cannot compare a {kinds[0]} ({a}) with a {kinds[1]} ({b})")
+    if a.is_dir() and _stats_diff(a, b, tolerance, check):
+        return
     if a.is_dir():
         result = diff_traces(read_trace(a), read_trace(b), tolerance)
         if check:
@@ -368,6 +394,17 @@ def diff(
         exit_diverged()
 
 
+def _stats_diff(a: Path, b: Path, tolerance: Tolerance, check: bool) -> bool:
+    """`apr diff` when a side is a `--save-tensor-mode stats` trace (apr.diff.stats); False otherwise."""
+    if not (is_stats_dir(a) or is_stats_dir(b)):
+        return False
+    found = diff_stats(read_trace(a), read_trace(b), tolerance)
+    show(found, stats_diff_report.to_doc, stats_diff_report.render_text)
+    if check and found.diverged:
+        exit_diverged()
+    return True
+
+
 @cli.command("bisect")
 @path_arg("a")
 @path_arg("b")
@@ -375,7 +412,10 @@ def diff(
 @click.option("--engine-a", type=ENGINE_CHOICE, default="reference", show_default=True, help="Who runs A.")
 @click.option("--engine-b", type=ENGINE_CHOICE, default="reference", show_default=True, help="Who runs B.")
 @click.option(
-    "--isolate", is_flag=True, help="Re-run each layer of B on A's input to it: own vs inherited error."
+    "--isolate",
+    is_flag=True,
+    help="Re-run each layer of B, in B's own engine (reference or transformers; llama.cpp cannot take a "
+    "hidden state and is refused), on A's input to it: own vs inherited error.",
 )
 @click.option(
     "--growth",
@@ -396,6 +436,31 @@ def diff(
 @click.option(
     "--keep", type=path_type(), help="Keep the two traces in this directory (default: a temporary one)."
 )
+@click.option(
+    "--precision-a",
+    type=click.Choice(list(PRECISIONS)),
+    default="f32",
+    show_default=True,
+    help="A's compute precision (ggml: the reference engine as ggml-cpu computes quantized matmuls; "
+    "against --engine-b llama.cpp it shrinks the activation-quantization budget).",
+)
+@click.option(
+    "--precision-b", type=click.Choice(list(PRECISIONS)), default="f32", show_default=True, help="B's."
+)
+@click.option(
+    "--phases",
+    type=click.Choice(list(PHASES)),
+    default="auto",
+    show_default=True,
+    help="1: trace every stage in full; 2: compare per-position statistics of every layer first, then "
+    "trace in full only the layer before the first suspicious stage through it; auto: 2 when the full "
+    "traces would exceed 256 MiB together (1 with --isolate or a trace directory).",
+)
+@click.option(
+    "--progress",
+    is_flag=True,
+    help="Report the phase and each side's `layer N/L` on stderr also when it is not a terminal (-q: never).",
+)
 def bisect_cmd(
     a: Path,
     b: Path,
@@ -407,6 +472,10 @@ def bisect_cmd(
     floor: float,
     report_path: Path | None,
     keep: Path | None,
+    precision_a: str,
+    precision_b: str,
+    phases: str,
+    progress: bool,
 ) -> None:
     """Find the first stage where B parts ways with A (models in any format, or trace directories).
 
@@ -416,14 +485,26 @@ def bisect_cmd(
     inputs already carry: a stage that adds more than growth × input error + its weights' expected
     quantization error is the first divergence. MoE traces: positions that select different experts
     are reported first. Exit 1 when either is found, 0 when none.
+    Long prompts run in two phases (--phases): per-position statistics of every layer first, then
+    the layers around the first suspicious stage in full, at 128 positions, where the verdict is made.
     Example:  apr bisect model-f32.gguf model-q4_k.gguf --engine-b llama.cpp --report report.html
+    Example:  apr bisect model-q8_0.gguf model-q8_0.gguf --engine-b llama.cpp --precision-a ggml
     """
     model = ToleranceModel(floor=floor, growth=growth)
     found = diff_models(open_model(a), open_model(b)) if is_model(a) and is_model(b) else None
     if found is not None and not wants_json():
         emit(model_diff_report.render_text(found) + "\n")
     sides = SideSpec(a, engine_a), SideSpec(b, engine_b)
-    result = run_bisect(*sides, prompt, model=model, isolate=isolate, keep=keep)
+    result = run_bisect(
+        *sides,
+        prompt,
+        model=model,
+        isolate=isolate,
+        keep=keep,
+        precisions=(precision_a, precision_b),
+        phases=phases,
+        progress=lambda label, n: Progress(n, label, force=progress),
+    )
     if report_path is not None:
         write_bytes_atomic(report_path, html_report.render(result, found).encode("utf-8"))
     extra = {} if found is None else {"model_diff": model_diff_report.to_doc(found)}

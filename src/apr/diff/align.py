@@ -5,23 +5,31 @@
 - lm_head: a last-position trace (vocab,) is compared with the last row of an all-position trace (S, vocab).
 - Sizes are checked; what cannot be aligned raises MismatchError naming the stage and both shapes.
 Without manifests (aprender's traces) nothing is known about layouts, and only equal sizes are compared.
+
+Two stage files (`apr diff run-a/layer-0/q_post_rope.bin run-b/layer-0/q_post_rope.bin`) are compared
+the same way: `drilldown` finds each file's trace (the nearest parent directory whose manifest.json lists
+it) and the pair goes through `load_aligned` like a row of a directory diff. When the stage is
+layout-sensitive (QK_STAGES) and a side's layout is unknown (no manifest lists the file), there is no
+number to give: `LayoutUnknownError` (exit 5) says so instead of a cosine of two row orders.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
-from apr.errors import MismatchError
+from apr.errors import MismatchError, ValidationError
 from apr.formats.config import QKLayout, interleaved_to_hf
 from apr.models.config import ModelConfig
 from apr.stages import Stage, StageId
+from apr.trace.layout import MANIFEST_NAME, stage_id_for
 from apr.trace.manifest import QK_STAGES
-from apr.trace.reader import Trace
+from apr.trace.reader import Trace, read_trace
 
 F32 = npt.NDArray[np.float32]
 
@@ -89,6 +97,57 @@ def needs_alignment(a: Trace, b: Trace, sid: StageId) -> bool:
 def load_aligned(a: Trace, b: Trace, sid: StageId) -> tuple[F32, F32]:
     """Both sides of one stage of two traces, aligned (see `align`)."""
     return align(sid, a.load(sid), Side.of(a), b.load(sid), Side.of(b), (a.path, b.path))
+
+
+class LayoutUnknownError(ValidationError):
+    """A Q/K-layout-sensitive stage file without a manifest that says its row order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """Where a stage file sits: the stage its place names, and the apr trace that lists it (if any)."""
+
+    sid: StageId
+    trace: Trace | None  # None: no manifest.json above the file lists it (an aprender trace, a copy)
+
+
+def place(path: Path) -> Placed | None:
+    """The stage a file stands for (`layer-N/<stage>.bin` or `<stage>.bin`), or None for any other name."""
+    path = path.absolute()
+    sid = next(
+        (s for root in path.parents[:2] if (s := stage_id_for(path.relative_to(root))) is not None), None
+    )
+    if sid is None:
+        return None
+    for root in path.parents:  # up to the trace root: the first folder with a manifest
+        if (root / MANIFEST_NAME).is_file():
+            trace = read_trace(root, stages={sid})  # only this stage's file is checked
+            entry = trace.entries.get(sid)
+            listed = entry is not None and entry.path.resolve() == path.resolve()
+            return Placed(sid, trace if listed else None)
+    return Placed(sid, None)
+
+
+def drilldown(path_a: Path, path_b: Path) -> tuple[Trace, Trace, StageId] | None:
+    """The two traces in which to compare one stage file pair as directory mode does (`load_aligned`), or
+    None when the pair compares as stored (not stage files, or no manifest and nothing layout-sensitive).
+
+    Raises LayoutUnknownError for a Q/K stage whose row order a side's missing manifest leaves unknown.
+    """
+    pa, pb = place(path_a), place(path_b)
+    if pa and pb and pa.trace and pb.trace and pa.sid == pb.sid:
+        return pa.trace, pb.trace, pa.sid
+    sensitive = [p.sid for p in (pa, pb) if p is not None and p.sid.stage in _LAYOUT_FIXES]
+    if not sensitive:
+        return None
+    unknown = [str(path) for path, p in ((path_a, pa), (path_b, pb)) if p is None or p.trace is None]
+    if not unknown:
+        raise MismatchError(f"{path_a} is {pa and pa.sid}, {path_b} is {pb and pb.sid}: different stages")
+    raise LayoutUnknownError(
+        f"{sensitive[0].stage} depends on the Q/K row layout, which is unknown for {' and '.join(unknown)} "
+        "(no manifest.json lists it): refusing a number that may compare two row orders; "
+        "compare files of traces written by `apr trace`"
+    )
 
 
 def _shape(x: F32) -> str:

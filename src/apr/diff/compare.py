@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from apr.diff.align import load_aligned, needs_alignment
-from apr.diff.metrics import CHUNK, ElementDiff, Metrics, compare, compare_chunks
+from apr.diff.align import drilldown, load_aligned, needs_alignment
+from apr.diff.metrics import CHUNK, ElementDiff, Metrics, compare, compare_chunks, sliced
 from apr.diff.router import RouterDivergence, router_divergence
 from apr.errors import MismatchError, ValidationError
 from apr.formats import formats
-from apr.stages import StageId
+from apr.stages import Stage, StageId
 from apr.trace import format as aprt
 from apr.trace.manifest import dims_for
 from apr.trace.reader import Trace
@@ -45,8 +45,16 @@ class StageFileDiff:
 
 
 def diff_stage_files(path_a: Path, path_b: Path, limit: int = 10) -> StageFileDiff:
-    """Read in chunks of CHUNK values (memory a few MB whatever the files' size)."""
+    """Read in chunks of CHUNK values (memory a few MB whatever the files' size). Stage files of apr
+    traces are compared as directory mode compares them (diff/align.py `drilldown`)."""
     ha, hb = (aprt.read_aprt(p).header for p in (path_a, path_b))  # validates both
+    placed = drilldown(path_a, path_b) if ha.layer == hb.layer else None
+    if placed is not None:  # as a row of `diff_traces`: aligned when needed, else streamed as stored
+        ta, tb, sid = placed
+        _check_same_input(ta, tb)
+        if needs_alignment(ta, tb, sid):
+            metrics, top = compare_chunks(sliced(*load_aligned(ta, tb, sid)), max(limit, 1))
+            return StageFileDiff(path_a, path_b, ha.layer, metrics, top)
     if ha.count != hb.count:
         raise MismatchError(
             f"APRT dim_product mismatch: {path_a} has {ha.count} f32s, {path_b} has "
@@ -129,6 +137,8 @@ class TraceDiff:
     only_in_b: list[StageId] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     routing: RouterDivergence | None = None  # MoE traces: the experts each side selects (diff/router.py)
+    # each side's manifest: stage → why its engine does not expose it (explains the other's "only in")
+    unavailable: tuple[dict[str, str], dict[str, str]] = field(default_factory=lambda: ({}, {}))
 
     @property
     def first_divergence(self) -> StageDiff | None:
@@ -142,6 +152,28 @@ class TraceDiff:
     @property
     def diverged(self) -> list[StageDiff]:
         return [r for r in self.rows if not r.passed]
+
+    def only_in(self) -> list[OnlyIn]:
+        """The stages one side lacks, one group per (side, stage), with the other engine's reason."""
+        out = []
+        sides = (("A", self.only_in_a, self.unavailable[1]), ("B", self.only_in_b, self.unavailable[0]))
+        for side, ids, why in sides:
+            groups: dict[Stage, list[int]] = {}
+            for sid in ids:
+                groups.setdefault(sid.stage, []).extend([] if sid.layer is None else [sid.layer])
+            for stage, layers in groups.items():
+                reason = why.get(stage.value)
+                reason = reason.removeprefix(stage.value + ": ") if reason else None
+                out.append(OnlyIn(side, stage, tuple(sorted(layers)), reason))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class OnlyIn:
+    side: str  # "A" or "B": the side that has the stage
+    stage: Stage
+    layers: tuple[int, ...]  # () for a whole-model stage
+    reason: str | None  # why the other side's engine does not expose it, when its manifest says
 
 
 def first_divergence(rows: list[StageDiff]) -> StageDiff | None:
@@ -177,7 +209,12 @@ def diff_traces(a: Trace, b: Trace, tolerance: Tolerance | None = None) -> Trace
         only_in_b=[s for s in b.entries if s not in a.entries],
         notes=notes,
         routing=router_divergence(a, b),
+        unavailable=(_unavailable(a), _unavailable(b)),
     )
+
+
+def _unavailable(t: Trace) -> dict[str, str]:
+    return dict(t.manifest.run.unavailable) if t.manifest is not None else {}
 
 
 def require_compared(d: TraceDiff) -> None:

@@ -22,6 +22,10 @@ class LogitAgreement:
     top5_overlap: list[float]  # |top5(A) ∩ top5(B)| / 5
     top1_a: list[int] = field(default_factory=list)  # each side's top-1 token id per position
     top1_b: list[int] = field(default_factory=list)
+    top_k_a: list[int] = field(default_factory=list)  # each side's TOP_K ids at the last position, best first
+    top_k_b: list[int] = field(default_factory=list)
+    top_k_p_a: list[float] = field(default_factory=list)  # their probabilities (softmax in f64)
+    top_k_p_b: list[float] = field(default_factory=list)
 
     @property
     def kl_mean(self) -> float:
@@ -62,4 +66,8 @@ def compare_logits(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> LogitAgreement:
         top5_overlap=overlap,
         top1_a=[int(i) for i in top_a[:, 0]],
         top1_b=[int(i) for i in top_b[:, 0]],
+        top_k_a=[int(i) for i in top_a[-1]],
+        top_k_b=[int(i) for i in top_b[-1]],
+        top_k_p_a=[float(np.exp(la[-1, i])) for i in top_a[-1]],
+        top_k_p_b=[float(np.exp(lb[-1, i])) for i in top_b[-1]],
     )

@@ -5,10 +5,16 @@ llama.cpp's fused SwiGLU (`ggml_vec_swiglu_f32`) computes silu(g) · u with thes
 scalar tail of a row that is not a multiple of 8 uses libm's expf, which this does not reproduce. Each fused
 multiply-add is emulated as a float64 product (exact for two float32) plus a float64 sum, rounded once to
 float32; that differs from a true FMA only when the float64 sum rounds onto a float32 tie (~2^-29).
+
+`rope_tables` builds RoPE's cos/sin as ggml's rope cache does (a float32 running product of the
+frequencies and libm's cosf/sinf), for `--precision ggml`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from typing import Any, Final
 
 import numpy as np
@@ -22,6 +28,11 @@ LN2_HI: Final = np.float32(_h("0x1.62e4p-1"))
 LN2_LO: Final = np.float32(_h("0x1.7f7d1cp-20"))
 POLY: Final = tuple(np.float32(_h(c)) for c in ("0x1.ffffecp-1", "0x1.fffdb6p-2", "0x1.555e66p-3"))
 POLY_HI: Final = tuple(np.float32(_h(c)) for c in ("0x1.573e2ep-5", "0x1.0e4020p-7"))
+
+
+def fma(a: Any, b: Any, c: Any) -> F32:
+    """fma(a, b, c) of float32 operands, rounded once to float32 (a float64 product and sum)."""
+    return _fma(a, b, c)
 
 
 def _fma(a: Any, b: Any, c: Any) -> F32:
@@ -63,3 +74,41 @@ def silu(x: F32) -> F32:
     x = np.asarray(x, np.float32)
     with np.errstate(all="ignore"):
         return (x / (np.float32(1) + expf((np.float32(0) - x).astype(np.float32)))).astype(np.float32)
+
+
+@functools.cache
+def _libm() -> ctypes.CDLL:
+    lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+    for name in ("cosf", "sinf", "powf"):
+        getattr(lib, name).restype = ctypes.c_float
+    lib.cosf.argtypes = lib.sinf.argtypes = [ctypes.c_float]
+    lib.powf.argtypes = [ctypes.c_float, ctypes.c_float]
+    return lib
+
+
+def _each_f32(fn: Any, x: F32) -> F32:
+    flat = [fn(float(v)) for v in np.asarray(x, np.float32).reshape(-1)]
+    return np.array(flat, np.float32).reshape(np.shape(x))
+
+
+def rope_tables(
+    positions: npt.NDArray[Any],
+    n_dims: int,
+    base: float,
+    freq_scale: float = 1.0,
+    freq_factors: F32 | None = None,
+) -> tuple[F32, F32]:
+    """cos, sin (T, n_dims/2) float32 as ggml-cpu's `ggml_rope_cache_init` builds them (no YaRN ramp,
+    attn_factor 1): θ_0 = p, θ_{i+1} = θ_i · powf(base, −2/n_dims) in float32, then cosf/sinf (libm, as
+    ggml calls them) of freq_scale · (θ_i / freq_factor_i)."""
+    lib = _libm()
+    theta_scale = np.float32(lib.powf(np.float32(base), np.float32(-2.0) / np.float32(n_dims)))
+    half = n_dims // 2
+    theta = np.empty((len(positions), half), np.float32)
+    theta[:, 0] = np.asarray(positions, np.float32)
+    for i in range(1, half):
+        theta[:, i] = theta[:, i - 1] * theta_scale
+    if freq_factors is not None:
+        theta = theta / np.asarray(freq_factors, np.float32)[None, :]
+    theta = (np.float32(freq_scale) * theta).astype(np.float32)
+    return _each_f32(lib.cosf, theta), _each_f32(lib.sinf, theta)

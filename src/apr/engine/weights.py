@@ -2,8 +2,9 @@
 
 A forward pass touches each weight once, so nothing is kept: peak memory is one row block of a matrix per
 thread plus activations. `linear` multiplies a matrix in row blocks of ~`ROW_BLOCK_ELEMS` elements (4 MiB
-of f32): each block is dequantized straight from the file's bytes, mapped for that block only, and
-multiplied right away, so neither the f32 matrix nor its stored bytes are ever resident whole; a 7B lm_head
+of f32): each block is dequantized straight from the file's bytes, read (pread, apr.formats.tensorio) for
+that block only, and multiplied right away, so neither the f32 matrix nor its stored bytes are ever
+resident whole, and a model file truncated during the run is a clean error rather than SIGBUS; a 7B lm_head
 (152064 × 3584) is ~500 such blocks. The embedding lookup reads only the prompt's rows, and `expert_linear`
 only one expert's rows of a stacked (E, out, in) expert tensor: a MoE layer dequantizes just the experts some
 token selects.
@@ -35,6 +36,7 @@ from typing import Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from apr.atomicfile import held_signals
 from apr.errors import InferenceError, ModelLoadError, ValidationError
 from apr.formats import names
 from apr.formats.base import F32Array, TensorInfo
@@ -65,6 +67,8 @@ class TensorSource(Protocol):
 
     def raw(self, name: str) -> npt.NDArray[np.uint8]: ...
 
+    def raw_range(self, name: str, start: int, stop: int) -> npt.NDArray[np.uint8]: ...
+
 
 def default_threads() -> int:
     """The CPUs this process may run on, at most MAX_THREADS."""
@@ -79,12 +83,14 @@ class Weights:
         dtype: type[np.floating[Any]] = np.float32,
         threads: int | None = None,
         ggml: bool = False,
+        kv_f16: bool = False,
     ) -> None:
         self.ckpt = ckpt
         self.dtype = np.dtype(dtype)
         if ggml and self.dtype != np.float32:
             raise ValidationError("ggml's matmul arithmetic is float32 (--precision ggml)")
         self.ggml = ggml  # multiply as ggml-cpu does (module docstring)
+        self.kv_f16 = kv_f16  # attention reads K and V back from an f16 cache (apr.models.decoder)
         # our own threads only where BLAS can be held to one (below); elsewhere BLAS does the threading
         self.threads = threads or (default_threads() if _openblas_libs() else 1)
         self._names = {t.name for t in ckpt.tensors()}
@@ -165,8 +171,8 @@ class Weights:
         """x @ Wᵀ in the order of ggml's own kernel for W's type (apr.quant.vecdot_lanes), in row blocks."""
 
         def compute(r0: int, r1: int, dst: Array) -> None:
-            raw = self.ckpt.raw(info.name)[(base + r0) * size : (base + r1) * size]
-            dst[...] = lane_dot(raw, info.qtype, r1 - r0, blocks)
+            raw = self.ckpt.raw_range(info.name, (base + r0) * size, (base + r1) * size)
+            dst[...] = lane_dot(raw, info.qtype, r1 - r0, blocks, rows)
 
         return self._rows(rows, cols, blocks.d.shape[0], compute)
 
@@ -182,7 +188,7 @@ class Weights:
             raise InferenceError(f"{info.name}: ggml emulation of {info.qtype.name} needs its stored blocks")
 
         def term(r0: int, r1: int) -> Array:
-            raw = self.ckpt.raw(info.name)[(base + r0) * size : (base + r1) * size]
+            raw = self.ckpt.raw_range(info.name, (base + r0) * size, (base + r1) * size)
             m = block_minimums(raw, info.qtype, r1 - r0)  # (r1 - r0, nb)
             assert m is not None
             return m @ offset.T
@@ -221,7 +227,7 @@ class Weights:
         return np.ascontiguousarray(out.T)
 
     def _row_reader(self, info: TensorInfo) -> Callable[[int, int], Array]:
-        """rows [r0, r1) of a matrix as `dtype`: dequantized from a slice of its mapped bytes when the
+        """rows [r0, r1) of a matrix as `dtype`: dequantized from just those rows' bytes when the
         format stores rows whole (GGUF, safetensors, most .apr types), else through `read_rows`."""
         rows, cols = info.shape
         size = row_nbytes(info.qtype, cols)
@@ -233,7 +239,7 @@ class Weights:
         """Rows [base + r0, base + r1) of `info` viewed as (rows, cols), dequantized from their bytes only."""
 
         def read(r0: int, r1: int) -> Array:
-            raw = self.ckpt.raw(info.name)[(base + r0) * size : (base + r1) * size]  # mapped for this block
+            raw = self.ckpt.raw_range(info.name, (base + r0) * size, (base + r1) * size)  # this block only
             return dequantize(raw, info.qtype, (r1 - r0, cols)).astype(self.dtype, copy=False)
 
         return read
@@ -260,12 +266,14 @@ class Weights:
         if self.threads > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="apr-linear")
         with single_threaded_blas():  # see below: also makes the bits independent of BLAS's threads
-            helpers = [self._pool.submit(work) for _ in range(self.threads - 1)] if self._pool else []
+            with held_signals():  # Ctrl-C lands in our work, never inside the pool's locks (atomicfile)
+                helpers = [self._pool.submit(work) for _ in range(self.threads - 1)] if self._pool else []
             try:
                 work()
             finally:
-                for h in helpers:
-                    h.result()  # waits for the helpers, and re-raises their first error
+                with held_signals():
+                    for h in helpers:
+                        h.result()  # waits for the helpers, and re-raises their first error
 
 
 # ---- BLAS threads -------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ is traced, and aprender itself never checks it); `check_footer()` / `verify()` d
 `open_apr(path, verify=True)` does both.
 
 Tensors appear under their stored names (aprender stores HF names for Qwen2 imports and GGUF names for
-LLaMA imports; the family maps either spelling to its roles). Each read maps just that tensor's bytes
-(`raw`, `read_rows`) and unmaps them when the result is dropped, or reads them into a private buffer
-(`read`), so a trace of a 7B file keeps only the tensors in use resident. Every dtype is decoded by
+LLaMA imports; the family maps either spelling to its roles). Every read (`read`, `read_rows`, `raw`,
+`raw_range`) preads just the bytes it needs into a private buffer from the descriptor held open until
+`close` (formats/tensorio.py: a file truncated during a run is then a clean error, not SIGBUS), so a trace
+of a 7B file keeps only the row block in use resident. Every dtype is decoded by
 `apr.quant.dequantize`; this module only strips the padding of K-quant rows that are not a whole
 number of super-blocks (GH-202).
 
@@ -49,12 +50,9 @@ from apr.formats.aprmeta import (
     tokenizer_from_metadata,
 )
 from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
-from apr.formats.files import regular
-from apr.formats.tensorio import read_exact
+from apr.formats.tensorio import TensorFile, U8Array, read_exact, read_range, read_rows, row_index
 from apr.quant import dequantize
 from apr.quant.types import QuantType
-
-U8Array = npt.NDArray[np.uint8]
 
 
 def decode(raw: U8Array, qtype: QuantType, shape: tuple[int, ...]) -> F32Array:
@@ -77,16 +75,22 @@ class AprCheckpoint:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._closed = False
         where = str(path)
-        regular(path)
+        self._file = TensorFile(path)  # held open until close(): see formats/tensorio.py
         try:
-            with path.open("rb") as f:
+            self._open(where)
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open(self, where: str) -> None:
+        try:
+            with os.fdopen(os.dup(self._file.fileno()), "rb") as f:
                 self.file_size = os.fstat(f.fileno()).st_size
                 self.header: AprHeader
                 self.header, raw_meta, entries = read_container(f, self.file_size, where)
         except OSError as e:
-            raise AprIOError(f"cannot read {path}: {e.strerror or e}") from None
+            raise AprIOError(f"cannot read {self.path}: {e.strerror or e}") from None
         self.full_metadata, self.warnings = decode_metadata(raw_meta, where)
         self.metadata: dict[str, Any] = summary(self.full_metadata)
         self._infos: dict[str, TensorInfo] = {}
@@ -117,41 +121,39 @@ class AprCheckpoint:
         return info
 
     def raw(self, name: str) -> U8Array:
-        """The stored bytes, memory-mapped; the mapping lives as long as the returned array."""
-        info = self._open_info(name)
-        if info.nbytes == 0:
-            return np.zeros(0, np.uint8)
-        return np.asarray(np.memmap(self.path, np.uint8, "r", info.offset, (info.nbytes,)))
+        """The stored bytes (a private copy, read with pread)."""
+        return read_exact(*self._at(name), str(self.path))
+
+    def raw_range(self, name: str, start: int, stop: int) -> U8Array:
+        """Bytes [start, stop) of the stored bytes (a private copy; nothing else is read)."""
+        return read_range(*self._at(name), start, stop, str(self.path))
 
     def read(self, name: str) -> F32Array:
-        """The whole tensor as a private float32 array (read with one pread, not mapped)."""
-        info = self._open_info(name)
-        with self.path.open("rb") as f:
-            buf = read_exact(f.fileno(), info, str(self.path))
-        return decode(buf, info.qtype, info.shape)
+        """The whole tensor as a private float32 array."""
+        fd, info = self._at(name)
+        return decode(read_exact(fd, info, str(self.path)), info.qtype, info.shape)
 
     def read_rows(self, name: str, rows: npt.NDArray[np.int64] | slice) -> F32Array:
-        """Rows of a 2-D tensor; maps the tensor but touches only the selected rows' bytes."""
-        info = self._open_info(name)
+        """Rows of a 2-D tensor, reading only the selected rows' bytes (and the type's prefix)."""
+        fd, info = self._at(name)
         if len(info.shape) != 2:
             raise ValidationError(
                 f"{self.path}: read_rows needs a 2-D tensor; '{name}' has shape {info.shape}"
             )
         n_rows, cols = info.shape
-        idx = np.arange(n_rows)[rows] if isinstance(rows, slice) else np.asarray(rows, np.int64)
+        idx = row_index(rows, n_rows, f"{self.path}: tensor '{name}'")
         packing = PACKING[info.qtype]
         if len(idx) == 0 or not packing.rows_addressable(cols):
-            return self.read(name)[idx]
-        raw, row_bytes = self.raw(name), packing.row_bytes(cols)
-        picked = raw[packing.prefix :].reshape(n_rows, row_bytes)[idx]  # copies only these rows
-        blob = np.concatenate([raw[: packing.prefix], picked.reshape(-1)])
+            return self.read(name)[rows]
+        row_bytes = packing.row_bytes(cols)
+        picked = read_rows(fd, info, packing.prefix, row_bytes, idx, str(self.path))
+        blob = np.concatenate([self.raw_range(name, 0, packing.prefix), picked.reshape(-1)])
         padded = row_bytes // packing.block_bytes * packing.block
         return np.ascontiguousarray(decode(blob, info.qtype, (len(idx), padded))[:, :cols])
 
-    def _open_info(self, name: str) -> TensorInfo:
-        if self._closed:
-            raise AprIOError(f"{self.path}: the checkpoint is closed")
-        return self.info(name)
+    def _at(self, name: str) -> tuple[int, TensorInfo]:
+        fd = self._file.fileno()  # first: a closed checkpoint says so, whatever the name
+        return fd, self.info(name)
 
     def tokenizer_spec(self) -> TokenizerSpec | None:
         return tokenizer_from_metadata(self.full_metadata, str(self.path))
@@ -159,7 +161,7 @@ class AprCheckpoint:
     def check_footer(self) -> FooterCheck:
         """Stored vs computed footer CRC32 (reads the whole file once)."""
         try:
-            with self.path.open("rb") as f:
+            with os.fdopen(os.dup(self._file.fileno()), "rb") as f:
                 return check_footer(f, self.file_size)
         except OSError as e:
             raise AprIOError(f"cannot read {self.path}: {e.strerror or e}") from None
@@ -173,8 +175,7 @@ class AprCheckpoint:
             )
 
     def close(self) -> None:
-        """No descriptor is held (each read opens the file, each mapped array owns its mapping)."""
-        self._closed = True
+        self._file.close()
 
 
 def sniff(head: bytes, path: Path) -> bool:

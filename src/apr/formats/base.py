@@ -60,6 +60,12 @@ class TokenizerSpec:
     add_space_prefix: bool = False  # SentencePiece: "▁" before the text and after each special token
     fim_ids: Mapping[str, int] = field(default_factory=dict)  # FIM marker ("pre", "suf", ...) → stated id
     model_name: str | None = None  # GGUF general.name: llama.cpp keys a tokenizer quirk on it (phi3)
+    unk_id: int | None = None  # WPM ("bert"): the token of a word no tokens spell (as stored)
+    sep_id: int | None = None  # WPM: appended after the text (as stored)
+    lowercase: bool | None = None  # WPM: BERT's normalizer lowercases (None: not stated, llama.cpp: yes)
+    strip_accents: bool | None = None  # WPM: ... and strips accents (None: not stated, as lowercase)
+    remove_extra_whitespaces: bool = False  # UGM ("t5"): runs of spaces become one
+    precompiled_charsmap: bytes = b""  # UGM: SentencePiece's normalization rules (empty: none)
 
 
 class ConfigSource(Protocol):
@@ -98,7 +104,11 @@ class Checkpoint(Protocol):
         ...
 
     def raw(self, name: str) -> npt.NDArray[np.uint8]:
-        """The tensor's stored bytes (memory-mapped), for byte-exact conversion."""
+        """The tensor's stored bytes (a private copy), for byte-exact conversion."""
+        ...
+
+    def raw_range(self, name: str, start: int, stop: int) -> npt.NDArray[np.uint8]:
+        """Bytes [start, stop) of `raw(name)`, reading only those (the engine's row blocks)."""
         ...
 
     def tokenizer_spec(self) -> TokenizerSpec | None: ...

@@ -1,11 +1,12 @@
 """GGUF checkpoints: `open_gguf` parses metadata and the tensor index (gguf_parse.py) and reads
 tensors on demand.
 
-Opening reads no tensor data (~25 ms for SmolLM2 with its 49k-token vocab). Tensor bytes are
-never mapped for the life of the checkpoint: `read` preads one tensor into a private buffer and
-dequantizes it, `read_rows` maps just that tensor, copies the wanted rows and unmaps, and `raw`
-returns a per-tensor `np.memmap` that is unmapped when the caller drops it. A trace over a 4 GB file
-therefore keeps only the tensors in use resident, never the whole file.
+Opening reads no tensor data (~25 ms for SmolLM2 with its 49k-token vocab); the header is parsed from a
+mapping of the file that is closed before `open_gguf` returns. After that, tensor bytes are never mapped:
+`read` preads one tensor into a private buffer and dequantizes it, `read_rows` preads just the wanted rows,
+`raw_range` a byte range (the engine's row blocks) and `raw` a tensor's stored bytes, all from the
+descriptor held open until `close` (formats/tensorio.py: why a file truncated during a run is then a clean
+error, not SIGBUS). A trace over a 4 GB file therefore keeps only the row block in use resident.
 
 Tensor names are GGUF's own (also apr's canonical spelling); shapes are numpy row-major,
 i.e. GGUF's `ne` reversed (token_embd ne=[576, 49152] → (49152, 576)). LLaMA GGUFs keep attn_q and
@@ -31,7 +32,7 @@ from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, Tokeniz
 from apr.formats.files import regular
 from apr.formats.gguf_meta import GGUFSource, Metadata, tokenizer_spec
 from apr.formats.gguf_parse import HEADER_SIZE, MAGIC, Header, located, parse_header
-from apr.formats.tensorio import check_extent, read_exact
+from apr.formats.tensorio import U8Array, read_exact, read_range, read_rows, row_index
 from apr.quant import DEQUANT_TYPES, dequantize
 
 
@@ -115,7 +116,7 @@ class GGUFCheckpoint:
 
     def read(self, name: str) -> F32Array:
         info = self.info(name)
-        return self._dequantize(info, self._pread(info), info.shape)
+        return self._dequantize(info, read_exact(self._fd(), info, str(self.path)), info.shape)
 
     def read_rows(self, name: str, rows: npt.NDArray[np.int64] | slice) -> F32Array:
         info = self.info(name)
@@ -123,14 +124,18 @@ class GGUFCheckpoint:
             raise ValidationError(
                 f"{self.path}: read_rows needs a tensor of 2 or more dims; '{name}' has shape {info.shape}"
             )
-        picked = self._rows(info, rows)
+        n_rows = info.shape[0]
+        index = row_index(rows, n_rows, f"{self.path}: tensor '{info.name}'")
+        picked = read_rows(self._fd(), info, 0, info.nbytes // n_rows if n_rows else 0, index, str(self.path))
         return self._dequantize(info, picked.reshape(-1), (len(picked), *info.shape[1:]))
 
-    def raw(self, name: str) -> npt.NDArray[np.uint8]:
-        info = self.info(name)
-        if info.nbytes == 0:
-            return np.empty(0, np.uint8)
-        return np.memmap(self._mappable(info), np.uint8, "r", offset=info.offset, shape=(info.nbytes,))
+    def raw(self, name: str) -> U8Array:
+        """The tensor's stored bytes (a private copy)."""
+        return read_exact(self._fd(), self.info(name), str(self.path))
+
+    def raw_range(self, name: str, start: int, stop: int) -> U8Array:
+        """Bytes [start, stop) of the tensor's stored bytes (a private copy; nothing else is read)."""
+        return read_range(self._fd(), self.info(name), start, stop, str(self.path))
 
     def tokenizer_spec(self) -> TokenizerSpec | None:
         with located(str(self.path)):
@@ -141,31 +146,12 @@ class GGUFCheckpoint:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def _open_file(self) -> BinaryIO:
+    def _fd(self) -> int:
         if self._file.closed:
             raise AprIOError(f"{self.path}: the checkpoint is closed")
-        return self._file
+        return self._file.fileno()
 
-    def _mappable(self, info: TensorInfo) -> BinaryIO:
-        file = self._open_file()
-        check_extent(os.fstat(file.fileno()).st_size, info, str(self.path))
-        return file
-
-    def _pread(self, info: TensorInfo) -> npt.NDArray[np.uint8]:
-        return read_exact(self._open_file().fileno(), info, str(self.path))
-
-    def _rows(self, info: TensorInfo, rows: npt.NDArray[np.int64] | slice) -> npt.NDArray[np.uint8]:
-        n_rows = info.shape[0]
-        index = _row_index(rows, n_rows, f"{self.path}: tensor '{info.name}'")
-        if info.nbytes == 0:  # no rows, or empty ones: nothing to map
-            return np.empty((n_rows, 0), np.uint8)[index]
-        shape = (n_rows, info.nbytes // n_rows)
-        mapped = np.memmap(self._mappable(info), np.uint8, "r", offset=info.offset, shape=shape)
-        picked = np.array(mapped[index])  # a copy: the mapping dies with `mapped`, right here
-        del mapped
-        return picked
-
-    def _dequantize(self, info: TensorInfo, raw: npt.NDArray[np.uint8], shape: tuple[int, ...]) -> F32Array:
+    def _dequantize(self, info: TensorInfo, raw: U8Array, shape: tuple[int, ...]) -> F32Array:
         message = f"{self.path}: tensor '{info.name}' has type {info.qtype.name}, which apr cannot dequantize"
         if info.qtype not in DEQUANT_TYPES:
             raise UnsupportedQuantError(message)
@@ -173,20 +159,6 @@ class GGUFCheckpoint:
             return dequantize(raw, info.qtype, shape)
         except UnsupportedQuantError:
             raise UnsupportedQuantError(message) from None
-
-
-def _row_index(rows: npt.NDArray[np.int64] | slice, n_rows: int, what: str) -> npt.NDArray[np.int64] | slice:
-    if isinstance(rows, slice):
-        return rows
-    index = np.asarray(rows)
-    if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
-        raise ValidationError(
-            f"{what}: rows must be a slice or a 1-D integer array, got {index.dtype}{list(index.shape)}"
-        )
-    bad = index[(index < -n_rows) | (index >= n_rows)]
-    if bad.size:
-        raise ValidationError(f"{what}: row {int(bad[0])} is out of range for {n_rows} rows")
-    return index.astype(np.int64, copy=False)
 
 
 FORMAT: Final = Format("gguf", (".gguf",), sniff, open_gguf)

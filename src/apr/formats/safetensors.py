@@ -2,13 +2,16 @@
 
 safetensors layout: u64 LE header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [begin,
 end]}, "__metadata__": {...}}, then the data area; offsets are relative to byte 8 + N. We parse the header
-ourselves (strictly: every offset, size and dtype is checked before use) and memory-map tensor bytes per
-read, because the `safetensors` package's numpy path cannot return BF16 and exposes no byte offsets. Tests
+ourselves (strictly: every offset, size and dtype is checked before use) and pread tensor bytes per read
+from each shard's descriptor, held open until `close` (formats/tensorio.py: a shard truncated during a run
+is a clean error, not SIGBUS), because the `safetensors` package's numpy path cannot return BF16 and
+exposes no byte offsets; apr never calls into that package, so no Rust panic of it can reach the user. Tests
 check every tensor against the `safetensors` package. Names stay HF's; the family maps them to roles.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -20,9 +23,10 @@ import numpy.typing as npt
 
 from apr.errors import FormatError, ModelLoadError
 from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
-from apr.formats.files import confined, printable, regular, shown
+from apr.formats.files import confined, printable, shown
 from apr.formats.jsonio import check, int_list, load_object, parse_json, type_name, want
-from apr.formats.tensorio import read_tensor, read_tensor_rows, tensor_bytes
+from apr.formats.tensorio import TensorFile, read_exact, read_range, read_rows, row_index
+from apr.quant import dequantize
 from apr.quant.types import QuantType
 
 CONFIG_JSON: Final = "config.json"
@@ -49,10 +53,19 @@ ITEMSIZE: Final[dict[QuantType, int]] = {
 }  # fmt: skip
 
 
-def parse_header(path: Path) -> tuple[int, dict[str, Any]]:
-    """(data start offset, header JSON) of one .safetensors file, validated."""
-    size = regular(path).st_size
-    with path.open("rb") as f:
+def parse_header(path: Path, file: TensorFile | None = None) -> tuple[int, dict[str, Any]]:
+    """(data start offset, header JSON) of one .safetensors file, validated (read from `file` if given)."""
+    held = file or TensorFile(path)
+    try:
+        return _read_header(path, held)
+    finally:
+        if file is None:
+            held.close()
+
+
+def _read_header(path: Path, file: TensorFile) -> tuple[int, dict[str, Any]]:
+    size = file.size()
+    with os.fdopen(os.dup(file.fileno()), "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise FormatError(f"{path}: safetensors header length truncated: {len(head)} of 8 bytes")
@@ -137,7 +150,7 @@ class SafetensorsCheckpoint:
     source: ConfigSource
     metadata: dict[str, Any]
     _tensors: dict[str, TensorInfo]
-    _files: dict[str, Path]
+    _files: dict[str, TensorFile]  # tensor name → its shard, held open until close()
     format_name: str = "safetensors"
 
     def tensors(self) -> Sequence[TensorInfo]:
@@ -150,13 +163,29 @@ class SafetensorsCheckpoint:
             raise ModelLoadError(f"{self.path}: no tensor {name}") from None
 
     def raw(self, name: str) -> npt.NDArray[np.uint8]:
-        return tensor_bytes(self._files[name], self.info(name))
+        """The stored bytes (a private copy, read with pread)."""
+        info = self.info(name)
+        return read_exact(self._files[name].fileno(), info, str(self._files[name].path))
+
+    def raw_range(self, name: str, start: int, stop: int) -> npt.NDArray[np.uint8]:
+        """Bytes [start, stop) of the stored bytes (a private copy; nothing else is read)."""
+        info, file = self.info(name), self._files[name]
+        return read_range(file.fileno(), info, start, stop, str(file.path))
 
     def read(self, name: str) -> F32Array:
-        return read_tensor(self._files[name], self.info(name))
+        info = self.info(name)
+        return dequantize(self.raw(name), info.qtype, info.shape)
 
     def read_rows(self, name: str, rows: npt.NDArray[np.int64] | slice) -> F32Array:
-        return read_tensor_rows(self._files[name], self.info(name), rows)
+        """Rows of a 2-D tensor (first axis), reading only their bytes."""
+        info, file = self.info(name), self._files[name]
+        if len(info.shape) != 2:
+            raise FormatError(f"{file.path}: tensor {name} has shape {list(info.shape)}; row reads need 2-D")
+        n_rows, n_cols = info.shape
+        idx = row_index(rows, n_rows, f"{file.path}: tensor {name}")
+        row_bytes = info.nbytes // n_rows if n_rows else 0
+        picked = read_rows(file.fileno(), info, 0, row_bytes, idx, str(file.path))
+        return dequantize(picked.reshape(-1), info.qtype, (len(idx), n_cols))
 
     def tokenizer_spec(self) -> TokenizerSpec | None:
         from apr.formats.tokenizer_hf import hf_spec  # reads tokenizer.json and tokenizer_config.json
@@ -164,7 +193,8 @@ class SafetensorsCheckpoint:
         return hf_spec(self.path)
 
     def close(self) -> None:
-        pass
+        for file in self._files.values():
+            file.close()
 
 
 def open_safetensors(path: Path) -> SafetensorsCheckpoint:
@@ -172,19 +202,26 @@ def open_safetensors(path: Path) -> SafetensorsCheckpoint:
     if not (folder / CONFIG_JSON).exists():
         raise FormatError(f"{folder}: no {CONFIG_JSON} next to the safetensors weights")
     hf_cfg = load_object(folder / CONFIG_JSON, MAX_CONFIG)
-    files = [path] if path.is_file() else _shard_files(folder)
+    paths = [path] if path.is_file() else _shard_files(folder)
     tensors: dict[str, TensorInfo] = {}
-    where: dict[str, Path] = {}
-    for f in files:
-        start, header = parse_header(f)
-        size = f.stat().st_size
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            info = _tensor_info(f, name, entry, start, size)
-            if info.name in tensors:
-                raise FormatError(f"{f}: tensor {shown(name)} is also in {where[info.name]}")
-            tensors[info.name], where[info.name] = info, f
+    where: dict[str, TensorFile] = {}
+    opened: list[TensorFile] = []
+    try:
+        for p in paths:
+            opened.append(f := TensorFile(p))
+            start, header = parse_header(p, f)
+            size = f.size()
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                info = _tensor_info(p, name, entry, start, size)
+                if info.name in tensors:
+                    raise FormatError(f"{p}: tensor {shown(name)} is also in {where[info.name].path}")
+                tensors[info.name], where[info.name] = info, f
+    except BaseException:
+        for f in opened:
+            f.close()
+        raise
     meta = {k: v for k, v in hf_cfg.items() if isinstance(v, (str, int, float, bool)) or v is None}
     return SafetensorsCheckpoint(folder, HFSource(hf_cfg), meta, tensors, where)
 

@@ -15,7 +15,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.engine import ops, rope
+from apr.engine import ggml_math, ops, rope
 from apr.engine.weights import Weights
 from apr.formats.config import QKLayout
 from apr.models.config import ModelConfig
@@ -23,6 +23,7 @@ from apr.stages import Stage, StageId, Tap, tap_positions, tap_wants
 
 Array = npt.NDArray[Any]
 ROPE_FN: Final = {QKLayout.HF: ops.rope_half_split, QKLayout.INTERLEAVED: ops.rope_adjacent}
+GGML_ROPE_KINDS: Final = ("default", "linear")  # the scalings whose tables --precision ggml builds as ggml
 
 
 def layer_names(i: int) -> Callable[[str], str]:
@@ -66,6 +67,14 @@ class Rotary:
     def build(cls, w: Weights, cfg: ModelConfig, t: int) -> Rotary:
         pos = np.arange(t)
         factors = w.vector("rope_freqs.weight") if cfg.rope_scaling.freq_factors else None
+        kind = cfg.rope_scaling.kind
+        if w.ggml and (factors is not None or kind in GGML_ROPE_KINDS):  # ggml's own rope cache, bit for bit
+            scale = 1.0 / cfg.rope_scaling.factor if kind == "linear" and factors is None else 1.0
+            cos, sin = ggml_math.rope_tables(pos, cfg.head_dim, cfg.rope_theta, scale, factors)
+            local = None
+            if cfg.rope_local_theta:
+                local = ggml_math.rope_tables(pos, cfg.head_dim, cfg.rope_local_theta)
+            return cls(cos, sin, local)
         freqs, mult = rope.inv_freq(cfg.rope_scaling, cfg.head_dim, cfg.rope_theta, factors)
         cos, sin = rope.angles(pos, freqs, mult, w.dtype)
         local = None
@@ -118,10 +127,15 @@ def attention(
         k3 = ops.rms_norm(k3, norm_weight(w, cfg, p("attn_k_norm.weight")), cfg.rms_eps)  # (T, Hkv, Dh)
     # rotary position embedding
     cos, sin = rot.for_layer(cfg, i)  # (T, Dh/2) each
-    q3 = ROPE_FN[cfg.qk_layout](q3, cos, sin)  # (T, H, Dh)
-    k3 = ROPE_FN[cfg.qk_layout](k3, cos, sin)  # (T, Hkv, Dh)
+    fused = w.ggml and cos.dtype == np.float32  # ggml's compiled rotation (fused multiply-adds)
+    q3 = ROPE_FN[cfg.qk_layout](q3, cos, sin, fused)  # (T, H, Dh)
+    k3 = ROPE_FN[cfg.qk_layout](k3, cos, sin, fused)  # (T, Hkv, Dh)
     emit(Stage.Q_POST_ROPE, q3.reshape(T, H * Dh))
     emit(Stage.K_POST_ROPE, k3.reshape(T, Hkv * Dh))
+    if w.kv_f16:  # llama.cpp's f16 KV cache: K and V stored as f16 and read back
+        k3, v3 = ops.f16_round(k3), ops.f16_round(v3)
+        if w.ggml:  # ggml-cpu converts the f32 operand of an f16 matmul to f16 (Q here, the probs for ·V)
+            q3 = ops.f16_round(q3)
     # causal self-attention (GQA; sliding window and soft-capping where the config says), a block of
     # queries at a time; the (H, R, T) scores and probabilities only of the positions the tap keeps
     rows = None
@@ -137,6 +151,7 @@ def attention(
         window=cfg.layer_window(i),
         keep_rows=rows,
         each=w.each,
+        ggml_kv=("f16" if w.kv_f16 else "f32") if w.ggml and q3.dtype == np.float32 else None,
     )
     if a.scores is not None and a.probs is not None:
         for stage, kept in ((Stage.ATTN_SCORES, a.scores), (Stage.ATTN_SOFTMAX, a.probs)):

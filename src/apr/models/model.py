@@ -118,6 +118,17 @@ class Model:
         size = info.nbytes // max(1, r1 - r0)
         return data[r0 * size : r1 * size]
 
+    def raw_range(self, name: str, start: int, stop: int) -> npt.NDArray[np.uint8]:
+        """Bytes [start, stop) of `raw(name)`, reading only those."""
+        info = self.info(name)
+        if info.parts or not 0 <= start <= stop <= info.nbytes:
+            raise ValidationError(f"{self.path}: tensor {name} has no bytes [{start}, {stop}) of its own")
+        base = 0
+        if name in self._slices:
+            r0, r1 = self._slices[name]
+            base = r0 * (info.nbytes // max(1, r1 - r0))
+        return self.ckpt.raw_range(self._file_name(name), base + start, base + stop)
+
     def tokenizer_spec(self) -> TokenizerSpec | None:
         return self.ckpt.tokenizer_spec()
 
@@ -310,13 +321,14 @@ def _account(
     for template, (layer, name) in mapped:
         role, info, canon = roles[template], by_file[name], roles[template].name.format(i=layer)
         want_shape = role.shape(cfg)
-        if info.shape == want_shape or role.rows is None:
-            if info.shape != want_shape:
+        if _same_elements(info.shape, want_shape) or role.rows is None:
+            if not _same_elements(info.shape, want_shape):
                 raise FormatError(
                     f"{where}: tensor {name} has shape {list(info.shape)}; the config needs "
                     f"{list(want_shape)}"
                 )
-            infos[canon] = dataclasses.replace(info, name=canon, source_name=name if name != canon else "")
+            source = name if name != canon else ""
+            infos[canon] = dataclasses.replace(info, name=canon, source_name=source, shape=want_shape)
             continue
         r0, r1 = role.rows(cfg)
         infos[canon], slices[canon] = _slice(info, canon, r0, r1, want_shape, where), (r0, r1)
@@ -329,6 +341,19 @@ def _account(
     order = {n: k for k, n in enumerate(by_file)}
     ordered = dict(sorted(infos.items(), key=lambda kv: order[kv[1].source_name or kv[1].name]))
     return ordered, slices
+
+
+def _same_elements(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Equal shapes, up to leading 1s: ggml's trailing ne = 1 (llama-quantize writes Qwen2-MoE's [1, D]
+    shared-expert gate back as [D]; llama.cpp reads both as ne = (D, 1))."""
+
+    def strip(shape: tuple[int, ...]) -> tuple[int, ...]:
+        i = 0
+        while i < len(shape) - 1 and shape[i] == 1:
+            i += 1
+        return shape[i:]
+
+    return strip(have) == strip(want)
 
 
 def _slice(info: TensorInfo, canon: str, r0: int, r1: int, shape: tuple[int, ...], where: str) -> TensorInfo:

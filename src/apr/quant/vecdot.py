@@ -18,9 +18,9 @@ f16(d·Σq), not d_x·Σq_x, so the weights' per-block minimum m meets a rounded
 `Weights` (apr.engine.weights) therefore multiplies dequantized row blocks by the quantized-then-
 dequantized activation with BLAS in f32 and adds `m_w · (s − d_x·Σq_x)` for Q4_1/Q5_1: within 1.5e-7
 of Σ|x·w| of ggml's own kernels for every quantized type (tests/quant/test_vecdot.py), but not in their
-order. For Q4_1, Q5_1, Q5_0 and Q8_0 it runs the kernels' own order instead, bit for bit
-(apr.quant.vecdot_lanes); the K / IQ AVX2 kernels and the repacked Q4_0 / Q4_K / IQ4_NL ones each order
-their f32 sums their own way, not reproduced here.
+order. For Q4_1, Q5_1, Q5_0 and Q8_0 (apr.quant.vecdot_lanes) and for Q4_K, IQ4_NL (repacked), Q5_K,
+Q6_K and IQ4_XS (apr.quant.vecdot_k) it runs the kernels' own order instead, bit for bit; the other K / IQ
+AVX2 kernels and the repacked Q4_0 one each order their f32 sums their own way, not reproduced here.
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ def _q8_32(x: F32Array) -> tuple[F32Array, npt.NDArray[np.int8]]:
 
 def quantize_q8_K(x: F32Array) -> Q8Blocks:
     """ggml's `quantize_row_q8_K_ref` (what x86 runs): iscale = -127/max with max the signed value of
-    largest magnitude (the first), q = min(127, nearest_int(iscale·x)) (half to even), d = 1/iscale."""
+    largest magnitude (the first), q = min(127, nearest_int(iscale·x)) (half to even), d = 1/iscale.
+    The repacked Q4_K gemm's 4-row `ggml_quantize_mat_t<4, Q8_K>` gives the same scales, ties included
+    (tests/quant/test_vecdot.py)."""
     b = _blocks(x, QK_K)  # (T, nb, 256)
     first = np.abs(b).argmax(axis=-1)
     signed = np.take_along_axis(b, first[..., None], axis=-1)[..., 0]
@@ -161,7 +163,10 @@ class Activation:
 
 
 def _quantized(x: F32Array, wtype: QuantType, vdt: QuantType) -> Activation:
-    blocks = ACTIVATION_QUANTIZERS[vdt](x)
+    return _wrap(ACTIVATION_QUANTIZERS[vdt](x), wtype)
+
+
+def _wrap(blocks: Q8Blocks, wtype: QuantType) -> Activation:
     offset = None
     if blocks.s is not None:
         offset = blocks.s - blocks.d * blocks.q.sum(axis=-1, dtype=np.int32).astype(np.float32)

@@ -9,8 +9,9 @@ separately accumulated f32 Σ m_w·s_x. `lane_dot` does exactly that: the lane s
 matmul (exact: |sum| < 2^24), the FMA from a float64 product and sum rounded once to f32 (the product of
 two f32 is exact in f64; the f64 sum can round twice only when it lands on an f32 tie, ~2^-29 of the time).
 
-Other types keep the dequantize-then-BLAS form of apr.quant.vecdot: the repacked Q4_0 / IQ4_NL / Q4_K
-kernels and the K / IQ AVX2 kernels each order their sums their own way.
+`lane_dot` also runs the K / IQ4 kernels (Q4_K and IQ4_NL as repacked, Q5_K, Q6_K, IQ4_XS) in their own
+order (apr.quant.vecdot_k). Other types keep the dequantize-then-BLAS form of apr.quant.vecdot (the
+repacked Q4_0 kernel, the other K / IQ kernels, and Q4_K / IQ4_NL weights ggml does not repack).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ import numpy.typing as npt
 from apr.quant.blocks import DEQUANTIZERS
 from apr.quant.types import GGML_LAYOUT, QuantType
 from apr.quant.vecdot import QK8, Q8Blocks, block_minimums
+from apr.quant.vecdot_k import K_TYPES, k_dot, kernel
 
 F32Array = npt.NDArray[np.float32]
 LANES: Final = 8
-LANE_TYPES: Final = frozenset({QuantType.Q4_1, QuantType.Q5_1, QuantType.Q8_0, QuantType.Q5_0})
+BLOCK_LANE_TYPES: Final = frozenset({QuantType.Q4_1, QuantType.Q5_1, QuantType.Q8_0, QuantType.Q5_0})
+LANE_TYPES: Final = BLOCK_LANE_TYPES | K_TYPES  # the weight types lane_dot runs in the kernels' order
 ONE_F16: Final = np.frombuffer(np.float16(1.0).tobytes(), np.uint8)
 LANE_ELEMS: Final = 1 << 22  # lane sums per activation chunk: 16 MiB of float32
 
@@ -45,8 +48,19 @@ def integer_weights(raw: npt.NDArray[np.uint8], wtype: QuantType, rows: int) -> 
     return q, d
 
 
-def lane_dot(raw: npt.NDArray[np.uint8], wtype: QuantType, rows: int, x: Q8Blocks) -> F32Array:
-    """The kernel's result for every weight row × activation row: (rows, T) float32."""
+def lane_dot(
+    raw: npt.NDArray[np.uint8], wtype: QuantType, rows: int, x: Q8Blocks, tensor_rows: int | None = None
+) -> F32Array:
+    """The kernel's result for every weight row × activation row: (rows, T) float32. `tensor_rows` (the
+    whole weight's row count, default `rows`) decides whether ggml repacks a Q4_K / IQ4_NL weight; one it
+    does not repack is multiplied in the dequantize-then-f32 form (not its kernel's order)."""
+    if wtype in K_TYPES:
+        whole = rows if tensor_rows is None else tensor_rows
+        if kernel(wtype, whole, x.q.shape[0]) is None:
+            w = DEQUANTIZERS[wtype].decode(np.asarray(raw, np.uint8).reshape(-1), rows * x.q[0].size)
+            out: F32Array = w.reshape(rows, -1) @ x.values().T
+            return out
+        return k_dot(raw, wtype, rows, x.q, x.d, x.bsums, whole)
     q, d_w = integer_weights(raw, wtype, rows)
     m_w = block_minimums(raw, wtype, rows)
     t, nb = x.d.shape

@@ -6,9 +6,11 @@ from typing import Any
 
 from apr.diff.bisect import BisectResult, first_beyond_cosine, layer_summary
 from apr.diff.growth import GrowthRow
+from apr.diff.isolate import isolate_summary
 from apr.report import routing
 from apr.report.json import stage_diff_doc
 from apr.report.numfmt import json_float, short
+from apr.report.text import only_in_lines
 
 
 def _side(r: BisectResult, i: int) -> str:
@@ -61,12 +63,14 @@ def render_text(r: BisectResult) -> str:
             f"{row.layer:>5}  {short(o.error) if o else '-':>13}  {cos:>11}  {sq:>7}  "
             f"{row.worst.diff.sid.stage.value:<20} {short(row.worst.error):>9}  {row.jumps or ''}"
         )
+    out += _isolate_text(r)
     if r.logits is not None:
         lg = r.logits
         out += [
             "",
             f"logits ({lg.positions} positions): KL(A‖B) mean {lg.kl_mean:.3e}, max {lg.kl_max:.3e}; "
             f"top-1 agreement {sum(lg.top1_agree)}/{lg.positions}; top-5 overlap {lg.top5_mean:.2f}",
+            *_top_k_text(r),
         ]
     out += ["", "verdict: " + verdict(r)]
     j = r.growth.first_jump
@@ -75,7 +79,7 @@ def render_text(r: BisectResult) -> str:
         iso = next((x for x in r.isolated if x.sid == j.diff.sid), None)
         if iso is not None:
             out.append(
-                f"  isolated (B's layer on A's input): own error {short(iso.error)}, "
+                f"  isolated (B's layer in {iso.engine} on A's input): own error {short(iso.error)}, "
                 f"inherited {short(iso.inherited)}"
             )
     beyond = first_beyond_cosine(r)
@@ -84,9 +88,49 @@ def render_text(r: BisectResult) -> str:
             f"  first stage with cosine < {r.diff.tolerance.min_cos}: {beyond.sid} "
             f"(cosine {beyond.metrics.cosine:.6f}) — informational"
         )
-    out += [f"  only in A: {s}" for s in r.diff.only_in_a] + [f"  only in B: {s}" for s in r.diff.only_in_b]
+    out += ["  " + line for line in only_in_lines(r.diff)]
     out += [f"note: {n}" for n in r.diff.notes + r.growth.notes + r.notes]
     return "\n".join(out) + "\n"
+
+
+def _top_k(r: BisectResult, side: int) -> list[tuple[int, str | None, float]]:
+    """Side's next-token candidates at the last position: (id, text or None without a tokenizer, p)."""
+    assert r.logits is not None
+    ids = (r.logits.top_k_a, r.logits.top_k_b)[side]
+    probs = (r.logits.top_k_p_a, r.logits.top_k_p_b)[side]
+    texts: list[str | None] = list(r.top_k_text[side]) or [None] * len(ids)
+    return list(zip(ids, texts, probs, strict=True))
+
+
+def _top_k_text(r: BisectResult) -> list[str]:
+    assert r.logits is not None
+    if not r.logits.top_k_a:
+        return []
+    out = [f"next token at the last position, top {len(r.logits.top_k_a)} (probability):"]
+    for side in (0, 1):
+        shown = (f"{t!r} {p:.3f}" if t is not None else f"#{i} {p:.3f}" for i, t, p in _top_k(r, side))
+        out.append(f"  {'AB'[side]}: " + ", ".join(shown))
+    return out
+
+
+def _isolate_text(r: BisectResult) -> list[str]:
+    """Per layer: the own error of B's layer (run alone on A's input, in B's engine) and what it inherits."""
+    layers = isolate_summary(r.isolated)
+    if not layers:
+        return []
+    out = [
+        "",
+        f"isolated: each layer of B run alone in {r.isolated[0].engine} on A's input to it "
+        "(own error; inherited = full-run error − own)",
+        f"{'layer':>5}  {'output own':>10}  {'inherited':>10}  {'largest own error at':<20} {'own':>9}",
+    ]
+    for x in layers:
+        o = x.output
+        out.append(
+            f"{x.layer:>5}  {short(o.error) if o else '-':>10}  {short(o.inherited) if o else '-':>10}  "
+            f"{x.worst.sid.stage.value:<20} {short(x.worst.error):>9}"
+        )
+    return out
 
 
 def _growth_doc(g: GrowthRow) -> dict[str, Any]:
@@ -97,6 +141,20 @@ def _growth_doc(g: GrowthRow) -> dict[str, Any]:
         "budget": json_float(g.budget),
         "allowed": json_float(g.allowed),
         "jump": g.jump,
+    }
+
+
+def _phases_doc(r: BisectResult) -> dict[str, Any]:
+    p = r.phases
+    if p is None:
+        return {"count": 1}
+    return {
+        "count": 2,
+        "suspicious": str(p.suspicious) if p.suspicious is not None else None,
+        "chosen_by": p.chosen_by,
+        "full_layers": [p.layers.start, p.layers.stop],  # END exclusive, as --save-tensor-layers
+        "full_positions": [p.positions.start, p.positions.stop],
+        "disk_bytes": {"stats": p.disk[0], "full": p.disk[1]},
     }
 
 
@@ -138,6 +196,10 @@ def to_doc(r: BisectResult) -> dict[str, Any]:
             "top1_agreement": r.logits.top1_rate,
             "top1": r.logits.top1_agree,
             "top5_overlap": r.logits.top5_mean,
+            "top_k_last": {
+                side: [{"id": i, "text": t, "p": json_float(p)} for i, t, p in _top_k(r, k)]
+                for k, side in enumerate("ab")
+            },
         },
         "isolated": [
             {
@@ -145,9 +207,11 @@ def to_doc(r: BisectResult) -> dict[str, Any]:
                 "own_error": json_float(x.error),
                 "total_error": json_float(x.total),
                 "inherited": json_float(x.inherited),
+                "engine": x.engine,
             }
             for x in r.isolated
         ],
+        "phases": _phases_doc(r),
         "only_in_a": [str(s) for s in r.diff.only_in_a],
         "only_in_b": [str(s) for s in r.diff.only_in_b],
         "notes": r.diff.notes + r.growth.notes + r.notes,

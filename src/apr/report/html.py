@@ -7,7 +7,8 @@ are models); nothing is recomputed here.
    "identical" cells (not as the bottom of the colour scale), stages a side lacks left empty; the diverging
    stage's row and cell outlined; a tick per layer.
 3. The diverging stage itself per layer: its error against what its inputs allowed (log scale).
-4. Isolate (own vs inherited error of each layer's output), when `--isolate` ran.
+4. Isolate (own vs inherited error of each layer's output, and each layer's stage of largest own error), when
+   `--isolate` ran: B's layers re-run in B's own engine.
 5. Per-position KL(A‖B), each position labelled with both sides' top-1 token.
 6. The router section of MoE traces (report/routing.py) and the per-layer table.
 """
@@ -20,6 +21,7 @@ from typing import Any, Final
 
 from apr.diff.bisect import BisectResult, layer_summary
 from apr.diff.growth import GrowthRow
+from apr.diff.isolate import isolate_summary
 from apr.diff.models import ModelDiff
 from apr.report import routing
 from apr.report.bisect import verdict
@@ -228,9 +230,11 @@ def _isolate_chart(r: BisectResult) -> str:
             "<p class=dim>Own vs inherited error: run <code>apr bisect --isolate</code> to separate them.</p>"
         )
     j = r.growth.first_jump
-    return log_chart(
+    engine = rows[0][1].engine
+    chart = log_chart(
         "isolate",
-        "Layer output error: own (B's layer on A's input) vs inherited from earlier layers",
+        f"Layer output error: own (B's layer run alone in {engine} on A's input) vs inherited from earlier "
+        "layers",
         {
             "own": (DIVERGE, [(layer, x.error) for layer, x in rows]),
             "inherited": ("#1f77b4", [(layer, x.inherited) for layer, x in rows]),
@@ -238,6 +242,19 @@ def _isolate_chart(r: BisectResult) -> str:
         j.diff.sid.layer if j is not None else None,
         bars=True,
     )
+    table = [
+        (
+            str(x.layer),
+            short(x.output.error) if x.output else "-",
+            short(x.output.inherited) if x.output else "-",
+            x.worst.sid.stage.value,
+            short(x.worst.error),
+            short(x.worst.inherited),
+        )
+        for x in isolate_summary(r.isolated)
+    ]
+    head = ("layer", "output own", "output inherited", "largest own error at", "own", "inherited")
+    return chart + f'<div class="isolate-table">{_table(table, head)}</div>'
 
 
 def _kl_chart(r: BisectResult) -> str:

@@ -85,6 +85,10 @@ def trace_diff_doc(d: TraceDiff) -> dict[str, Any]:
         "stages": [stage_diff_doc(r) for r in d.rows],
         "only_in_a": [str(s) for s in d.only_in_a],
         "only_in_b": [str(s) for s in d.only_in_b],
+        "only_in": [
+            {"side": g.side, "stage": g.stage.value, "layers": list(g.layers), "reason": g.reason}
+            for g in d.only_in()
+        ],
         "notes": list(d.notes),
     }
 
@@ -107,6 +111,14 @@ def trace_outcome_doc(o: TraceOutcome) -> dict[str, Any]:
         "removed_stale": [str(p) for p in r.removed_stale],
         "not_captured": [{"stage": s, "reason": why} for s, why in r.not_captured],
         "manifest": str(r.manifest_path) if r.manifest_path else None,
+        "stats": None
+        if r.stats is None
+        else {
+            "path": str(r.stats.path),
+            "stages": r.stats.stages,
+            "records": r.stats.records,
+            "bytes": r.stats.bytes,
+        },
     }
 
 

@@ -9,8 +9,7 @@ from apr.report.numfmt import json_float
 from apr.stages import Stage, StageId
 from apr.trace.payload import ActivationStats, PayloadReport
 
-HIGH_VAR_STD: Final = 100.0
-WARN_OUTPUT_STD: Final = 50.0
+HIGH_VAR_STD: Final = 100.0  # aprender's per-layer status label (information; warnings: trace/payload.py)
 
 
 def _status(s: ActivationStats) -> str:
@@ -40,7 +39,6 @@ def render_text(r: PayloadReport) -> str:
         f"  Range: [{emb.min:.4f}, {emb.max:.4f}]  Mean: {emb.mean:.4f}  Std: {emb.std_dev:.4f}",
     ]
     out += ["", "LAYER-BY-LAYER ACTIVATIONS:"]
-    warnings = []
     for i in range(cfg.n_layers):
         cols = r.layer_stats(i)
         if not cols:
@@ -48,8 +46,6 @@ def render_text(r: PayloadReport) -> str:
         status = "ANOMALY" if any(s.anomalous for s in cols.values()) else _status(cols["output"])
         out.append(f"  Layer {i:>3}  [{status}]")
         out += [f"    {name:<10} {_ms(s)}" for name, s in cols.items()]
-        if cols["output"].std_dev > WARN_OUTPUT_STD:
-            warnings.append(f"layer {i} output std {cols['output'].std_dev:.1f} > {WARN_OUTPUT_STD:g}")
         if status == "ANOMALY":
             out.append(f"  (stopping: NaN/Inf at layer {i})")
             break
@@ -69,11 +65,9 @@ def render_text(r: PayloadReport) -> str:
         out += [
             f"    token_id={t}, logit={v:.4f}" + (f"  {shown([t])!r}" if shown else "") for t, v in r.top_k
         ]
-        spread = lg.max - lg.min
-        if not 1.0 <= spread <= 100.0:
-            warnings.append(f"logit range {spread:.2f} is outside [1, 100]")
     out += ["", "TRACE SUMMARY:"]
-    out += [f"  WARNING: {w}" for w in warnings] or ["  no anomalies"]
+    out += [f"  WARNING: {w}" for w in r.warnings()] or ["  no anomalies"]
+    out += [f"  info: {x}" for x in r.fixed_rule_info()]
     return "\n".join(out) + "\n"
 
 

@@ -97,11 +97,20 @@ def render_trace_diff(d: TraceDiff) -> str:
         out.append("No divergence under this rule.")
     else:
         out.append(f"First divergence: {first.sid} (cosine {first.metrics.cosine:.9f}); {_worst(first)}")
-    for label, ids in (("only in A", d.only_in_a), ("only in B", d.only_in_b)):
-        if ids:
-            out.append(f"{label} ({len(ids)}): " + ", ".join(str(s) for s in ids))
+    out.extend(only_in_lines(d))
     out.extend(f"note: {n}" for n in d.notes)
     return "\n".join(out) + "\n"
+
+
+def only_in_lines(d: TraceDiff) -> list[str]:
+    """One line per stage a side lacks: `ffn_silu at layers 0..30: only in A (why B lacks it)`, the reason
+    from the other side's manifest when its engine gave one."""
+    out = []
+    for g in d.only_in():
+        plural = "s" if len(g.layers) > 1 else ""
+        where = g.stage.value + (f" at layer{plural} {_layer_ranges(list(g.layers))}" if g.layers else "")
+        out.append(f"{where}: only in {g.side}" + (f" ({g.reason})" if g.reason else ""))
+    return out
 
 
 def render_trace_header(format_name: str, model: Path, stages: str, layers: str, out_dir: Path) -> str:
@@ -159,8 +168,13 @@ def render_trace_outcome(o: TraceOutcome) -> str:
         out += [f"  … and {len(r.removed_stale) - STALE_SHOWN} more (--json lists all)"] * (
             len(r.removed_stale) > STALE_SHOWN
         )
-    out.append(f"Wrote {len(r.files)} stage tensor file(s):")
-    out.extend(f"  {f.path} ({f.bytes} bytes)" for f in r.files)
+    if r.stats is not None:  # --save-tensor-mode stats
+        st = r.stats
+        out.append(f"Wrote statistics of {st.stages} stage(s), {st.records} positions:")
+        out.append(f"  {st.path} ({st.bytes} bytes)")
+    else:
+        out.append(f"Wrote {len(r.files)} stage tensor file(s):")
+        out.extend(f"  {f.path} ({f.bytes} bytes)" for f in r.files)
     if r.not_captured:
         out.append(f"Not captured ({len(r.not_captured)}):")
         out.extend(f"  {what}: {why}" for what, why in _group_missing(r.not_captured))

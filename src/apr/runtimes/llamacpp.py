@@ -1,8 +1,8 @@
 """The llama.cpp oracle: one prefill `llama_decode` of a GGUF, with every graph node seen by `cb_eval`.
 
 Settings that make it an exact oracle (oracles §4–5): flash attention off (the kq / kq_soft_max nodes exist
-only then), an F32 KV cache, fixed n_threads, CPU only, n_ctx = n_batch = n_ubatch = the next multiple of
-256 ≥ S so that the prompt is one ubatch and one graph.
+only then), an F32 KV cache (F16, llama.cpp's default, with `kv_type="f16"`), fixed n_threads, CPU only,
+n_ctx = n_batch = n_ubatch = the next multiple of 256 ≥ S so that the prompt is one ubatch and one graph.
 
 Which node is which stage is the family's table (apr.models: `Family.ggml_nodes`, the names the model
 builder gives `cb(tensor, name, il)`; default the llama family's). A name is `name-{il}`, or bare when the
@@ -56,11 +56,12 @@ from apr.runtimes.base import (
     missing_stages,
     model_stages,
 )
-from apr.runtimes.llamacpp_ggml import GGML_TYPE_F32, Ggml, LogSink, Node, bind
+from apr.runtimes.llamacpp_ggml import GGML_TYPE_F16, GGML_TYPE_F32, Ggml, LogSink, Node, bind
 from apr.stages import Stage, StageId, Tap
 
 CTX_ALIGN: Final = 256  # llama.cpp pads the KV view to 256 cells anyway
 FLASH_ATTN_DISABLED: Final = 0
+KV_TYPES: Final = {"f32": GGML_TYPE_F32, "f16": GGML_TYPE_F16}  # the KV cache's element type
 
 QKV_NODES: Final = ("Qcur", "Kcur", "Vcur")  # per position [Q|K|V]
 OP_MATMUL: Final = "MUL_MAT"
@@ -98,6 +99,7 @@ def run_llamacpp(
     nodes: Mapping[str, Stage] | None = None,
     expected: Sequence[Stage] | None = None,
     partial_ok: bool = False,
+    kv_type: str = "f32",
 ) -> RuntimeRun:
     """Run `token_ids` through llama.cpp (one prefill decode, CPU) and tap every stage it exposes.
 
@@ -110,6 +112,7 @@ def run_llamacpp(
             llama family's.
         expected: the stages the model has (its family's graph); default the dense llama stages. A stage
             llama.cpp exposes outside it is a table error and raises.
+        kv_type: the KV cache's type, "f32" (default: attention in f32) or "f16" (llama.cpp's default).
 
     Example:
         >>> run = run_llamacpp(Path("smollm2-f32.gguf"), [1780, 314, 216], tap)  # doctest: +SKIP
@@ -123,9 +126,11 @@ def run_llamacpp(
         raise NotFoundError(f"model not found: {path}")
     if n_threads < 1:
         raise ValidationError(f"n_threads must be >= 1, got {n_threads}")
+    if kv_type not in KV_TYPES:
+        raise ValidationError(f"unknown KV cache type {kv_type!r} (choose from {', '.join(KV_TYPES)})")
     recorder = _Recorder(ggml, LLAMA_NODES if nodes is None else nodes)
     with log.capture():
-        done = _run(llama, recorder, path, token_ids, n_threads, log)
+        done = _run(llama, recorder, path, token_ids, n_threads, log, kv_type)
     ordered = ForwardOrderTap(tap, ENGINE_LLAMACPP)
     scales = _emit(recorder, done.n_layers, len(done.ids), ordered)
     ordered.close()
@@ -157,7 +162,13 @@ class _Decoded(NamedTuple):
 
 
 def _run(
-    llama: Any, recorder: _Recorder, path: Path, token_ids: Sequence[int], n_threads: int, log: LogSink
+    llama: Any,
+    recorder: _Recorder,
+    path: Path,
+    token_ids: Sequence[int],
+    n_threads: int,
+    log: LogSink,
+    kv_type: str = "f32",
 ) -> _Decoded:
     """Load the model, check the ids, decode once with the recorder, free the model."""
     model = _load_model(llama, path, log)
@@ -166,7 +177,7 @@ def _run(
         rope_type = llama.llama_model_rope_type(model)
         if rope_type not in ROPE_TYPES:
             raise ModelLoadError(f"llama.cpp runtime supports NORM and NEOX rope; {path} uses {rope_type}")
-        settings = _decode(llama, model, ids, recorder, n_threads, log)
+        settings = _decode(llama, model, ids, recorder, n_threads, log, kv_type)
         return _Decoded(ids, rope_type, llama.llama_model_n_layer(model), settings)
     finally:
         llama.llama_model_free(model)
@@ -209,7 +220,13 @@ def _load_model(llama: Any, path: Path, log: LogSink) -> Any:
 
 
 def _decode(
-    llama: Any, model: Any, ids: tuple[int, ...], recorder: _Recorder, n_threads: int, log: LogSink
+    llama: Any,
+    model: Any,
+    ids: tuple[int, ...],
+    recorder: _Recorder,
+    n_threads: int,
+    log: LogSink,
+    kv_type: str = "f32",
 ) -> dict[str, str]:
     """One llama_decode of all `ids` with the recorder as cb_eval; returns the settings used."""
     n_ctx = -(-len(ids) // CTX_ALIGN) * CTX_ALIGN
@@ -218,7 +235,7 @@ def _decode(
     params.n_seq_max = 1
     params.n_threads = params.n_threads_batch = n_threads
     params.flash_attn_type = FLASH_ATTN_DISABLED
-    params.type_k = params.type_v = GGML_TYPE_F32
+    params.type_k = params.type_v = KV_TYPES[kv_type]
     params.no_perf = True
     callback = llama.ggml_backend_sched_eval_callback(recorder)  # alive until this frame returns
     params.cb_eval = callback
@@ -245,7 +262,7 @@ def _decode(
         raise InferenceError(f"reading a llama.cpp node failed: {recorder.error!r}")
     return {
         "flash_attn": "off",
-        "kv_cache": "f32",
+        "kv_cache": kv_type,
         "n_threads": str(n_threads),
         "n_ctx": str(n_ctx),
         "n_ubatch": str(n_ctx),

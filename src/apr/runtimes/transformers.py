@@ -41,6 +41,7 @@ from apr.errors import (
 from apr.formats.config import QKLayout
 from apr.models.base import HookMap
 from apr.models.common import ITEM, LLAMA_LAYER_HOOKS
+from apr.panics import HeldStderr, is_panic
 from apr.runtimes.base import (
     ENGINE_TRANSFORMERS,
     Array,
@@ -100,26 +101,12 @@ def run_transformers(
         >>> run.qk_layout, run.unavailable
         (<QKLayout.HF: 'hf'>, ())
     """
-    torch, transformers = _import_transformers()
-    if dtype not in DTYPES:
-        raise ValidationError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    model = _load(transformers, torch, Path(model_path), getattr(torch, dtype))
-    ids = check_token_ids(token_ids, int(model.config.vocab_size))
-    attn = model.model.layers[0].self_attn
-    qkv_bias = any(getattr(getattr(attn, p, None), "bias", None) is not None for p in QKV_PROJECTIONS)
-    ordered = ForwardOrderTap(tap, ENGINE_TRANSFORMERS)
-    exact64 = dtype == "float64"
-    capture = _Capture(ordered, torch, qkv_bias, exact64)
     hooks = hooks or HookMap(LLAMA_LAYER_HOOKS, ())
-    if exact64:
-        lift_float32_islands(model, torch, hooks.rms_norm_offset)
-    with _hooks(model, capture, hooks), torch.no_grad():
-        token = _ACTIVE.set(capture)
-        try:
-            model(input_ids=torch.tensor([ids]), use_cache=False)
-        finally:
-            _ACTIVE.reset(token)
-    ordered.close()
+    torch, transformers, model = open_transformers(Path(model_path), dtype, hooks)
+    ids = check_token_ids(token_ids, int(model.config.vocab_size))
+    qkv_bias = has_qkv_bias(model)
+    with tapped(model, torch, tap, hooks, dtype == "float64") as ordered:
+        model(input_ids=torch.tensor([ids]), use_cache=False)
     n_layers = len(model.model.layers)
     want = (
         [s for s in expected if qkv_bias or s is not Stage.QKV_BIAS]
@@ -143,6 +130,40 @@ def run_transformers(
             "torch_threads": str(torch.get_num_threads()),
         },
     )
+
+
+def open_transformers(path: Path, dtype: str, hooks: HookMap) -> tuple[Any, Any, Any]:
+    """(torch, transformers, the model) loaded as `run_transformers` runs it (eager attention, `dtype`;
+    float64: the float32 islands lifted)."""
+    torch, transformers = _import_transformers()
+    if dtype not in DTYPES:
+        raise ValidationError(f"unsupported dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    model = _load(transformers, torch, path, getattr(torch, dtype))
+    if dtype == "float64":
+        lift_float32_islands(model, torch, hooks.rms_norm_offset)
+    return torch, transformers, model
+
+
+def has_qkv_bias(model: Any) -> bool:
+    attn = model.model.layers[0].self_attn
+    return any(getattr(getattr(attn, p, None), "bias", None) is not None for p in QKV_PROJECTIONS)
+
+
+@contextlib.contextmanager
+def tapped(
+    model: Any, torch: Any, tap: Tap, hooks: HookMap, exact64: bool = False
+) -> Iterator[ForwardOrderTap]:
+    """Inside: every forward pass of `model` taps its stages (in forward order, on exit) as described in
+    the module docstring."""
+    ordered = ForwardOrderTap(tap, ENGINE_TRANSFORMERS)
+    capture = _Capture(ordered, torch, has_qkv_bias(model), exact64)
+    with _hooks(model, capture, hooks), torch.no_grad():
+        token = _ACTIVE.set(capture)
+        try:
+            yield ordered
+        finally:
+            _ACTIVE.reset(token)
+    ordered.close()
 
 
 def _notes(qkv_bias: bool, dtype: str, unavailable: tuple[Stage, ...], moe: bool = False) -> tuple[str, ...]:
@@ -209,15 +230,17 @@ def _load(transformers: Any, torch: Any, path: Path, dtype: Any) -> Any:
     source = path
     if path.is_file():
         source, kwargs["gguf_file"] = path.parent, path.name
-    with _quiet(transformers):
+    with _quiet(transformers), HeldStderr() as held:
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
         except Exception as e:  # transformers raises anything from OSError to KeyError here
             raise ModelLoadError(f"transformers could not load {path}: {_first_line(e)}") from None
         except BaseException as e:  # a Rust panic in safetensors / tokenizers (pyo3's PanicException)
-            if type(e).__name__ != "PanicException":
+            if not is_panic(e):
                 raise
-            raise ModelLoadError(f"transformers could not load {path}: {_first_line(e)}") from None
+            if hook_text := held.take():  # Rust's panic banner: shown only by --debug's traceback
+                e.add_note(hook_text)
+            raise ModelLoadError(f"transformers could not load {path}: {_first_line(e)}") from e
     if not hasattr(getattr(model, "model", None), "layers"):
         raise ModelLoadError(f"transformers runtime traces decoder models (model.layers); {path} is a "
                              f"{type(model).__name__}")  # fmt: skip

@@ -110,6 +110,9 @@ def estimate_disk(
     for sid in expected_ids(plan, cfg.n_layers):
         if sid.stage in model_stages:
             shape = stage_shape(sid.stage, cfg, n_tokens, rows, lm_head_all)
+            if plan.mode == "stats":  # one 96-byte record per position (apr.trace.stats)
+                total += 96 * (rows if len(shape) > 1 else 1) + MANIFEST_PER_FILE
+                continue
             total += aprt.HEADER_SIZE + 4 * math.prod(shape) + MANIFEST_PER_FILE
     where = out_dir
     while not where.exists() and where != where.parent:

@@ -48,6 +48,11 @@ def stage_id_for(rel: Path) -> StageId | None:
     return None
 
 
+def is_layer_dir(rel: Path) -> bool:
+    """`layer-N` at the top of a trace directory: a stage folder (made by the writer when it has files)."""
+    return len(rel.parts) == 1 and bool(_LAYER_DIR_RE.match(rel.name))
+
+
 def stage_files(out_dir: Path) -> dict[StageId, Path]:
     """Every file in `out_dir` that the layout names as a stage file (no other globbing anywhere)."""
     found: dict[StageId, Path] = {}

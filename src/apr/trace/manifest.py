@@ -11,6 +11,10 @@ complete trace of one run and lists exactly that run's files. Schema `apr-trace-
      "not_captured": [{stage, reason}],
      "notes": [...], "files": [{path, stage, layer, shape, dims, bytes, sha256}]}
 
+A `--save-tensor-mode stats` trace has no stage files ("files": []), "plan.mode": "stats", and a "stats"
+object describing its one statistics file (apr.trace.stats: file, version, bytes, sha256, stages). A full
+trace writes neither key, so its manifest is what it always was.
+
 No timestamps or host names: two identical runs write byte-identical manifests. `prompt` is the text given
 (the user message of a chat prompt, "" for token ids); `chat.text` is the rendered template the ids come
 from. Manifests written before `prompt_source` existed read as "text".
@@ -31,6 +35,7 @@ from apr.models.config import ModelConfig
 from apr.models.registry import stage_dims
 from apr.stages import Stage, StageId
 from apr.trace.prompt import PromptSource
+from apr.trace.stats import MODE_FULL, MODE_STATS, StatsEntry
 from apr.version import __version__
 
 SCHEMA: Final = "apr-trace-manifest-v1"
@@ -98,6 +103,7 @@ class RunInfo:
     engine: str = "reference"
     engine_version: str = ""
     precision: str = "f32"
+    kv_type: str = "f32"  # the KV cache's element type (--kv-type)
     settings: dict[str, str] = field(default_factory=dict)
     qk_layout: QKLayout = QKLayout.HF
     lm_head_positions: str = "last"
@@ -111,6 +117,51 @@ class RunInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsFile:
+    """The manifest's "stats" object: the statistics file of a `--save-tensor-mode stats` trace."""
+
+    path: str
+    version: int
+    bytes: int
+    sha256: str
+    stages: tuple[StatsEntry, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.path,
+            "version": self.version,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+            "stages": [e.to_json() for e in self.stages],
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, source: str) -> StatsFile:
+        where = f"{source}: manifest 'stats'"
+        d = check(d, dict, where)
+        stages = []
+        for item in want(d, "stages", list, where):
+            item = check(item, dict, f"{where} stage")
+            layer = item.get("layer")
+            if layer is not None:
+                layer = check(layer, int, f"{where}: 'layer'")
+            shape = tuple(int_list(want(item, "shape", list, where), f"{where}: 'shape'"))
+            lo, sep, hi = want(item, "positions", str, where).partition("..")
+            first = want(item, "first", int, where)
+            if not sep or not lo.isdigit() or not hi.isdigit() or first < 0 or int(hi) < int(lo):
+                raise TraceFormatError(f"{where}: bad stage entry {item!r:.120}")
+            Stage(want(item, "stage", str, where))  # ValueError: an unknown stage
+            stages.append(StatsEntry(item["stage"], layer, shape, first, range(int(lo), int(hi))))
+        return cls(
+            want(d, "file", str, where),
+            want(d, "version", int, where),
+            want(d, "bytes", int, where),
+            want(d, "sha256", str, where),
+            tuple(stages),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     run: RunInfo
     plan_stages: tuple[str, ...]
@@ -118,6 +169,12 @@ class Manifest:
     files: tuple[FileEntry, ...]
     not_captured: tuple[tuple[str, str], ...] = ()  # (stage id, reason)
     plan_positions: str | None = None  # "START..END" resolved (--save-tensor-positions); None: all
+    stats: StatsFile | None = None  # --save-tensor-mode stats: the statistics file (then `files` is empty)
+
+    @property
+    def mode(self) -> str:
+        """`full` (stage files) or `stats` (one statistics file)."""
+        return MODE_FULL if self.stats is None else MODE_STATS
 
     @property
     def positions(self) -> str:
@@ -146,6 +203,7 @@ class Manifest:
                 "name": r.engine,
                 "version": r.engine_version,
                 "precision": r.precision,
+                "kv_type": r.kv_type,
                 "settings": dict(sorted(r.settings.items())),
             },
             "qk_layout": r.qk_layout.value,
@@ -154,12 +212,15 @@ class Manifest:
                 "stages": list(self.plan_stages),
                 "layers": self.plan_layers,
                 **({} if self.plan_positions is None else {"positions": self.plan_positions}),
+                **({} if self.stats is None else {"mode": MODE_STATS}),
             },
             "unavailable": dict(sorted(r.unavailable.items())),
             "not_captured": [{"stage": s, "reason": why} for s, why in self.not_captured],
             "notes": list(r.notes),
             "files": [f.to_json() for f in self.files],
         }
+        if self.stats is not None:
+            doc["stats"] = self.stats.to_json()
         return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
@@ -185,6 +246,7 @@ class Manifest:
                 engine=e["name"],
                 engine_version=e["version"],
                 precision=e["precision"],
+                kv_type=e.get("kv_type", "f32"),
                 settings=dict(e["settings"]),
                 qk_layout=QKLayout(d["qk_layout"]),
                 lm_head_positions=d["lm_head_positions"],
@@ -202,7 +264,10 @@ class Manifest:
             positions = plan.get("positions")
             if positions is not None and not isinstance(positions, str):
                 raise TraceFormatError(f"{source}: plan 'positions' must be a string, got {positions!r:.40}")
-            return cls(run, tuple(plan["stages"]), plan["layers"], files, not_captured, positions)
+            stats = StatsFile.from_json(d["stats"], source) if "stats" in d else None
+            if (plan.get("mode", MODE_FULL) == MODE_STATS) != (stats is not None):
+                raise TraceFormatError(f"{source}: plan 'mode' and the 'stats' object disagree")
+            return cls(run, tuple(plan["stages"]), plan["layers"], files, not_captured, positions, stats)
         except TraceFormatError:
             raise
         except FormatError as e:

@@ -4,8 +4,10 @@ in when complete, under a lock per directory.
     <parent>/.<name>.lock           held (flock) while a run writes <name>; a second run is refused
     <parent>/.<name>.apr-tmp-XXXX   the run being written; swapped with <parent>/<name> when complete
 
-SIGINT, a failed write (disk full) or an engine error remove the temporary directory; kill -9 leaves it
-behind, and the next run into the same directory removes it. Either way <name> holds the previous trace,
+SIGINT, SIGTERM, a failed write (disk full) or an engine error remove the temporary directory; kill -9
+leaves it behind, and the next run into the same directory removes it. (While a directory is open, SIGTERM
+is handled as SIGINT is, by raising KeyboardInterrupt in the main thread, when its handler was the default
+one; the default is restored by `close`.) Either way <name> holds the previous trace,
 exactly as it was, or the new one: the swap is one rename (renameat2's RENAME_EXCHANGE when the old
 directory exists; where the filesystem lacks it, two renames). Files in the old directory that are not
 part of a trace (notes, other folders) are hard-linked into the new one, so they survive the swap. A kernel
@@ -21,15 +23,20 @@ import errno
 import fcntl
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable
 from pathlib import Path
+from types import FrameType
 from typing import Final
 
+from apr.atomicfile import held_signals
 from apr.errors import AprIOError, ValidationError
 from apr.stages import StageId
 from apr.trace import format as aprt
-from apr.trace.layout import MANIFEST_NAME, debris, stage_files, stage_id_for
+from apr.trace.layout import MANIFEST_NAME, debris, is_layer_dir, stage_files, stage_id_for
+from apr.trace.stats import FILE_NAME as STATS_FILE
 
 AT_FDCWD: Final = -100
 RENAME_EXCHANGE: Final = 2
@@ -52,6 +59,7 @@ class OutputDir:
         self.tmp: Path | None = None
         self.stale: dict[StageId, Path] = {}
         self._lock_fd: int | None = None
+        self._sigterm = False
 
     def open(self) -> Path:
         """Check the old directory, take the lock, clear what killed runs left, make the temp dir."""
@@ -63,6 +71,7 @@ class OutputDir:
         except OSError as e:
             raise _cannot("create", out.parent, e) from None
         self._lock_fd = _lock(lock_path(out), out)
+        self._sigterm = _catch_sigterm()
         try:
             return self._start()
         except BaseException:
@@ -92,17 +101,22 @@ class OutputDir:
         """Carry the old directory's other files over, then swap the new trace in and drop the old one."""
         assert self.tmp is not None
         out, tmp = self.path, self.tmp
-        try:
-            if out.is_dir():
+        if out.is_dir():
+            try:
                 _carry_over(out, tmp)
-                if not _exchange(tmp, out):
-                    _swap_by_renames(tmp, out)
-                shutil.rmtree(tmp, ignore_errors=True)  # now the old trace
-            else:
-                os.rename(tmp, out)
-        except OSError as e:
-            raise _cannot("write", out, e) from None
-        self.tmp = None
+            except OSError as e:
+                raise _cannot("write", out, e) from None
+        with held_signals():  # the swap and its bookkeeping happen whole, or not at all
+            try:
+                if out.is_dir():
+                    if not _exchange(tmp, out):
+                        _swap_by_renames(tmp, out)
+                    shutil.rmtree(tmp, ignore_errors=True)  # now the old trace
+                else:
+                    os.rename(tmp, out)
+            except OSError as e:
+                raise _cannot("write", out, e) from None
+            self.tmp = None
 
     def abort(self) -> None:
         if self.tmp is not None:
@@ -116,6 +130,25 @@ class OutputDir:
                 os.unlink(lock_path(self.path))  # before unlocking: see _lock
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self._sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._sigterm = False
+
+
+def _catch_sigterm() -> bool:
+    """Turn SIGTERM into KeyboardInterrupt (once; later ones are ignored until `close`), so the cleanup
+    that SIGINT gets runs. Only from the main thread, and only over the default handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return False
+    signal.signal(signal.SIGTERM, _terminated)
+    return True
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise KeyboardInterrupt("terminated")
 
 
 def _check_writable(out: Path, stale: Iterable[Path]) -> None:
@@ -163,11 +196,13 @@ def _carry_over(old: Path, new: Path) -> None:
     left = set(debris(old))  # a cut-short run's temp files are not carried over
     for p in sorted(old.rglob("*")):
         rel = p.relative_to(old)
-        skip = rel.as_posix() == MANIFEST_NAME or rel.as_posix() in left or stage_id_for(rel) is not None
+        trace_file = rel.as_posix() in (MANIFEST_NAME, STATS_FILE) or stage_id_for(rel) is not None
+        skip = trace_file or rel.as_posix() in left
         if skip or (new / rel).exists():
             continue
         if p.is_dir() and not p.is_symlink():
-            (new / rel).mkdir(parents=True, exist_ok=True)
+            if not is_layer_dir(rel):  # a layer folder comes with the files it holds, if any
+                (new / rel).mkdir(parents=True, exist_ok=True)
             continue
         (new / rel).parent.mkdir(parents=True, exist_ok=True)
         try:

@@ -4,7 +4,8 @@ Parsing follows aprender's `SaveTensorPlan::from_cli` exactly (spec §2.2–2.3)
 list (trimmed, case-insensitive, order and duplicates kept, empty token and unknown name are errors), and a
 half-open `START..END` layer range of u32 with END > START. Whole-model stages ignore the range, and
 `embedding` (emitted as layer 0) is saved only when 0 is in the range. apr adds the prompt positions to keep
-(`Positions`, default all).
+(`Positions`, default all), `all` as a layer range (every layer of the model, resolved by `for_model`), and
+the save mode: `full` (APRT stage files, aprender's) or `stats` (per-position statistics, apr.trace.stats).
 """
 
 from __future__ import annotations
@@ -12,14 +13,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from apr.errors import PlanError, StageParseError
 from apr.stages import DENSE_STAGES, STAGE_ORDER, Stage, StageId, parse_stage
+from apr.trace.stats import MODES as SAVE_MODES
 
 DEFAULT_LAYERS: Final = "0..1"
 U32_MAX: Final = 0xFFFFFFFF
+ALL_LAYERS: Final = range(0, U32_MAX)  # `--save-tensor-layers all`: every layer the model has
 _U32_RE: Final = re.compile(r"^\+?[0-9]+$")  # Rust's u32::from_str: optional '+', ASCII digits
 
 
@@ -43,7 +46,9 @@ def _range_error(got: str, reason: str) -> PlanError:
 
 
 def parse_layer_range(text: str) -> range:
-    """`"3..7"` → range(3, 7). Only `START..END`, END exclusive and > START."""
+    """`"3..7"` → range(3, 7). Only `START..END`, END exclusive and > START, or `all` (ALL_LAYERS)."""
+    if text.strip().lower() == "all":
+        return ALL_LAYERS
     got = text
     start_s, sep, end_s = text.strip().partition("..")
     if not sep:
@@ -108,10 +113,13 @@ class TracePlan:
     layers: range = range(0, 1)
     all_stages: bool = False
     positions: Positions = Positions()
+    mode: str = "full"  # SAVE_MODES: APRT stage files, or one statistics file (apr.trace.stats)
 
     @classmethod
-    def from_cli(cls, stages: str, layers: str = DEFAULT_LAYERS, positions: str = "all") -> TracePlan:
-        """Parse `--save-tensor`, `--save-tensor-layers` and `--save-tensor-positions`.
+    def from_cli(
+        cls, stages: str, layers: str = DEFAULT_LAYERS, positions: str = "all", mode: str = "full"
+    ) -> TracePlan:
+        """Parse `--save-tensor`, `--save-tensor-layers`, `--save-tensor-positions` and the save mode.
 
         >>> TracePlan.from_cli("embedding,lm_head", "0..2").layers
         range(0, 2)
@@ -123,7 +131,9 @@ class TracePlan:
                 parsed, all_stages = parse_stage_list(stages), False
             except StageParseError as e:
                 raise StageParseError(f"save-tensor stage list invalid: {e}") from None
-        return cls(parsed, parse_layer_range(layers), all_stages, Positions.parse(positions))
+        if mode not in SAVE_MODES:
+            raise PlanError(f"save-tensor mode {mode!r} is not one of {', '.join(SAVE_MODES)}")
+        return cls(parsed, parse_layer_range(layers), all_stages, Positions.parse(positions), mode)
 
     def should_save(self, sid: StageId) -> bool:
         """aprender's `should_save`: selected, and per-layer stages only inside the range."""
@@ -134,10 +144,13 @@ class TracePlan:
     def for_model(self, n_layers: int, model_stages: Collection[Stage] = DENSE_STAGES) -> TracePlan:
         """Check the plan against a model (its family's stages) and drop what `all` selected but it lacks.
 
-        Raises PlanError for a MoE stage named on a dense model, or a layer range beyond the model. Other
-        named stages the model lacks stay in the plan: the writer lists them as not captured, with why.
+        Raises PlanError for a MoE stage named on a dense model (qkv_bias on a bias-free one), or a layer
+        range beyond the model. Other named stages the model lacks stay in the plan: the writer lists them as
+        not captured, with why.
         """
         moe = any(s.moe for s in model_stages)
+        if self.layers == ALL_LAYERS:
+            return replace(self, layers=range(0, n_layers)).for_model(n_layers, model_stages)
         if self.layers.stop > n_layers and any(s.per_layer for s in self.stages):
             raise PlanError(
                 f"layer range {self.layers.start}..{self.layers.stop} is outside the model's "
@@ -146,12 +159,14 @@ class TracePlan:
         if self.all_stages:
             # the model's stages, and aprender's dense ones it lacks (listed as not captured, with why)
             keep = set(model_stages) | set(DENSE_STAGES)
-            return TracePlan(tuple(s for s in STAGE_ORDER if s in keep), self.layers, True, self.positions)
+            return replace(self, stages=tuple(s for s in STAGE_ORDER if s in keep))
         named_moe = [s.value for s in self.stages if s.moe]
         if named_moe and not moe:
             raise PlanError(
                 f"stage {named_moe[0]} exists only in mixture-of-experts models; this model is dense"
             )
+        if Stage.QKV_BIAS in self.stages and Stage.QKV_BIAS not in model_stages:  # named, as a MoE stage
+            raise PlanError("stage qkv_bias exists only in models with a q/k/v bias; this model has none")
         return self
 
     def unique_stages(self) -> tuple[Stage, ...]:

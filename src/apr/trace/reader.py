@@ -5,11 +5,14 @@ whole-model sentinel) and, with a manifest, against the recorded shape, size and
 so a stage file changed under an unchanged manifest is refused, not compared). Manifest paths must stay
 inside the directory; only regular files are read. A directory without a manifest is read as aprender's
 bare layout (`Trace.verified` is False) only when no apr temp or lock file says a run was cut short.
+A `--save-tensor-mode stats` trace has no stage files: its statistics file is checked the same way (size,
+sha256, version, one record per listed position) and its records are `Trace.stats`, per stage.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -17,12 +20,13 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.errors import NotFoundError, TraceFormatError
+from apr.errors import AprError, NotFoundError, TraceFormatError
 from apr.formats.files import confined, regular, stat_path
-from apr.stages import StageId
+from apr.stages import Stage, StageId
 from apr.trace import format as aprt
+from apr.trace import stats as aprs
 from apr.trace.layout import MANIFEST_NAME, debris, stage_files
-from apr.trace.manifest import Manifest, read_manifest
+from apr.trace.manifest import Manifest, StatsFile, read_manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +39,25 @@ class TraceEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class StageStats:
+    """One stage of a stats trace: its full shape, the positions recorded, one record each."""
+
+    sid: StageId
+    shape: tuple[int, ...]
+    positions: range
+    records: npt.NDArray[np.void]  # apr.trace.stats.RECORD
+
+
+@dataclass(frozen=True, slots=True)
 class Trace:
     path: Path
     manifest: Manifest | None
     entries: dict[StageId, TraceEntry]  # in forward order
+    stats: dict[StageId, StageStats] | None = None  # a stats-mode trace: per stage, its records
+
+    @property
+    def mode(self) -> str:
+        return aprs.MODE_STATS if self.stats is not None else aprs.MODE_FULL
 
     @property
     def verified(self) -> bool:
@@ -74,8 +93,20 @@ def _check_header(sid: StageId, path: Path) -> aprt.AprtHeader:
     return header
 
 
-def read_trace(path: Path) -> Trace:
-    """Open a trace directory written by apr (manifest.json) or by aprender (layout only)."""
+def is_stats_dir(path: Path) -> bool:
+    """A directory whose manifest says `--save-tensor-mode stats` (only the manifest is read; any problem
+    with it is left for `read_trace` to report)."""
+    try:
+        return read_manifest(path / MANIFEST_NAME).stats is not None
+    except (AprError, OSError):
+        return False
+
+
+def read_trace(path: Path, stages: Collection[StageId] | None = None) -> Trace:
+    """Open a trace directory written by apr (manifest.json) or by aprender (layout only).
+
+    `stages`: check and list only these stages' files (a single-file drill-down need not hash a whole
+    multi-GB trace); None: every file the manifest lists."""
     stat_path(path)  # not found, or a symlink loop, said as such
     if not path.is_dir():
         raise NotFoundError(f"Not a directory: {path}")
@@ -85,6 +116,8 @@ def read_trace(path: Path) -> Trace:
     manifest = read_manifest(manifest_path)
     entries = {}
     for f in manifest.files:
+        if stages is not None and f.sid not in stages:
+            continue
         p = confined(path, f.path, str(manifest_path))
         if not p.exists():
             raise TraceFormatError(f"{manifest_path}: lists {f.path}, which is missing")
@@ -101,7 +134,34 @@ def read_trace(path: Path) -> Trace:
             )
         entries[f.sid] = TraceEntry(f.sid, p, header, f.shape, f.sha256)
     ordered = dict(sorted(entries.items(), key=lambda kv: kv[0].sort_key))
-    return Trace(path, manifest, ordered)
+    stats = _read_stats(path, manifest_path, manifest.stats) if manifest.stats is not None else None
+    return Trace(path, manifest, ordered, stats)
+
+
+def _read_stats(path: Path, manifest_path: Path, info: StatsFile) -> dict[StageId, StageStats]:
+    p = confined(path, info.path, str(manifest_path))
+    if not p.exists():
+        raise TraceFormatError(f"{manifest_path}: lists {info.path}, which is missing")
+    regular(p)
+    if (size := p.stat().st_size) != info.bytes:
+        raise TraceFormatError(f"{p}: {size} bytes, the manifest says {info.bytes}")
+    if _sha256(p) != info.sha256:
+        raise TraceFormatError(
+            f"{p}: sha256 differs from the manifest's (the file was changed after the run wrote it)"
+        )
+    if info.version != aprs.VERSION:
+        raise TraceFormatError(
+            f"{manifest_path}: stats version {info.version}; this apr reads {aprs.VERSION}"
+        )
+    records = aprs.read_records(p)
+    out: dict[StageId, StageStats] = {}
+    for e in info.stages:
+        stage = Stage(e.stage)
+        sid = StageId(stage, e.layer if stage.per_layer else None)
+        if e.first + len(e.positions) > len(records):
+            raise TraceFormatError(f"{p}: {sid} lists records beyond the file's {len(records)}")
+        out[sid] = StageStats(sid, e.shape, e.positions, records[e.first : e.first + len(e.positions)])
+    return dict(sorted(out.items(), key=lambda kv: kv[0].sort_key))
 
 
 def _read_bare(path: Path) -> Trace:

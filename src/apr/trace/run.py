@@ -42,6 +42,9 @@ PRECISIONS: Final[dict[str, type[np.floating[Any]]]] = {
     PRECISION_GGML: np.float32,
 }
 HASH_CHUNK: Final = 8 << 20
+# the KV cache's element type: f32, or f16 as llama.cpp stores it by default (reference and llama.cpp engines)
+KV_TYPES: Final = ("f32", "f16")
+KV_F16: Final = "f16"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,7 @@ class TraceOptions:
     n_threads: int = 2
     on_layer: Callable[[int], None] | None = None  # progress callback (reference engine)
     max_disk: int | None = None  # refuse a trace estimated to write more (the free space always applies)
+    kv_type: str = "f32"  # KV_TYPES: f16 rounds K and V after RoPE as llama.cpp's cache stores them
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,27 +74,35 @@ EngineFn = Callable[[Path, Model, tuple[int, ...], Tap, TraceOptions], EngineRun
 
 def _reference(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
     ggml = opt.precision == PRECISION_GGML
-    w = Weights(model, PRECISIONS[opt.precision], ggml=ggml)
+    w = Weights(model, PRECISIONS[opt.precision], ggml=ggml, kv_f16=opt.kv_type == KV_F16)
     cfg = model.config
     logits = model.family.forward(w, cfg, ids, tap, lm_head_all=opt.lm_head_all, on_layer=opt.on_layer)
     settings = {"family": model.family.name, "rope_pairing": cfg.qk_layout.rope_pairing}
+    settings["kv_cache"] = opt.kv_type
     if ggml:
-        settings.update(ggml_settings(model))
+        settings.update(ggml_settings(model, opt.kv_type))
     return EngineRun(
         "reference", f"apr {__version__} / numpy {np.__version__}", cfg.qk_layout, settings, logits=logits
     )
 
 
-def ggml_settings(model: Model) -> dict[str, str]:
+def ggml_settings(model: Model, kv_type: str = "f32") -> dict[str, str]:
     """How `--precision ggml` ran, for the manifest: each matrix weight type → its activation type."""
     types = sorted({t.qtype for t in model.tensors() if len(t.shape) >= 2 and t.qtype in VEC_DOT_TYPE})
     return {
         "matmul": "ggml-cpu emulation (apr.quant.vecdot): activations converted to the vec_dot type",
         "vec_dot_types": ", ".join(f"{t.name}→{VEC_DOT_TYPE[t].name}" for t in types),
+        "kernel_order": f"{', '.join(sorted(t.name for t in LANE_TYPES))}: ggml-cpu x86 AVX2's own "
+        "(Q4_K / IQ4_NL as repacked 8x8, K / IQ4_XS vec_dot below 8 tokens, tiled from 8); others: BLAS",
         "activation_quantizers": "x86 AVX2 q8_0/q8_1 (id = 127/amax, round half to even), q8_K reference",
-        "kernel_order": f"{', '.join(sorted(t.name for t in LANE_TYPES))}: ggml's; others: BLAS",
-        "ops": "RMSNorm and SiLU in ggml's f32 arithmetic (every f32 run)",
-        "kv_cache": "f32",
+        "ops": "RMSNorm and SiLU in ggml's f32 arithmetic (every f32 run); RoPE tables and rotation, "
+        "Q·Kᵀ, softmax and ·V in ggml-cpu's f32 order (non-flash attention)",
+        "kv_cache": kv_type,
+        **(
+            {"attention": "Q and softmax(Q·Kᵀ) rounded to f16 (the f16 cache's vec_dot type)"}
+            if kv_type == KV_F16
+            else {}
+        ),
     }
 
 
@@ -108,6 +120,10 @@ def _engine_run(r: RuntimeRun) -> EngineRun:
 def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
     if opt.precision not in TORCH_DTYPES:
         raise ValidationError(f"--engine transformers computes in {' or '.join(TORCH_DTYPES)} only")
+    if opt.kv_type != "f32":
+        raise ValidationError(
+            f"--engine transformers keeps its KV cache in f32; drop --kv-type {opt.kv_type}"
+        )
     stages = [n.stage for n in model.graph()]
     return _engine_run(
         run_transformers(
@@ -135,6 +151,7 @@ def _llamacpp(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: Tra
             nodes=model.family.ggml_nodes,
             expected=stages,
             partial_ok=model.family.name == GENERIC,
+            kv_type=opt.kv_type,
         )
     )
 
@@ -151,6 +168,8 @@ def engine_fn(opt: TraceOptions) -> EngineFn:
         raise ValidationError(f"unknown engine {opt.engine!r} (choose from {', '.join(ENGINES)})")
     if opt.precision not in PRECISIONS:
         raise ValidationError(f"unknown precision {opt.precision!r} (choose from {', '.join(PRECISIONS)})")
+    if opt.kv_type not in KV_TYPES:
+        raise ValidationError(f"unknown KV cache type {opt.kv_type!r} (choose from {', '.join(KV_TYPES)})")
     return ENGINES[opt.engine]
 
 
@@ -204,6 +223,7 @@ class PreparedTrace:
             engine=eng.engine,
             engine_version=eng.version,
             precision=opt.precision,
+            kv_type=opt.kv_type,
             settings=eng.settings,
             qk_layout=eng.qk_layout,
             lm_head_positions="all" if opt.lm_head_all else "last",

@@ -5,6 +5,10 @@ capture point into a temporary sibling of the output directory, and on success w
 swaps the directory in whole (apr.trace.outdir: a lock per directory; the previous trace survives SIGINT,
 kill -9 and disk-full). Stage files of an earlier run in the directory are dropped with it (and reported),
 other files in it are kept; a stage-named `.bin` that is not an APRT file is refused rather than deleted.
+
+In `stats` mode (apr.trace.stats) nothing is written per stage: each captured stage becomes one record per
+kept position, held in memory (96 bytes a position), and the one statistics file is written with the
+manifest when the run completes.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import numpy.typing as npt
 from apr.errors import AprIOError
 from apr.stages import Stage, StageId
 from apr.trace import format as aprt
+from apr.trace import stats as aprs
 from apr.trace.layout import MANIFEST_NAME, relative_path
-from apr.trace.manifest import FileEntry, Manifest, RunInfo
+from apr.trace.manifest import FileEntry, Manifest, RunInfo, StatsFile
 from apr.trace.outdir import OutputDir
 from apr.trace.plan import TracePlan
 
@@ -43,6 +48,15 @@ class TraceResult:
     removed_stale: list[Path] = field(default_factory=list)
     not_captured: list[tuple[str, str]] = field(default_factory=list)
     manifest_path: Path | None = None
+    stats: WrittenStats | None = None  # --save-tensor-mode stats: the one statistics file
+
+
+@dataclass(frozen=True, slots=True)
+class WrittenStats:
+    path: Path
+    stages: int
+    records: int  # one per stage and position
+    bytes: int
 
 
 def expected_ids(plan: TracePlan, n_layers: int) -> list[StageId]:
@@ -67,6 +81,8 @@ class TraceWriter:
         self.run = run
         self.result = TraceResult(out_dir)
         self._entries: dict[StageId, FileEntry] = {}
+        self._stats: dict[StageId, tuple[aprs.StatsEntry, npt.NDArray[np.void]]] = {}
+        self._n_records = 0
         self._dir = OutputDir(out_dir)
         self._tmp = out_dir  # the temporary directory, from __enter__
         n = len(run.token_ids)
@@ -79,7 +95,7 @@ class TraceWriter:
     def wants(self, sid: StageId) -> bool:
         """The engine's question (apr.stages.tap_wants): is `sid` saved? If not, it skips work done only
         for the tap."""
-        return self.plan.should_save(sid) and sid not in self._entries
+        return self.plan.should_save(sid) and sid not in self._entries and sid not in self._stats
 
     def positions(self, n_tokens: int) -> npt.NDArray[np.intp] | None:
         """The engine's question (apr.stages.tap_positions): which rows of the T×T stages to compute."""
@@ -91,6 +107,9 @@ class TraceWriter:
         if sid.stage is Stage.LM_HEAD and self.run.lm_head_positions == "last" and value.ndim == 2:
             value = value[-1]
         arr = np.ascontiguousarray(self._select(sid.stage, value), dtype=aprt.F32_LE)
+        if self.plan.mode == aprs.MODE_STATS:
+            self._record(sid, arr)
+            return
         rel = relative_path(sid)
         data = aprt.encode(sid.layer if sid.stage.per_layer else None, arr)
         try:
@@ -101,6 +120,15 @@ class TraceWriter:
         entry = FileEntry(rel.as_posix(), sid, arr.shape, len(data), hashlib.sha256(data).hexdigest())
         self._entries[sid] = entry
         self.result.files.append(WrittenFile(self.out_dir / rel, sid, len(data)))
+
+    def _record(self, sid: StageId, arr: npt.NDArray[np.float32]) -> None:
+        records = aprs.compute(aprs.position_rows(arr, sid.stage in TXT_STAGES))
+        n = len(self.run.token_ids)
+        kept = range(n) if self._rows is None else self._rows
+        positions = kept if len(records) == len(kept) else range(n - len(records), n)  # lm_head: the last
+        entry = aprs.StatsEntry(sid.stage.value, sid.layer, arr.shape, self._n_records, positions)
+        self._stats[sid] = (entry, records)
+        self._n_records += len(records)
 
     def _select(self, stage: Stage, value: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """The kept positions of a per-position stage: rows of (T, …); query rows of the (H, T, T) attention
@@ -128,14 +156,15 @@ class TraceWriter:
         missing = [
             (str(sid), self.run.unavailable.get(sid.stage.value, _reason(sid, self.run)))
             for sid in expected_ids(self.plan, self.run.config.n_layers)
-            if sid not in self._entries
+            if sid not in self._entries and sid not in self._stats
         ]
         self.result.not_captured = missing
         entries = sorted(self._entries.values(), key=lambda e: e.sid.sort_key)
         self.result.files.sort(key=lambda f: f.sid.sort_key)
-        if not entries:
+        if not entries and not self._stats:
             self.result.files.clear()
             return  # like aprender: nothing selected, nothing written (an earlier trace stays as it was)
+        stats = self._write_stats() if self._stats else None
         manifest = Manifest(
             run=self.run,
             plan_stages=tuple(s.value for s in self.plan.stages),
@@ -143,6 +172,7 @@ class TraceWriter:
             plan_positions=None if self._rows is None else f"{self._rows.start}..{self._rows.stop}",
             files=tuple(entries),
             not_captured=tuple(missing),
+            stats=stats,
         )
         path = self.out_dir / MANIFEST_NAME
         try:
@@ -152,6 +182,19 @@ class TraceWriter:
         self._dir.commit()
         self.result.removed_stale = list(self._dir.stale.values())
         self.result.manifest_path = path
+
+    def _write_stats(self) -> StatsFile:
+        """The statistics file, records in capture order (the engine's forward order)."""
+        items = list(self._stats.values())
+        data = aprs.encode([records for _, records in items])
+        rel = aprs.FILE_NAME
+        try:
+            (self._tmp / rel).write_bytes(data)
+        except OSError as e:
+            raise AprIOError(f"cannot write {self.out_dir / rel}: {e.strerror or e}") from None
+        self.result.stats = WrittenStats(self.out_dir / rel, len(items), self._n_records, len(data))
+        entries = tuple(e for e, _ in items)
+        return StatsFile(rel, aprs.VERSION, len(data), hashlib.sha256(data).hexdigest(), entries)
 
 
 def _reason(sid: StageId, run: RunInfo) -> str:
