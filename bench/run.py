@@ -58,6 +58,7 @@ PROMPT: Final = "The quick brown fox jumps over the lazy dog."
 SYNTH_TAG: Final = "v1"  # bump when bench/synth.py's output changes, so the cached file is rewritten
 FAST_TYPES: Final = frozenset({QuantType.Q4_K, QuantType.Q6_K, QuantType.Q8_0})  # target ≥ 3×
 TRACE_RATIO_TARGET: Final = 3.0
+LONG_RATIO_TARGET: Final = 1.5
 RSS_TARGET: Final = 2 << 30
 
 # Every timed child is `python -c PEAK + CODE PEAK_FILE ARGS...`: at exit it writes its own peak RSS (VmHWM
@@ -132,12 +133,20 @@ def best(code: str, args: Sequence[str], runs: int) -> Proc:
     return Proc(min(r.seconds for r in results), max(r.max_rss for r in results))
 
 
-def apr_trace(model: Path, n_layers: int, runs: int, inspect: Callable[[Trace], None] | None = None) -> Proc:
+def apr_trace(
+    model: Path,
+    n_layers: int,
+    runs: int,
+    inspect: Callable[[Trace], None] | None = None,
+    ids: Sequence[int] | None = None,
+    extra: Sequence[str] = (),
+) -> Proc:
     """Wall time and peak RSS of `apr trace`, every stage; `inspect` sees the trace before it is deleted."""
     with tempfile.TemporaryDirectory(prefix="apr-bench-") as d:
         out = Path(d) / "trace"
-        every_stage = ["--save-tensor", "all", "--save-tensor-layers", f"0..{n_layers}", "--save-tensor-dir"]
-        args = ["--quiet", "trace", str(model), "--prompt", PROMPT, *every_stage, str(out)]
+        every_stage = ["--save-tensor", "all", "--save-tensor-layers", f"0..{n_layers}", *extra]
+        given = ["--prompt", PROMPT] if ids is None else ["--tokens", ",".join(map(str, ids))]
+        args = ["--quiet", "trace", str(model), *given, *every_stage, "--save-tensor-dir", str(out)]
         proc = best(APR_CHILD, args, runs)
         trace = read_trace(out)
         logits = np.asarray(trace.load(StageId(Stage.LM_HEAD)))
@@ -159,14 +168,21 @@ def trace_rows(
     target: bool,
     ratio_target: float = TRACE_RATIO_TARGET,
     inspect: Callable[[Trace], None] | None = None,
+    n_tokens: int | None = None,
+    extra: Sequence[str] = (),
 ) -> list[Row]:
-    prepared = prepare_trace(model, PROMPT)
-    ids, n_layers = prepared.token_ids, prepared.model.config.n_layers
+    """`n_tokens`: that many ids of PROMPT repeated (given to both sides as ids) instead of PROMPT itself."""
+    text = PROMPT if n_tokens is None else (PROMPT + " ") * (n_tokens // 8 + 1)
+    prepared = prepare_trace(model, text)
+    ids, n_layers = prepared.token_ids[: n_tokens or None], prepared.model.config.n_layers
     prepared.model.close()
     warm(model)
-    ours, theirs = apr_trace(model, n_layers, runs, inspect), llamacpp(model, ids, runs)
+    given = None if n_tokens is None else ids
+    ours = apr_trace(model, n_layers, runs, inspect, given, extra)
+    theirs = llamacpp(model, ids, runs)
     ratio = ours.seconds / theirs.seconds
-    what = f"{label}: trace, {n_layers} layers × all stages, {len(ids)} tokens"
+    how = " ".join(extra) or "all positions"
+    what = f"{label}: trace, {n_layers} layers × all stages ({how}), {len(ids)} tokens"
     rows = [
         Row(what, "wall s", f"{ours.seconds:.2f}", f"{theirs.seconds:.2f} llama.cpp", f"{ratio:.2f}×"),
         Row(f"{label}: peak RSS", "GiB", _gib(ours.max_rss), f"{_gib(theirs.max_rss)} llama.cpp"),
@@ -268,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-moe", action="store_true", help="leave out the 30B-A3B-shaped MoE")
     parser.add_argument("--model-7b", type=Path, help="use this GGUF instead of the synthetic 7B")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic 7B (default 0)")
+    long_help = "also trace the 7B at N tokens, the last 16 positions saved (0: skip; default 512)"
+    parser.add_argument("--long-7b", type=int, default=512, metavar="N", help=long_help)
     args = parser.parse_args(argv)
     runs = 1 if args.quick else 3
     smollm2 = models.smollm2_gguf()
@@ -289,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"7B-shaped model: {note}, {path.stat().st_size / 2**30:.2f} GiB")
         status("7B-shaped traces")
         rows += trace_rows("7B-shaped Q4_K_M", path, 1, target=True)
+        if args.long_7b:  # issue 12: ≤ 1.5× llama.cpp, ≤ 2 GiB, at 512 tokens
+            long = ("--save-tensor-positions", "-16..")  # every stage of the full 7B at 512 positions: 8 GB
+            rows += trace_rows("7B-shaped Q4_K_M", path, 1, True, LONG_RATIO_TARGET, None, args.long_7b, long)
     if not args.skip_moe:
         moe_table, note = moe.moe_rows()
         notes.append(note)

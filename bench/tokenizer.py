@@ -5,9 +5,13 @@
 The vocabs are synthetic (a seed, no download) and shaped like real ones: BPE has GPT-2's 256 byte
 symbols, then one merge per further token (two existing tokens joined; the "qwen2" pre-tokenizer, three
 control tokens); SPM has <unk> <s> </s>, the 256 <0xXX> byte tokens, then "▁"-words and word pieces with
-falling scores. Each figure is the median of `runs` calls of `build_tokenizer(spec)`: everything from
-the parsed GGUF arrays to a tokenizer that encodes (the spec is made once, outside the timing), checked
-on a sentence. Printed as rows of bench/run.py's table (which includes them); `measure` returns them.
+falling scores. Each figure is the median of `runs` calls of `build_tokenizer(spec)` and its first
+`encode` of a sentence: everything from the parsed GGUF arrays to the first ids (the spec is made once,
+outside the timing). After the table, the time to encode a 5000-word prompt with new words (BPE's merge
+loop is Python: formats/tokenizer_merge.py). Not included: decoding a GGUF's string arrays, which
+formats/gguf_parse.py does on first use (about 0.1 s for each 150k-string array, tokens and merges, on
+the shared 2-core machine). Printed as rows of bench/run.py's table (which includes them); `measure`
+returns them.
 """
 
 from __future__ import annotations
@@ -90,10 +94,25 @@ def _median_build(spec: TokenizerSpec, runs: int) -> float:
     for _ in range(runs):
         start = time.perf_counter()
         tok = build_tokenizer(spec)
+        ids = tok.encode(SENTENCE)  # the first encode is timed too: nothing is left to do on first use
         times.append(time.perf_counter() - start)
-        ids = tok.encode(SENTENCE)
         assert ids and max(ids) < len(spec.tokens), "the synthetic tokenizer does not encode"
     return statistics.median(times)
+
+
+def encode_seconds(spec: TokenizerSpec, n_words: int = 5000, seed: int = 0) -> float:
+    """Seconds to encode a fresh `n_words`-word prompt (words of 1-12 letters, digits, punctuation, a
+    newline now and then) with a built tokenizer: BPE merges each new word once (then from its cache)."""
+    rng = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits + ".,;:'!?-()"
+    text = " ".join(
+        "".join(rng.choices(alphabet, k=rng.randint(1, 12))) + ("\n" if rng.random() < 0.05 else "")
+        for _ in range(n_words)
+    )
+    tok = build_tokenizer(spec)
+    start = time.perf_counter()
+    tok.encode(text)
+    return time.perf_counter() - start
 
 
 def measure(n_vocab: int = VOCAB, runs: int = 5) -> list[Timing]:
@@ -113,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     import run  # bench/run.py: its Row and table; imported here, as run.py imports this module
 
     print(run.render(run.tokenizer_rows(measure(args.vocab, args.runs))))
+    for kind, spec in (("BPE", bpe_spec(args.vocab)), ("SPM", spm_spec(args.vocab))):
+        print(f"encode a 5000-word prompt, {kind}: {encode_seconds(spec):.3f} s")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,7 @@ def test_timings_are_rows_of_the_bench_table(bench: ModuleType) -> None:
     assert table[0].startswith("| what ") and len(table) == 4
     assert table[2].startswith("| build tokenizer: 1k-token BPE (synthetic) | s    | ")
     assert table[2].endswith(" | —         |       | ≤ 0.3 s | yes |")
+
+
+def test_encode_seconds(bench: ModuleType) -> None:
+    assert bench.encode_seconds(bench.bpe_spec(1000, seed=1), n_words=50) > 0

@@ -18,8 +18,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -176,3 +177,43 @@ def test_a_model_truncated_during_a_trace_is_a_one_line_error(
     assert "Traceback" not in text
     assert re.search(TRUNCATED + r"\n$", text), text
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".t")] == []
+
+
+def plain(field: Any) -> tuple[Any, ...]:
+    value = field.value
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        value = list(value)
+    return field.key, field.type, value
+
+
+@pytest.mark.parametrize("first", [64, 4096, 1 << 20])
+def test_the_header_read_in_growing_prefixes_parses_as_the_whole_file(
+    first: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """open_gguf reads the header from a prefix of the file (never a mapping), growing it when the parse
+    runs past it: SmolLM2's 1.6 MB header from a 64-byte, 4 KiB or 1 MiB first read gives exactly the
+    metadata and tensor index gguf_parse gives over the whole file (mapped here, as the oracle)."""
+    from apr.formats import gguf as gguf_module
+    from apr.formats.gguf_parse import parse_header
+    from tests.fixtures.models import smollm2_gguf
+
+    path = smollm2_gguf()
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        whole = parse_header(mm, os.fstat(f.fileno()).st_size, str(path))
+    monkeypatch.setattr(gguf_module, "HEADER_FIRST_READ", first)
+    with gguf_module.open_gguf(path) as ckpt:
+        assert tuple(ckpt.tensors()) == whole.tensors
+        assert [plain(f) for f in ckpt.fields.values()] == [plain(f) for f in whole.fields.values()]
+        assert ckpt.tokenizer_spec() is not None and len(ckpt.tokenizer_spec().tokens) == 49152
+
+
+def test_a_file_cut_inside_its_header_is_a_clean_error(tmp_path: Path) -> None:
+    from apr.formats.gguf import open_gguf
+    from tests.fixtures.models import smollm2_gguf
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2_gguf().read_bytes()[: 1 << 20])  # the vocabulary runs past the end
+    with pytest.raises(FormatError, match=r"cut.gguf: .*left"):
+        open_gguf(cut)

@@ -15,6 +15,7 @@ first, then aliases in table order) and reports the collision in `warnings`.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from collections.abc import Callable, Collection, Mapping
@@ -306,6 +307,7 @@ class AprSource:
 
 
 # .apr keys apr adds for SentencePiece vocabs (aprender has tokenizer.scores; the rest are custom keys)
+CHARSMAP_KEY: Final = "tokenizer.precompiled_charsmap_base64"  # UGM's normalization rules
 APR_FIM_KEYS: Final = {m: f"tokenizer.fim_{m}_token_id" for m in ("pre", "suf", "mid", "pad", "rep", "sep")}
 # llama.cpp's defaults for a SentencePiece vocab that leaves a key out: bos, eos, add_bos, add_space_prefix
 _SPM_DEFAULTS: Final = (1, 2, True, True)
@@ -345,7 +347,23 @@ def tokenizer_from_metadata(meta: Mapping[str, Any], where: str) -> TokenizerSpe
         add_space_prefix=bool(_first(r.flag("tokenizer.add_space_prefix"), add_prefix)),
         fim_ids=fim,
         model_name=r.text("tokenizer.model_name"),
+        unk_id=r.uint("tokenizer.unknown_token_id"),
+        sep_id=r.uint("tokenizer.separator_token_id"),
+        lowercase=r.flag("tokenizer.normalizer_lowercase"),
+        strip_accents=r.flag("tokenizer.normalizer_strip_accents"),
+        remove_extra_whitespaces=bool(r.flag("tokenizer.remove_extra_whitespaces")),
+        precompiled_charsmap=_charsmap(r),
     )
+
+
+def _charsmap(r: _Reader) -> bytes:
+    text = r.text(CHARSMAP_KEY)
+    if text is None:
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise r._fail(CHARSMAP_KEY, "base64 text", text[:32]) from None
 
 
 def _first(value: Any, default: Any) -> Any:

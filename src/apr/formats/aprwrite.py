@@ -12,6 +12,7 @@ step 8). The byte layout and its rules live in formats/aprcodec.py, the JSON in 
 
 from __future__ import annotations
 
+import base64
 import itertools
 import math
 import zlib
@@ -209,7 +210,7 @@ def metadata_for(
     }
     custom: dict[str, object] = {
         "tensor_shapes": table,
-        **_tokenizer_keys(tokenizer),
+        **tokenizer_keys(tokenizer),
         "model.architecture": arch,
         **_config_keys(config, rope_type, prefix="model."),
         "tied_embeddings": True if config.tied_embeddings else None,
@@ -236,7 +237,7 @@ def _config_keys(config: AprModelKeys, rope_type: int, prefix: str) -> dict[str,
     }
 
 
-def _tokenizer_keys(tok: TokenizerSpec | None) -> dict[str, object]:
+def tokenizer_keys(tok: TokenizerSpec | None) -> dict[str, object]:
     if tok is None or not tok.tokens:
         return {}
     return {
@@ -256,4 +257,21 @@ def _tokenizer_keys(tok: TokenizerSpec | None) -> dict[str, object]:
         "tokenizer.add_space_prefix": tok.add_space_prefix if tok.model == "llama" else None,
         "tokenizer.model_name": tok.model_name if tok.model == "llama" else None,
         **{f"tokenizer.fim_{m}_token_id": i for m, i in tok.fim_ids.items()},
+        **_wpm_ugm_keys(tok),
+    }
+
+
+def _wpm_ugm_keys(tok: TokenizerSpec) -> dict[str, object]:
+    """What WordPiece ("bert") and Unigram ("t5") vocabs need (custom keys; aprender has neither), and
+    RWKV ("rwkv") its unknown token, whitespace BPE ("whitespace") its lowercasing."""
+    if tok.model not in ("bert", "t5", "rwkv", "whitespace"):
+        return {}
+    charsmap = tok.precompiled_charsmap and base64.b64encode(tok.precompiled_charsmap).decode("ascii")
+    return {  # None is left out, as elsewhere
+        "tokenizer.unknown_token_id": tok.unk_id,
+        "tokenizer.separator_token_id": tok.sep_id,
+        "tokenizer.normalizer_lowercase": tok.lowercase,
+        "tokenizer.normalizer_strip_accents": tok.strip_accents,
+        "tokenizer.remove_extra_whitespaces": tok.remove_extra_whitespaces or None,
+        "tokenizer.precompiled_charsmap_base64": charsmap or None,
     }

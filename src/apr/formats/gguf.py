@@ -2,7 +2,7 @@
 tensors on demand.
 
 Opening reads no tensor data (~25 ms for SmolLM2 with its 49k-token vocab); the header is parsed from a
-mapping of the file that is closed before `open_gguf` returns. After that, tensor bytes are never mapped:
+prefix of the file read into memory (grown while the parse asks for more). Nothing is ever mapped:
 `read` preads one tensor into a private buffer and dequantizes it, `read_rows` preads just the wanted rows,
 `raw_range` a byte range (the engine's row blocks) and `raw` a tensor's stored bytes, all from the
 descriptor held open until `close` (formats/tensorio.py: why a file truncated during a run is then a clean
@@ -17,7 +17,6 @@ adjacent-pair RoPE); the family's config records that (`qk_layout`), and the rea
 from __future__ import annotations
 
 import difflib
-import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import Any, BinaryIO, Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.errors import AprIOError, NotFoundError, UnsupportedQuantError, ValidationError
+from apr.errors import AprIOError, FormatError, NotFoundError, UnsupportedQuantError, ValidationError
 from apr.formats.base import ConfigSource, F32Array, Format, TensorInfo, TokenizerSpec
 from apr.formats.files import regular
 from apr.formats.gguf_meta import GGUFSource, Metadata, tokenizer_spec
-from apr.formats.gguf_parse import HEADER_SIZE, MAGIC, Header, located, parse_header
+from apr.formats.gguf_parse import MAGIC, Header, NeedMoreBytes, located, parse_header
 from apr.formats.tensorio import U8Array, read_exact, read_range, read_rows, row_index
 from apr.quant import DEQUANT_TYPES, dequantize
 
@@ -64,12 +63,25 @@ def open_gguf(path: Path | str) -> GGUFCheckpoint:
         raise
 
 
+HEADER_FIRST_READ: Final = 4 << 20  # SmolLM2's header (49k tokens, 48k merges) is 1.6 MB
+
+
 def _read_header(file: BinaryIO, source: str) -> Header:
-    size = os.fstat(file.fileno()).st_size
-    if size < HEADER_SIZE:
-        return parse_header(file.read(), size, source)
-    with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        return parse_header(mm, size, source)
+    """The header, parsed from a prefix of the file read into memory (4 MiB, then as much as the parse asks
+    for, at most the file): never mapped, so a file truncated while it is opened is an error, not SIGBUS."""
+    fd = file.fileno()
+    size = os.fstat(fd).st_size
+    n = min(size, HEADER_FIRST_READ)
+    while True:
+        buf = os.pread(fd, n, 0)
+        if len(buf) < n:
+            raise FormatError(f"{source}: {len(buf)} bytes, {n} expected (truncated while apr opened it?)")
+        try:
+            return parse_header(buf, size, source)
+        except NeedMoreBytes as more:
+            if n >= size:  # cannot happen: every read is checked against the file's size first
+                raise FormatError(f"{source}: the header needs {more.needed} bytes of {size}") from None
+            n = min(size, max(more.needed, 4 * n))
 
 
 # ---- the checkpoint -----------------------------------------------------------------------------

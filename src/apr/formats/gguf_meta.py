@@ -16,6 +16,8 @@ import numpy.typing as npt
 from apr.errors import FormatError
 from apr.formats.base import TokenizerSpec
 from apr.formats.gguf_parse import FLOAT_TYPES, INT_TYPES, Field, StringArray, ValueType
+from apr.formats.tokenizer_pre import ADD_BOS_BY_DEFAULT
+from apr.formats.tokenizer_raw import ALWAYS_BOS, GEMMA4_MODEL
 
 # ---- metadata keys ------------------------------------------------------------------------------
 ARCH: Final = "general.architecture"
@@ -32,6 +34,13 @@ ADD_EOS: Final = "tokenizer.ggml.add_eos_token"
 ADD_SPACE_PREFIX: Final = "tokenizer.ggml.add_space_prefix"
 SCORES: Final = "tokenizer.ggml.scores"
 MODEL_NAME: Final = "general.name"
+UNK_ID: Final = "tokenizer.ggml.unknown_token_id"
+SEP_ID: Final = "tokenizer.ggml.seperator_token_id"  # sic
+LOWERCASE: Final = "tokenizer.ggml.normalizer.lowercase"
+STRIP_ACCENTS: Final = "tokenizer.ggml.normalizer.strip_accents"
+REMOVE_EXTRA_WS: Final = "tokenizer.ggml.remove_extra_whitespaces"
+CHARSMAP: Final = "tokenizer.ggml.precompiled_charsmap"
+UGM: Final = "t5"  # tokenizer.ggml.model of a Unigram vocab: llama.cpp adds EOS unless told not to
 # FIM marker → its id keys, the deprecated spelling last (llama.cpp reads both, the last one found wins)
 FIM_KEYS: Final[dict[str, tuple[str, ...]]] = {
     "pre": ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.prefix_token_id"),
@@ -167,6 +176,14 @@ def tokenizer_spec(m: Metadata) -> TokenizerSpec | None:
 
     def flag(key: str) -> bool:
         v = m.flag(key)
+        bpe = model in ("gpt2", "whitespace")
+        gemma4 = model == GEMMA4_MODEL or (bpe and m.text(TOKENIZER_PRE) in ALWAYS_BOS)
+        if key == ADD_BOS and gemma4:
+            return True  # llama.cpp's Gemma 4 workaround: BOS whatever the GGUF says
+        if v is None and key == ADD_BOS and bpe:  # llama.cpp's default for a few pre-tokenizers
+            return (m.text(TOKENIZER_PRE) or "default") in ADD_BOS_BY_DEFAULT
+        if v is None and key == ADD_EOS and model == UGM:
+            return True
         return bool(SPM_DEFAULTS[key]) if v is None and spm else bool(v)
 
     fim = {}
@@ -176,6 +193,7 @@ def tokenizer_spec(m: Metadata) -> TokenizerSpec | None:
                 fim[marker] = v
     scores = m._get(SCORES, FLOAT_TYPES | INT_TYPES, "an array of numbers", array=True)
     scores = None if scores is None else np.asarray(scores, dtype=np.float32).tolist()  # as llama.cpp
+    charsmap = m._get(CHARSMAP, INT_TYPES, "an array of bytes", array=True)
     return TokenizerSpec(
         model=model,
         pre=m.text(TOKENIZER_PRE) or "default",
@@ -191,6 +209,12 @@ def tokenizer_spec(m: Metadata) -> TokenizerSpec | None:
         add_space_prefix=flag(ADD_SPACE_PREFIX),
         fim_ids=fim,
         model_name=m.text(MODEL_NAME),
+        unk_id=m.integer(UNK_ID),
+        sep_id=m.integer(SEP_ID),
+        lowercase=m.flag(LOWERCASE),
+        strip_accents=m.flag(STRIP_ACCENTS),
+        remove_extra_whitespaces=bool(m.flag(REMOVE_EXTRA_WS)),
+        precompiled_charsmap=b"" if charsmap is None else np.asarray(charsmap).astype(np.uint8).tobytes(),
     )
 
 

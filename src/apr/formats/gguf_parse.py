@@ -167,13 +167,27 @@ def located(source: str) -> Iterator[None]:
         raise
 
 
-class _Cursor:
-    """A position in the buffer; every read checks the bytes that remain first."""
+class NeedMoreBytes(Exception):
+    """The header runs past the prefix of the file in the buffer: parse again with at least `needed` bytes."""
 
-    __slots__ = ("buf", "end", "pos", "source")
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed
+
+
+class _Cursor:
+    """A position in the buffer; every read checks the bytes that remain in the file first, then that the
+    buffer (a prefix of the file) holds them (NeedMoreBytes when not)."""
+
+    __slots__ = ("avail", "buf", "end", "pos", "source")
 
     def __init__(self, buf: Buffer, end: int, source: str) -> None:
         self.buf, self.end, self.pos, self.source = buf, end, 0, source
+        self.avail = min(len(buf), end)
+
+    def have(self, stop: int) -> None:
+        if stop > self.avail:
+            raise NeedMoreBytes(stop)
 
     @property
     def left(self) -> int:
@@ -184,6 +198,7 @@ class _Cursor:
             raise FormatError(
                 f"{what} at offset {self.pos}: needs {n} bytes, only {self.left} left in the file"
             )
+        self.have(self.pos + n)
         start, self.pos = self.pos, self.pos + n
         return start
 
@@ -223,12 +238,14 @@ def _scan_strings(c: _Cursor, count: int, what: str) -> StringArray:
     for i in range(count):
         if end - pos < 8:
             raise FormatError(f"{what}[{i}] at offset {pos}: needs 8 bytes, only {end - pos} left")
+        c.have(pos + 8)
         n = unpack(buf, pos)[0]
         pos += 8
         if n > end - pos:
             raise FormatError(
                 f"{what}[{i}] at offset {pos - 8}: string length {n} exceeds the {end - pos} bytes left"
             )
+        c.have(pos + n)
         append(pos - base)
         pos += n
     c.pos = pos
@@ -374,7 +391,9 @@ def _tensor_info(e: _Entry, data_offset: int, alignment: int, file_size: int) ->
 
 
 def parse_header(buf: Buffer, file_size: int, source: str = "") -> Header:
-    """Parse everything up to the data section of the GGUF bytes in `buf` (a bytes or an mmap).
+    """Parse everything up to the data section of the GGUF bytes in `buf` (a bytes or an mmap): the whole
+    file, or a prefix of it — NeedMoreBytes when the header runs past that prefix (errors are judged against
+    `file_size`, so a prefix never produces one a whole file would not).
 
     `source` (the file name) prefixes every error message.
     """

@@ -5,29 +5,64 @@ parse_special=true)`; for an HF folder, transformers' `AutoTokenizer(...).encode
 `TokenizerSpec.model`, registered in `BUILDERS`:
 
 - "llama" (SentencePiece, SPM): formats/tokenizer_spm.py, written out (no `tokenizers` model does it).
-- "gpt2" (byte-level BPE): formats/tokenizer_bpe.py, a `tokenizers` document.
+- "gpt2", "gemma4", "whitespace", "hybriddna" (llama.cpp's BPE types): formats/tokenizer_llama_bpe.py,
+  each a session over the BPE of tokenizer.ggml.pre: byte-level (formats/tokenizer_bpe.py: the splits of
+  every pre-tokenizer of llama.cpp, formats/tokenizer_pre.py, by a `tokenizers` pre-tokenizer, then
+  llama.cpp's merge loop written out, formats/tokenizer_merge.py; the `tokenizers` BPE model of the vocab
+  is built only for export, `Tokenizer.backend`) or on raw UTF-8 (gemma4, granite-embed-multi-311m,
+  sarvam-moe, whitespace: formats/tokenizer_raw.py, the same merge loop).
+- "rwkv" (RWKV world, greedy longest match): formats/tokenizer_rwkv.py, written out.
+- "plamo2" (PLaMo-2, best-score segmentation): formats/tokenizer_plamo2.py, written out.
+- "test" (llama.cpp's test vocab: a hash of each 5 bytes): here.
+- "bert" (WordPiece, WPM): formats/tokenizer_wpm.py, written out.
+- "t5" (Unigram, UGM): formats/tokenizer_ugm.py, written out (with the precompiled charsmap).
 - "tokenizer.json" (HF): formats/tokenizer_hf.py, the file with transformers' changes to it.
 
-For both GGUF kinds the text is first cut at llama.cpp's special tokens (formats/tokenizer_special.py),
-and BOS / EOS are added as the vocab's add_bos / add_eos flags say. Everything else llama.cpp has (WPM,
-UGM, RWKV, PLaMo-2, the BPE pre-tokenizers not in PRE_TOKENIZERS) is a FormatError naming it.
+For the GGUF kinds the text is first cut at llama.cpp's special tokens (formats/tokenizer_special.py),
+and BOS / EOS are added as the vocab's add_bos / add_eos flags say ([CLS] / [SEP] always, for WPM).
+Everything else llama.cpp has (`UNSUPPORTED`) is a FormatError naming it.
 `decode` renders special tokens and does no clean-up: decode(encode(text)) == text for a BPE vocab
 without BOS; an SPM vocab adds a space after each special token, which decode keeps, as llama.cpp.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import reduce
 from typing import Any, Final
 
 from apr.errors import FormatError
 from apr.formats.base import TokenizerSpec
-from apr.formats.tokenizer_bpe import BYTE_CHARS, ENCODE, PRE_TOKENIZERS, byte_level_bpe, load
+from apr.formats.tokenizer_bpe import BYTE_CHARS, ENCODE, load
 from apr.formats.tokenizer_hf import MODEL as HF_MODEL
 from apr.formats.tokenizer_hf import hf_backend
-from apr.formats.tokenizer_special import partition, special_tokens, token_attrs
+from apr.formats.tokenizer_llama_bpe import BPE_MODELS, llama_bpe
+from apr.formats.tokenizer_plamo2 import Plamo2Model
+from apr.formats.tokenizer_pre import PRE_TOKENIZERS
+from apr.formats.tokenizer_rwkv import RwkvModel
+from apr.formats.tokenizer_special import (
+    BYTE,
+    NORMAL,
+    SPECIAL,
+    USER_DEFINED,
+    partition,
+    special_tokens,
+    token_attrs,
+)
 from apr.formats.tokenizer_spm import SpmModel
+from apr.formats.tokenizer_ugm import DEFAULT_EOS as UGM_EOS
+from apr.formats.tokenizer_ugm import DEFAULT_UNK as UGM_UNK
+from apr.formats.tokenizer_ugm import UgmModel
+from apr.formats.tokenizer_wpm import (
+    DEFAULT_BOS,
+    DEFAULT_SEP,
+    DEFAULT_UNK,
+    PHANTOM_SPACE,
+    WpmModel,
+    token_or_default,
+)
 
 __all__ = ["BUILDERS", "BYTE_CHARS", "PRE_TOKENIZERS", "Tokenizer", "build_tokenizer"]
 
@@ -41,7 +76,7 @@ class Tokenizer:
     decode: Callable[[Sequence[int]], str]
     bos_id: int | None = None  # encode prepends it when set
     eos_id: int | None = None  # encode appends it when set
-    backend: Any = None  # the `tokenizers.Tokenizer` doing the work, if one does (export writes it out)
+    backend: Any = None  # a `tokenizers.Tokenizer` of the vocab, if there is one (export writes it out)
     bare_text: Callable[[str], list[int]] | None = None  # HF: encode_text without the post-processor's tokens
 
     def encode(self, text: str) -> list[int]:
@@ -76,26 +111,127 @@ def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
 def _spm(spec: TokenizerSpec) -> Tokenizer:
     tokens = _tokens(spec)
     attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys())
-    model = SpmModel(
-        tokens, spec.scores, attrs, special_tokens(tokens, attrs, spec.model_name), spec.add_space_prefix
-    )
+    specials = special_tokens(tokens, attrs, spec.model_name, spec.pre)
+    model = SpmModel(tokens, spec.scores, attrs, specials, spec.add_space_prefix)
     return Tokenizer(len(tokens), model.encode, model.decode, *_ends(spec, len(tokens)))
 
 
-def _byte_level_bpe(spec: TokenizerSpec) -> Tokenizer:
+def _bpe(spec: TokenizerSpec) -> Tokenizer:
     tokens = _tokens(spec)
-    attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys())
-    specials = special_tokens(tokens, attrs, spec.model_name)
-    bpe = byte_level_bpe(spec.pre, tokens, spec.merges, sorted(s.id for s in specials))
+    bpe = llama_bpe(spec, tokens)
+    bos, eos = _ends(replace(spec, add_bos=bpe.add_bos), len(tokens))
+    return Tokenizer(len(tokens), bpe.encode_text, bpe.decode, bos, eos, backend=bpe.backend)
+
+
+def _rwkv(spec: TokenizerSpec) -> Tokenizer:  # no BOS / EOS, whatever the flags say (as llama.cpp)
+    tokens = _tokens(spec)
+    n = len(tokens)
+    vocab = dict(zip(tokens, range(n), strict=True))
+    attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
+    specials = special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab)
+    unk = spec.unk_id if spec.unk_id is not None and 0 <= spec.unk_id < n else None
+    model = RwkvModel(tokens, specials, unk)
+    return Tokenizer(n, model.encode, model.decode)
+
+
+def _plamo2(spec: TokenizerSpec) -> Tokenizer:  # no BOS / EOS, whatever the flags say (as llama.cpp)
+    tokens = _tokens(spec)
+    vocab = dict(zip(tokens, range(len(tokens)), strict=True))
+    attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
+    specials = special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab)
+    model = Plamo2Model(tokens, spec.scores, attrs, specials)
+    return Tokenizer(len(tokens), model.encode, model.decode)
+
+
+def _test(spec: TokenizerSpec) -> Tokenizer:
+    """llama.cpp's "test" vocab type: each 5 bytes of text → their hash (×31 + byte) modulo the vocab size;
+    decode writes each id in hex. No BOS / EOS."""
+    tokens = _tokens(spec)
+    n = len(tokens)
+    specials = special_tokens(
+        tokens, token_attrs(tokens, spec.token_types, spec.fim_ids.keys()), spec.model_name
+    )
+
+    def chunks(text: str) -> list[int]:
+        data = text.encode()
+        return [
+            reduce(lambda h, b: (h * 31 + b) & _U64, data[i : i + 5], 0) % n for i in range(0, len(data), 5)
+        ]
 
     def encode_text(text: str) -> list[int]:
-        return [i for p in partition(text, specials) for i in ([p] if isinstance(p, int) else bpe.encode(p))]
+        return [i for p in partition(text, specials) for i in ([p] if isinstance(p, int) else chunks(p))]
 
     def decode(ids: Sequence[int]) -> str:
-        text: str = load(lambda: bpe.backend.decode(list(ids), skip_special_tokens=False), "", DECODE)
-        return text
+        return "".join(f"{i:x}" for i in ids if 0 <= i < n)
 
-    return Tokenizer(len(tokens), encode_text, decode, *_ends(spec, len(tokens)), backend=bpe.backend)
+    if n == 0:
+        raise FormatError("a test vocab needs tokens")
+    return Tokenizer(n, encode_text, decode)
+
+
+def _wpm(spec: TokenizerSpec) -> Tokenizer:
+    tokens = _tokens(spec)
+    n = len(tokens)
+    vocab = dict(zip(tokens, range(n), strict=True))
+    attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
+    specials = special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab)
+    lower = spec.lowercase is not False  # llama.cpp's normalizer_options default to true
+    strip = lower if spec.strip_accents is None else spec.strip_accents
+    model = WpmModel.of(tokens, token_or_default(spec.unk_id, DEFAULT_UNK, n), lower, strip)
+    cls, sep = token_or_default(spec.bos_id, DEFAULT_BOS, n), token_or_default(spec.sep_id, DEFAULT_SEP, n)
+    if cls is None or sep is None:  # llama.cpp asserts they exist
+        raise FormatError(f"a WPM vocab needs its [CLS] (BOS) and [SEP] tokens: ids {cls} and {sep}")
+
+    def encode_text(text: str) -> list[int]:
+        return [
+            i for p in partition(text, specials) for i in ([p] if isinstance(p, int) else model.encode(p))
+        ]
+
+    def decode(ids: Sequence[int]) -> str:  # llama_token_to_piece of each, no clean-up
+        return _pieces(tokens, attrs, ids)
+
+    return Tokenizer(n, encode_text, decode, cls, sep)
+
+
+def _ugm(spec: TokenizerSpec) -> Tokenizer:
+    tokens = _tokens(spec)
+    n = len(tokens)
+    vocab = dict(zip(tokens, range(n), strict=True))
+    attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
+    specials = special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab)
+    unk = token_or_default(spec.unk_id, UGM_UNK, n)
+    model = UgmModel.of(
+        tokens, spec.scores, attrs, unk, spec.add_space_prefix, spec.remove_extra_whitespaces,
+        spec.precompiled_charsmap,
+    )  # fmt: skip
+    eos = token_or_default(spec.eos_id, UGM_EOS, n)
+    bos, eos = _ends(replace(spec, eos_id=eos), n)
+
+    def encode_text(text: str) -> list[int]:
+        pieces = partition(text, specials)
+        return [i for p in pieces for i in ([p] if isinstance(p, int) else model.encode(p))]
+
+    def decode(ids: Sequence[int]) -> str:  # llama_token_to_piece of each, no clean-up
+        return _pieces(tokens, attrs, ids)
+
+    return Tokenizer(n, encode_text, decode, bos, eos)
+
+
+def _pieces(tokens: Sequence[str], attrs: Sequence[int], ids: Sequence[int]) -> str:
+    """WPM / UGM token_to_piece: special and user-defined tokens as they are, normal ones with "▁" as
+    spaces, byte tokens as their byte, others nothing."""
+    out = bytearray()
+    for i in ids:
+        if not 0 <= i < len(tokens):  # llama.cpp: no piece
+            continue
+        if attrs[i] & (SPECIAL | USER_DEFINED):
+            out += tokens[i].encode()
+        elif attrs[i] & NORMAL:
+            out += tokens[i].replace(PHANTOM_SPACE, " ").encode()
+        elif attrs[i] & BYTE:  # "<0xAB>": strtol of "AB", as llama.cpp's token_to_byte
+            hex_digits = re.match(r"[0-9A-Fa-f]*", tokens[i][3:5])
+            out.append(int(hex_digits[0] or "0", 16) if hex_digits else 0)
+    return out.decode(errors="replace")
 
 
 def _tokens(spec: TokenizerSpec) -> list[str]:
@@ -138,21 +274,19 @@ def _from_json(spec: TokenizerSpec) -> Tokenizer:
 
 
 DECODE: Final = "cannot decode token ids"
+_U64: Final = (1 << 64) - 1
 BUILDERS: Final[dict[str, Callable[[TokenizerSpec], Tokenizer]]] = {
     "llama": _spm,
-    "gpt2": _byte_level_bpe,
+    **dict.fromkeys(BPE_MODELS, _bpe),
+    "rwkv": _rwkv,
+    "plamo2": _plamo2,
+    "test": _test,
+    "bert": _wpm,
+    "t5": _ugm,
     HF_MODEL: _from_json,
 }
 # the other tokenizer.ggml.model values llama.cpp knows, with its name for the algorithm
 UNSUPPORTED: Final[dict[str, str]] = {
-    "bert": "WordPiece (WPM)",
-    "t5": "Unigram (UGM)",
-    "rwkv": "RWKV",
-    "plamo2": "PLaMo-2",
-    "gemma4": "Gemma 4 BPE",
-    "hybriddna": "HybridDNA BPE",
-    "whitespace": "whitespace BPE",
     "no_vocab": "vocab-less",
     "none": "vocab-less",
-    "test": "llama.cpp's test",
 }

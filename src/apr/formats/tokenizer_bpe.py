@@ -1,11 +1,17 @@
-"""Byte-level BPE GGUF vocabs (tokenizer.ggml.model "gpt2") as one `tokenizers` JSON document.
+"""Byte-level BPE GGUF vocabs (tokenizer.ggml.model "gpt2"): encoding, and the `tokenizers.Tokenizer`.
 
-The document (vocab, merges, pre-tokenizer, decoder) is loaded with `Tokenizer.from_str`: ~0.2 s for 49k
-tokens, where building `models.BPE` from Python objects takes seconds. `tokenizer.ggml.pre` picks the
-pre-tokenizer from `PRE_TOKENIZERS`: the regexes llama.cpp's llama-vocab.cpp applies for that name, each
-as an isolating `Split`, then the byte-level mapping. No normalizer: llama.cpp applies none to BPE vocabs,
-even where the HF tokenizer.json has NFC. Special tokens are cut out of the text before this model sees
-it (formats/tokenizer_special.py); they are listed as added tokens only so that decode renders them.
+Encoding (`ByteLevelMerges`) is a `tokenizers` pre-tokenizer (the splits below, then the byte-level
+mapping) and llama.cpp's own merge loop on each word (formats/tokenizer_merge.py), which needs only a
+dict of merge ranks: a 150k-token vocab builds in ~0.1 s, where the `tokenizers` BPE model takes
+0.2-0.4 s. That model (`byte_level_bpe`) is still built, on first use only, for export's tokenizer.json
+(`LazyBackend`); it is what the rest of this docstring is about.
+
+The model is `models.BPE(vocab, merges)` built from Python objects (~2x faster than `Tokenizer.from_str`
+of the same JSON document, which also costs a json.dumps). `tokenizer.ggml.pre` picks the pre-tokenizer
+from `PRE_TOKENIZERS` (formats/tokenizer_pre.py): the regexes llama.cpp's llama-vocab.cpp applies for that
+name, each as an isolating `Split`, then the byte-level mapping. No normalizer: llama.cpp applies none to
+BPE vocabs, even where the HF tokenizer.json has NFC. Special tokens are cut out of the text before this
+model sees it (formats/tokenizer_special.py); they are added tokens only so that decode renders them.
 
 Where llama.cpp and `tokenizers` part ways, the document is bent to llama.cpp:
 - A merge whose operand or result is not a token: `tokenizers` refuses the vocab, llama.cpp merges anyway
@@ -17,60 +23,20 @@ Where llama.cpp and `tokenizers` part ways, the document is bent to llama.cpp:
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+import itertools
+import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import tokenizers
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers.models import BPE
 
 from apr.errors import FormatError
-
-# llama-vocab.cpp regexes (llama_vocab pre-tokenizer types), verbatim
-_GPT2: Final = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_LLAMA3: Final = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2: Final = (
-    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# llama.cpp matches _GPT2 with a hand-written splitter that also has onig's trailing `|\s+`
-_GPT2_FULL: Final = _GPT2 + r"|\s+"
-
-
-@dataclass(frozen=True, slots=True)
-class PreTokenizer:
-    regexes: tuple[str, ...]  # applied in turn; matches and the text between them become pieces
-    ignore_merges: bool = False  # a whole piece found in the vocab is one token (llama3)
-
-
-_SMOLLM: Final = PreTokenizer((r"\p{N}", _GPT2_FULL))
-_LLAMA_BPE: Final = PreTokenizer((_LLAMA3,), ignore_merges=True)
-_QWEN: Final = PreTokenizer((_QWEN2,))
-
-# tokenizer.ggml.pre → pre-tokenizer, with llama.cpp's spellings of each name
-PRE_TOKENIZERS: Final[dict[str, PreTokenizer]] = {
-    "default": PreTokenizer(
-        (r"[\p{P}\$\+<=>\^~\|]+", _GPT2_FULL, r"\p{N}+", r"[0-9][0-9][0-9]"),
-    ),
-    "gpt-2": PreTokenizer((_GPT2_FULL,)),
-    "smollm": _SMOLLM,
-    "starcoder": _SMOLLM,
-    "refact": _SMOLLM,
-    "llama-bpe": _LLAMA_BPE,
-    "llama3": _LLAMA_BPE,
-    "llama-v3": _LLAMA_BPE,
-    "qwen2": _QWEN,
-    "deepseek-r1-qwen": _QWEN,
-}
-_BYTE_LEVEL: Final = {
-    "type": "ByteLevel",
-    "add_prefix_space": False,
-    "trim_offsets": False,
-    "use_regex": False,
-}
+from apr.formats.tokenizer_merge import MergeBpe
+from apr.formats.tokenizer_pre import PRE_TOKENIZERS, PreTokenizer, onig_regexes
+from apr.panics import HeldStderr, is_panic
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,104 +52,132 @@ class Bpe:
         return [j for i in ids for j in self.extra.get(i, (i,))]
 
 
-def byte_level_bpe(
-    pre_name: str, tokens: Sequence[str], merges: Sequence[str], special_ids: Sequence[int]
-) -> Bpe:
-    """The byte-level BPE model of a GGUF vocab (`special_ids` become added tokens, for decode)."""
+class ByteLevelMerges:
+    """Byte-level BPE as llama.cpp runs it: `pre_name`'s splits and GPT-2's byte mapping by a `tokenizers`
+    pre-tokenizer, then llama.cpp's merge loop (formats/tokenizer_merge.py) on each word. A final symbol
+    that is not a token becomes the tokens of its ASCII characters (llama.cpp looks up each byte of it
+    alone; no other byte is a token's whole text). Building is a dict of merge ranks, not a BPE model."""
+
+    def __init__(self, pre_name: str, vocab: dict[str, int], merges: Sequence[str]) -> None:
+        pre = _pre(pre_name)
+        self.split = _pre_tokenizer(pre, None)
+        single = {c: vocab[c] for c in map(chr, range(128)) if c in vocab}
+
+        def fallback(symbol: str) -> list[int]:
+            return [single[c] for c in symbol if c in single]
+
+        self.model = MergeBpe(vocab, merges, fallback, ignore_merges=pre.ignore_merges)
+
+    def encode(self, text: str) -> list[int]:
+        words = load(lambda: self.split.pre_tokenize_str(text), "", ENCODE)
+        return self.model.encode_words([w for w, _ in words])
+
+
+class LazyBackend:
+    """The `tokenizers.Tokenizer` of a vocab, built on first use (export writes it out; encoding does not
+    need it)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make, self._backend = make, None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if self._backend is None:
+            self._backend = self._make()
+        return getattr(self._backend, name)
+
+
+def _pre(pre_name: str) -> PreTokenizer:
     pre = PRE_TOKENIZERS.get(pre_name)
     if pre is None:
         supported = ", ".join(PRE_TOKENIZERS)
         raise FormatError(f"tokenizer.ggml.pre '{pre_name}' is not supported (supported: {supported})")
-    vocab = {t: i for i, t in enumerate(tokens)}  # a repeated token keeps its last id, as llama.cpp
+    return pre
+
+
+def byte_level_bpe(
+    pre_name: str,
+    tokens: Sequence[str],
+    merges: Sequence[str],
+    special_ids: Sequence[int],
+    vocab: dict[str, int] | None = None,
+) -> Bpe:
+    """The byte-level BPE model of a GGUF vocab (`special_ids` become added tokens, for decode; `vocab`:
+    token → id, if the caller has it)."""
+    pre = _pre(pre_name)
+    if vocab is None:
+        vocab = dict(zip(tokens, range(len(tokens)), strict=True))  # a repeated token keeps its last id
     pairs = _merge_pairs(list(dict.fromkeys(merges)))
-    extra = _extra_symbols(vocab, pairs, len(tokens))
-    document = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [_added(i, tokens[i]) for i in special_ids],
-        "normalizer": None,
-        "pre_tokenizer": _pre_tokenizer_json(pre, missing_lead_bytes(vocab.keys() | extra.keys())),
-        "post_processor": None,
-        "decoder": _BYTE_LEVEL,
-        "model": _bpe_json(vocab | extra, pairs, pre.ignore_merges),
-    }
-    backend = load(lambda: tokenizers.Tokenizer.from_str(json.dumps(document, ensure_ascii=False)))
+    extra: dict[str, int] = {}
+    try:  # the builder checks that every operand and result is a token: usually so, and fast
+        model = load(lambda: BPE(vocab, pairs, ignore_merges=pre.ignore_merges))
+    except FormatError:  # it is not (or something else is wrong, which the second build reports)
+        extra = _extra_symbols(vocab, pairs, len(tokens))
+        model = load(lambda: BPE(vocab | extra, pairs, ignore_merges=pre.ignore_merges))
+    known = {c for c in BYTE_CHARS if c in vocab or c in extra}
+    backend = tokenizers.Tokenizer(model)
+    backend.pre_tokenizer = _pre_tokenizer(pre, missing_lead_bytes(known))
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in special_ids])
     single = {c: vocab[c] for c in map(chr, range(128)) if c in vocab}
     expand = {i: [single[c] for c in s if c in single] for s, i in extra.items()}
     return Bpe(backend, len(tokens), expand)
 
 
-def _extra_symbols(vocab: dict[str, int], pairs: list[list[str]], n: int) -> dict[str, int]:
+def _extra_symbols(vocab: dict[str, int], pairs: list[tuple[str, str]], n: int) -> dict[str, int]:
     """Merge operands and results that are not tokens → ids from `n` up."""
-    strings = {a for a, _ in pairs} | {b for _, b in pairs} | {a + b for a, b in pairs}
-    return {s: n + k for k, s in enumerate(sorted(strings - vocab.keys()))}
+    lefts, rights = [a for a, _ in pairs], [b for _, b in pairs]
+    strings = set(map(operator.add, lefts, rights)).difference(vocab)
+    strings |= set(lefts).difference(vocab) | set(rights).difference(vocab)
+    return {s: n + k for k, s in enumerate(sorted(strings))}
 
 
-def _pre_tokenizer_json(pre: PreTokenizer, missing: str | None) -> dict[str, Any]:
-    splits = [_split(r, "Isolated") for r in pre.regexes]
+def _pre_tokenizer(pre: PreTokenizer, missing: str | None) -> Any:
+    """`pre`'s splits, each isolating its matches, then GPT-2's byte-level mapping."""
+    splits = [pre_tokenizers.Split(Regex(r), "isolated") for r in onig_regexes(pre)]
     if missing is not None:
-        splits.append(_split(missing, "MergedWithNext"))
-    return {"type": "Sequence", "pretokenizers": [*splits, _BYTE_LEVEL]}
-
-
-def _split(regex: str, behavior: str) -> dict[str, Any]:
-    return {"type": "Split", "pattern": {"Regex": regex}, "behavior": behavior, "invert": False}
-
-
-def _bpe_json(vocab: dict[str, int], merges: list[list[str]], ignore_merges: bool) -> dict[str, Any]:
-    return {
-        "type": "BPE",
-        "dropout": None,
-        "unk_token": None,
-        "continuing_subword_prefix": None,
-        "end_of_word_suffix": None,
-        "fuse_unk": False,
-        "byte_fallback": False,
-        "ignore_merges": ignore_merges,
-        "vocab": vocab,
-        "merges": merges,
-    }
-
-
-def _added(i: int, text: str) -> dict[str, Any]:
-    return {
-        "id": i,
-        "content": text,
-        "single_word": False,
-        "lstrip": False,
-        "rstrip": False,
-        "normalized": False,
-        "special": True,
-    }
+        splits.append(pre_tokenizers.Split(Regex(missing), "merged_with_next"))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    return load(lambda: pre_tokenizers.Sequence([*splits, byte_level]))
 
 
 ENCODE: Final = "cannot tokenize the prompt"
 
 
-def _merge_pairs(merges: Sequence[str]) -> list[list[str]]:
-    """ "Ġ t" → ["Ġ", "t"], split at the first space after position 0 as llama.cpp does."""
-    pairs = [m.split(" ", 1) for m in merges]
-    for i in [i for i, p in enumerate(pairs) if len(p) != 2 or not p[0]]:  # none, or a leading space
-        m = merges[i]
+def _merge_pairs(merges: Sequence[str]) -> list[tuple[str, str]]:
+    """ "Ġ t" → ("Ġ", "t"), split at the first space after position 0 as llama.cpp does."""
+    joined, n = "\n".join(merges), len(merges)
+    one_space_each = joined.count(" ") == n and all(map(operator.contains, merges, itertools.repeat(" ")))
+    if one_space_each and joined.count("\n") == n - 1:
+        flat = joined.replace(" ", "\n").split("\n")  # each merge has one space, so: a, b, a, b, ...
+        if "" not in flat[0::2]:
+            return list(zip(flat[0::2], flat[1::2], strict=True))
+    pairs = []
+    for i, m in enumerate(merges):  # some merge has a leading space, a newline, or not one space
         cut = m.find(" ", 1)
         if cut < 0:
             raise FormatError(f"tokenizer.ggml.merges[{i}] {m!r} is not two tokens separated by a space")
-        pairs[i] = [m[:cut], m[cut + 1 :]]
+        pairs.append((m[:cut], m[cut + 1 :]))
     return pairs
 
 
 def load(make: Any, where: str = "", doing: str = "cannot build the tokenizer") -> Any:
     """`make()` behind the `tokenizers` boundary: its errors, and its Rust panics (pyo3's PanicException
-    derives from BaseException, so `except Exception` misses it), become one-line FormatErrors."""
-    try:
-        return make()
-    except Exception as e:  # tokenizers raises plain Exception subclasses with a message
-        raise FormatError(f"{where}{doing}: {_first_line(e)}") from None
-    except BaseException as e:
-        if type(e).__name__ != "PanicException":
-            raise
-        raise FormatError(f"{where}{doing}: the tokenizers library panicked: {_first_line(e)}") from None
+    derives from BaseException, so `except Exception` misses it), become one-line FormatErrors. The text
+    Rust's panic hook writes to fd 2 is held back (it is a note on the PanicException, which --debug's
+    traceback shows); anything else written to fd 2 meanwhile is passed on."""
+    with HeldStderr() as held:
+        try:
+            return make()
+        except Exception as e:  # tokenizers raises plain Exception subclasses with a message
+            raise FormatError(f"{where}{doing}: {_first_line(e)}") from None
+        except BaseException as e:
+            if not is_panic(e):
+                raise
+            if hook_text := held.take():
+                e.add_note(hook_text)
+            raise FormatError(f"{where}{doing}: the tokenizers library panicked: {_first_line(e)}") from e
 
 
 def _first_line(e: BaseException) -> str:

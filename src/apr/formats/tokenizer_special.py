@@ -10,9 +10,11 @@ and `tokenizer_st_partition`); the tokenizers in formats/tokenizer*.py only add 
 3. The special tokens are those CONTROL, USER_DEFINED or UNKNOWN, sorted longest (in bytes) first by
    libstdc++'s `std::sort`, which is not stable: tokens of equal length keep the order its introsort
    leaves them in, reproduced by `stdsort` (it only matters for equal-length specials that overlap).
-4. A model whose general.name contains "phi-3" or "phi3" strips the whitespace after each special token
-   except <unk>, <s> and <|endoftext|> (RSTRIP). llama.cpp's other LSTRIP rules are for WPM/BPE vocabs
-   apr does not build.
+4. In a vocab whose tokenizer.ggml.pre contains "jina-v2-de", "jina-v2-es" or "jina-v2-code", <mask>
+   strips the whitespace before it (LSTRIP); else, a model whose general.name contains "phi-3" or "phi3"
+   strips the whitespace after each special token except <unk>, <s> and <|endoftext|> (RSTRIP); else,
+   with "modern-bert" in general.name, [MASK] has LSTRIP. (llama.cpp also gives <mask> LSTRIP for the
+   architectures nomic-bert-moe and jina-bert-v3, which a TokenizerSpec does not name: not mirrored.)
 5. `partition` splits the text at every occurrence of each special token in that order, as llama.cpp
    does with parse_special=true. Matching on `str` equals llama.cpp's byte matching: UTF-8 is
    self-synchronizing, so a byte match of valid UTF-8 always starts and ends on character boundaries.
@@ -20,9 +22,10 @@ and `tokenizer_st_partition`); the tokenizers in formats/tokenizer*.py only add 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntFlag
+from itertools import repeat
 from typing import Final
 
 from apr.errors import FormatError
@@ -42,6 +45,7 @@ class Attr(IntFlag):  # llama_token_attr
 
 # Attributes are held as plain ints: IntFlag arithmetic costs ~2 µs a token on a 150k vocab.
 NORMAL, CONTROL, USER_DEFINED = int(Attr.NORMAL), int(Attr.CONTROL), int(Attr.USER_DEFINED)
+BYTE: Final = int(Attr.BYTE)
 SPECIAL: Final = int(Attr.CONTROL | Attr.USER_DEFINED | Attr.UNKNOWN)
 # GGUF tokenizer.ggml.token_type (llama_token_type) → attribute; any other value is UNDEFINED
 TYPE_ATTR: Final[dict[int, int]] = {
@@ -70,6 +74,8 @@ FIM_NAMES: Final[dict[str, tuple[str, ...]]] = {
 }  # fmt: skip
 USER_DEFINED_NAMES: Final = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")  # gpt-oss
 PHI3_NAMES: Final = ("phi-3", "phi3")
+MASK_LSTRIP_PRE: Final = ("jina-v2-de", "jina-v2-es", "jina-v2-code")  # <mask> strips the spaces before it
+MODERN_BERT: Final = "modern-bert"  # a general.name with it: [MASK] strips the spaces before it
 PHI3_NO_RSTRIP: Final = ("<unk>", "<s>", "<|endoftext|>")
 C_SPACE: Final = " \t\n\v\f\r"  # C isspace()
 
@@ -83,18 +89,23 @@ class SpecialToken:
 
 
 def token_attrs(
-    tokens: Sequence[str], token_types: Sequence[int], fim_given: Collection[str] = ()
+    tokens: Sequence[str],
+    token_types: Sequence[int],
+    fim_given: Collection[str] = (),
+    ids: Mapping[str, int] | None = None,
 ) -> list[int]:
     """Each token's llama.cpp attributes after its name-based fix-ups (steps 1 and 2).
 
-    `fim_given`: the FIM markers ("pre", "suf", ...) whose token id the GGUF states.
+    `fim_given`: the FIM markers ("pre", "suf", ...) whose token id the GGUF states; `ids`: token → its
+    last id, if the caller has it.
     """
     if token_types and len(token_types) != len(tokens):
         raise FormatError(
             f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens"
         )
-    attrs: list[int] = [TYPE_ATTR.get(t, 0) for t in token_types] or [NORMAL] * len(tokens)
-    ids = {t: i for i, t in enumerate(tokens)}
+    attrs: list[int] = list(map(TYPE_ATTR.get, token_types, repeat(0))) or [NORMAL] * len(tokens)
+    if ids is None:
+        ids = dict(zip(tokens, range(len(tokens)), strict=True))
     for name in EOG_NAMES & ids.keys():
         attrs[ids[name]] |= CONTROL
     for marker, names in FIM_NAMES.items():
@@ -110,19 +121,32 @@ def token_attrs(
     return attrs
 
 
-def special_tokens(tokens: Sequence[str], attrs: Sequence[int], model_name: str | None) -> list[SpecialToken]:
-    """The special tokens in llama.cpp's matching order (steps 3 and 4)."""
+def special_tokens(
+    tokens: Sequence[str],
+    attrs: Sequence[int],
+    model_name: str | None,
+    pre: str = "",
+    index: Mapping[str, int] | None = None,
+) -> list[SpecialToken]:
+    """The special tokens in llama.cpp's matching order (steps 3 and 4); `pre` is tokenizer.ggml.pre,
+    `index` token → its last id, if the caller has it."""
     ids = [i for i, a in enumerate(attrs) if a & SPECIAL]
-    size = [len(t.encode()) for t in tokens] if ids else []
+    size = {i: len(tokens[i].encode()) for i in ids}
     stdsort(ids, lambda a, b: size[a] > size[b])
-    rstrip = set[int]()
-    if any(n in (model_name or "").lower() for n in PHI3_NAMES):
-        index = {t: i for i, t in enumerate(tokens)}
+    lstrip, rstrip = set[int](), set[int]()
+    name = (model_name or "").lower()
+    if index is None:
+        index = dict(zip(tokens, range(len(tokens)), strict=True)) if ids else {}
+    if any(n in pre for n in MASK_LSTRIP_PRE):
+        lstrip = {index["<mask>"]} if "<mask>" in index else set()
+    elif any(n in name for n in PHI3_NAMES):
         missing = [n for n in ("</s>", *PHI3_NO_RSTRIP) if n not in index]
         if missing:  # llama.cpp looks them up with .at() and fails to load the vocab
             raise FormatError(f"a phi3 vocab must have the token {missing[0]!r}")
         rstrip = {*ids, index["</s>"]} - {index[n] for n in PHI3_NO_RSTRIP}
-    return [SpecialToken(i, tokens[i], rstrip=i in rstrip) for i in ids]
+    elif MODERN_BERT in name:
+        lstrip = {index["[MASK]"]} if "[MASK]" in index else set()
+    return [SpecialToken(i, tokens[i], lstrip=i in lstrip, rstrip=i in rstrip) for i in ids]
 
 
 Piece = str | int  # text still to tokenize, or a special token's id

@@ -135,16 +135,21 @@ def check_body(path: Path, header: AprtHeader, size: int) -> None:
 
 
 def read_aprt(path: Path) -> AprtTensor:
-    """Read and validate a stage file; the values are a read-only memory map (no copy)."""
+    """Read and validate a stage file. The values are read, not memory-mapped: a file that shrinks while it
+    is read (a run rewriting it, a truncation) is an error, never a SIGBUS."""
     size = _check_file(path)
     header = read_aprt_header(path)
     check_body(path, header, size)
     if header.count == 0:
         return AprtTensor(header, np.zeros(0, F32_LE))
     try:
-        values = np.memmap(path, dtype=F32_LE, mode="r", offset=HEADER_SIZE, shape=(header.count,))
+        with path.open("rb") as f:
+            values = np.fromfile(f, dtype=F32_LE, count=header.count, offset=HEADER_SIZE)
     except OSError as e:
         raise AprIOError(f"cannot read {path}: {e.strerror or e}") from None
+    if values.size != header.count:
+        raise TraceFormatError(f"{path}: ends at value {values.size} of {header.count} (shrank while read)")
+    values.flags.writeable = False  # as the map was: callers copy before changing values
     return AprtTensor(header, values)
 
 
