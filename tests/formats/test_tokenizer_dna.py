@@ -10,19 +10,21 @@ normal tokens (the session cuts the k-mers) or control tokens (cut out first: no
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import gguf as gguf
 import pytest
 
-from apr.formats.aprmeta import tokenizer_from_metadata
-from apr.formats.aprwrite import tokenizer_keys
 from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import build_tokenizer
 from tests.formats.test_tokenizer_pre import SPECIALS, TEXTS
 from tests.formats.test_tokenizer_pre import bpe as bpe  # the byte-level BPE fixture
-from tests.formats.test_tokenizer_raw import token_pieces
+from tests.formats.vocab_oracle import (
+    assert_apr_round_trip,
+    assert_ids,
+    assert_pieces,
+    llama_ids,
+)
 
 DNA = ["<dna>", "</dna>", "<oov>"]
 KMERS = ["".join(k) + "\ue000" for k in itertools.product("ACGT", repeat=6)]
@@ -66,16 +68,10 @@ def test_equals_llama_cpp(tags_type: int, bpe: tuple[list[str], list[str]], tmp_
     tok = build_tokenizer(spec)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     texts = [*TEXTS, *DNA_TEXTS]
-    want = {t: list(llm.tokenize(t.encode(), add_bos=True, special=True)) for t in texts}
-    bad = [t for t in texts if tok.encode(t) != want[t]]
-    assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[0]!r}"
+    want = llama_ids(llm, texts)
+    assert_ids(tok, want)
     first_kmer = len(tokens) + len(DNA)
     assert any(i >= first_kmer for i in want[DNA_TEXTS[0]]) == (tags_type == 1)
     encoded = list(want.values())
-    assert [tok.decode(i) for i in encoded] == [
-        token_pieces(llm, i).decode(errors="replace") for i in encoded
-    ]
-    keys = {k: v for k, v in tokenizer_keys(spec).items() if v is not None}
-    back = tokenizer_from_metadata(json.loads(json.dumps(keys)), "x.apr")
-    assert back is not None
-    assert [build_tokenizer(back).encode(t) for t in texts] == [want[t] for t in texts]
+    assert_pieces(tok, llm, encoded)
+    assert_apr_round_trip(spec, want)

@@ -12,7 +12,7 @@ import pytest
 from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import build_tokenizer
 from tests.formats.test_tokenizer_pre import SPECIALS, TEXTS
-from tests.formats.test_tokenizer_raw import token_pieces
+from tests.formats.vocab_oracle import token_pieces
 
 
 @pytest.mark.oracle

@@ -10,7 +10,6 @@ llama.cpp refuses a vocab with a repeated token).
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
@@ -19,14 +18,17 @@ import gguf as gguf
 import pytest
 
 from apr.errors import FormatError
-from apr.formats.aprmeta import tokenizer_from_metadata
-from apr.formats.aprwrite import tokenizer_keys
 from apr.formats.base import TokenizerSpec
 from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import build_tokenizer
 from tests.formats.test_tokenizer_pre import TEXTS
-from tests.formats.test_tokenizer_raw import token_pieces
 from tests.formats.test_tokenizer_spm import corpus
+from tests.formats.vocab_oracle import (
+    assert_apr_round_trip,
+    assert_ids,
+    assert_pieces,
+    llama_ids,
+)
 
 SPECIALS = ["<|plamo:unk|>", "<|plamo:bos|>", "<|plamo:eos|>", "<|plamo:pad|>", "<|plamo:op|>"]
 MORE = ["\ufeffBOM first", "x\ufeffy", "<|plamo:bos|>\ufeffafter", "<0x41> <|plamo:op|>", "the the the"]
@@ -85,19 +87,14 @@ def test_equals_llama_cpp(tmp_path: Path) -> None:
     tok = build_tokenizer(spec)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     texts = [*TEXTS, *MORE]
-    want = {t: list(llm.tokenize(t.encode(), add_bos=True, special=True)) for t in texts}
-    bad = [t for t in texts if tok.encode(t) != want[t]]
-    assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[0]!r}"
+    want = llama_ids(llm, texts)
+    assert_ids(tok, want)
     assert want["<|plamo:bos|>\ufeffafter"][0] == 1 and any(
         5 <= i < 261 for ids in want.values() for i in ids
     )
     encoded = list(want.values())
-    pieces = [token_pieces(llm, i).decode(errors="replace") for i in encoded]
-    assert [tok.decode(i) for i in encoded] == pieces
-    keys = {k: v for k, v in tokenizer_keys(spec).items() if v is not None}
-    back = tokenizer_from_metadata(json.loads(json.dumps(keys)), "x.apr")
-    assert back is not None
-    assert [build_tokenizer(back).encode(t) for t in texts] == [want[t] for t in texts]
+    assert_pieces(tok, llm, encoded)
+    assert_apr_round_trip(spec, want)
 
 
 def test_missing_byte_token_is_an_error() -> None:

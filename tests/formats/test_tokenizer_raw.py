@@ -9,11 +9,9 @@ tokens, a newline-run token no merge makes, and merges whose result or operand i
 
 from __future__ import annotations
 
-import ctypes
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import gguf as gguf
 import pytest
@@ -21,14 +19,18 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, trainers
 
 from apr.errors import FormatError
-from apr.formats.aprmeta import tokenizer_from_metadata
-from apr.formats.aprwrite import tokenizer_keys
 from apr.formats.base import TokenizerSpec
 from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import build_tokenizer
 from tests.formats.test_tokenizer_pre import SPECIALS, TEXTS, write_bpe_vocab
 from tests.formats.test_tokenizer_pre import bpe as bpe  # the byte-level BPE fixture
 from tests.formats.test_tokenizer_spm import corpus
+from tests.formats.vocab_oracle import (
+    assert_apr_round_trip,
+    assert_ids,
+    assert_pieces,
+    llama_ids,
+)
 
 ESC = "\u2581"
 MISSING_BYTES = (0x80, 0x81, 0xF0, 0x0B)  # no <0xXX> token: llama.cpp drops these bytes
@@ -83,21 +85,6 @@ def write_raw_vocab(path: Path, tokens: list[str], merges: list[str], pre: str, 
     w.write_tensors_to_file()
     w.close()
     return path
-
-
-def token_pieces(llm: Any, ids: list[int]) -> bytes:
-    """llama_token_to_piece(special=true) of each id, concatenated: `Llama.detokenize` is not that (its
-    32-byte buffer drops longer pieces, and it drops a space after BOS)."""
-    import llama_cpp as llama_cpp
-
-    size = 4096
-    buf = (ctypes.c_char * size)()
-    out = b""
-    for i in ids:
-        n = llama_cpp.llama_token_to_piece(llm._model.vocab, llama_cpp.llama_token(i), buf, size, 0, True)
-        assert 0 <= n <= size
-        out += bytes(buf[:n])
-    return out
 
 
 @pytest.mark.oracle
@@ -163,19 +150,14 @@ def test_equals_llama_cpp(case: str, raw_bpe: tuple[list[str], list[str]], tmp_p
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     texts = [t for t in [*TEXTS, *MORE] if model == "whitespace" or not _aborts(pre, t)]
     assert len(texts) > 150
-    want = {t: list(llm.tokenize(t.encode(), add_bos=True, special=True)) for t in texts}
-    bad = [t for t in texts if tok.encode(t) != want[t]]
-    assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[0]!r}"
+    want = llama_ids(llm, texts)
+    assert_ids(tok, want)
     assert (want[""][:1] == [BOS]) == (case != "sarvam-moe-no-bos")
     # decode: llama_token_to_piece of each id, concatenated (bytes not UTF-8, dropped ones cut, as U+FFFD)
     encoded = list(want.values())
-    pieces = [token_pieces(llm, i).decode(errors="replace") for i in encoded]
-    assert [tok.decode(i) for i in encoded] == pieces
+    assert_pieces(tok, llm, encoded)
     # the .apr keys carry everything this tokenizer needs: rebuilt from them, still llama.cpp's ids
-    keys = {k: v for k, v in tokenizer_keys(spec).items() if v is not None}
-    back = tokenizer_from_metadata(json.loads(json.dumps(keys)), "x.apr")
-    assert back is not None
-    assert [build_tokenizer(back).encode(t) for t in texts] == [want[t] for t in texts]
+    assert_apr_round_trip(spec, want)
 
 
 def test_whitespace_run_with_a_space_is_an_error(

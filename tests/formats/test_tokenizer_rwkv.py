@@ -10,7 +10,6 @@ and control bytes included), and the special tokens of the BPE tests as CONTROL 
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -18,14 +17,17 @@ import gguf as gguf
 import pytest
 
 from apr.errors import FormatError
-from apr.formats.aprmeta import tokenizer_from_metadata
-from apr.formats.aprwrite import tokenizer_keys
 from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import build_tokenizer
 from apr.formats.tokenizer_rwkv import unescape
 from tests.formats.test_tokenizer_pre import SPECIALS, TEXTS
-from tests.formats.test_tokenizer_raw import token_pieces
 from tests.formats.test_tokenizer_spm import corpus
+from tests.formats.vocab_oracle import (
+    assert_apr_round_trip,
+    assert_ids,
+    assert_pieces,
+    llama_ids,
+)
 
 NO_TOKEN = (0x01, 0x02)  # no token starts with these bytes: the unknown token, when there is one
 MORE = ["\x01x\x02", "\\x41 \\n \\\\ '\"", "<s>hi<s>", "[PAD5] [PAD6]", "x<|im_end|>y", "\x7f\x80"]
@@ -88,17 +90,12 @@ def test_equals_llama_cpp(unk: int | None, tmp_path: Path) -> None:
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     # without an unknown token llama.cpp emits -1 for a byte no token starts with: apr refuses that text
     texts = [t for t in [*TEXTS, *MORE] if unk is not None or not any(chr(b) in t for b in NO_TOKEN)]
-    want = {t: list(llm.tokenize(t.encode(), add_bos=True, special=True)) for t in texts}
-    bad = [t for t in texts if tok.encode(t) != want[t]]
-    assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[0]!r}"
+    want = llama_ids(llm, texts)
+    assert_ids(tok, want)
     assert want["<s>hi<s>"][0] == 0 and want["x<|im_end|>y"][0] != 0
     encoded = list(want.values())
-    pieces = [token_pieces(llm, i).decode(errors="replace") for i in encoded]
-    assert [tok.decode(i) for i in encoded] == pieces
-    keys = {k: v for k, v in tokenizer_keys(spec).items() if v is not None}
-    back = tokenizer_from_metadata(json.loads(json.dumps(keys)), "x.apr")
-    assert back is not None
-    assert [build_tokenizer(back).encode(t) for t in texts] == [want[t] for t in texts]
+    assert_pieces(tok, llm, encoded)
+    assert_apr_round_trip(spec, want)
     if unk is None:
         with pytest.raises(FormatError, match=r"^the RWKV vocab has no token for byte 0x01 and no unknown"):
             tok.encode("a\x01")

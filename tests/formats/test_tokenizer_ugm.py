@@ -10,7 +10,6 @@ dummy prefix, extra spaces removed) and the opposite (identity: no charsmap, spa
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,12 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from apr.errors import FormatError
-from apr.formats.aprmeta import tokenizer_from_metadata
-from apr.formats.aprwrite import tokenizer_keys
 from apr.formats.base import TokenizerSpec
 from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import build_tokenizer
 from tests.formats.test_tokenizer_pre import TEXTS
 from tests.formats.test_tokenizer_spm import USER_SYMBOLS, corpus
+from tests.formats.vocab_oracle import assert_apr_round_trip, assert_ids, llama_ids
 
 ADDED = ["<extra_id_0>", "<extra_id_1>"]  # as if from added_tokens.json: USER_DEFINED, score -1000
 MORE = [
@@ -108,14 +106,9 @@ def test_equals_llama_cpp(variant: str, tmp_path: Path) -> None:
     tok = build_tokenizer(spec)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     texts = [*TEXTS, *MORE]
-    bad = [t for t in texts if tok.encode(t) != list(llm.tokenize(t.encode(), add_bos=True, special=True))]
-    assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[0]!r}"
-    # the .apr keys carry everything this tokenizer needs: rebuilt from them, still llama.cpp's ids
-    keys = {k: v for k, v in tokenizer_keys(spec).items() if v is not None}
-    back = tokenizer_from_metadata(json.loads(json.dumps(keys)), "x.apr")
-    assert back is not None
-    again = build_tokenizer(back)
-    assert [again.encode(t) for t in texts] == [tok.encode(t) for t in texts]
+    want = llama_ids(llm, texts)
+    assert_ids(tok, want)
+    assert_apr_round_trip(spec, want)  # the .apr keys carry everything this tokenizer needs
     assert tok.encode("")[-1:] == [1]
     # decode: llama_token_to_piece of each id, concatenated
     encoded = [tok.encode(t) for t in texts]

@@ -47,6 +47,7 @@ from apr.formats.tokenizer_special import (
     NORMAL,
     SPECIAL,
     USER_DEFINED,
+    SpecialToken,
     partition,
     special_tokens,
     token_attrs,
@@ -123,24 +124,49 @@ def _bpe(spec: TokenizerSpec) -> Tokenizer:
     return Tokenizer(len(tokens), bpe.encode_text, bpe.decode, bos, eos, backend=bpe.backend)
 
 
+@dataclass(frozen=True, slots=True)
+class _Vocab:
+    """What every hand-written model starts from: llama.cpp's token list, its attributes, its specials."""
+
+    tokens: list[str]
+    attrs: list[int]
+    specials: list[SpecialToken]
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def of(cls, spec: TokenizerSpec) -> _Vocab:
+        tokens = _tokens(spec)
+        vocab = dict(zip(tokens, range(len(tokens)), strict=True))
+        attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
+        return cls(tokens, attrs, special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab))
+
+    def around_specials(self, encode: Callable[[str], list[int]]) -> Callable[[str], list[int]]:
+        """`encode` on the text between special tokens, which are their own ids."""
+
+        def encode_text(text: str) -> list[int]:
+            pieces = partition(text, self.specials)
+            return [i for p in pieces for i in ([p] if isinstance(p, int) else encode(p))]
+
+        return encode_text
+
+    def pieces(self, ids: Sequence[int]) -> str:
+        return _pieces(self.tokens, self.attrs, ids)
+
+
 def _rwkv(spec: TokenizerSpec) -> Tokenizer:  # no BOS / EOS, whatever the flags say (as llama.cpp)
-    tokens = _tokens(spec)
-    n = len(tokens)
-    vocab = dict(zip(tokens, range(n), strict=True))
-    attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
-    specials = special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab)
-    unk = spec.unk_id if spec.unk_id is not None and 0 <= spec.unk_id < n else None
-    model = RwkvModel(tokens, specials, unk)
-    return Tokenizer(n, model.encode, model.decode)
+    v = _Vocab.of(spec)
+    unk = spec.unk_id if spec.unk_id is not None and 0 <= spec.unk_id < v.n else None
+    model = RwkvModel(v.tokens, v.specials, unk)
+    return Tokenizer(v.n, model.encode, model.decode)
 
 
 def _plamo2(spec: TokenizerSpec) -> Tokenizer:  # no BOS / EOS, whatever the flags say (as llama.cpp)
-    tokens = _tokens(spec)
-    vocab = dict(zip(tokens, range(len(tokens)), strict=True))
-    attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
-    specials = special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab)
-    model = Plamo2Model(tokens, spec.scores, attrs, specials)
-    return Tokenizer(len(tokens), model.encode, model.decode)
+    v = _Vocab.of(spec)
+    model = Plamo2Model(v.tokens, spec.scores, v.attrs, v.specials)
+    return Tokenizer(v.n, model.encode, model.decode)
 
 
 def _test(spec: TokenizerSpec) -> Tokenizer:
@@ -170,51 +196,29 @@ def _test(spec: TokenizerSpec) -> Tokenizer:
 
 
 def _wpm(spec: TokenizerSpec) -> Tokenizer:
-    tokens = _tokens(spec)
-    n = len(tokens)
-    vocab = dict(zip(tokens, range(n), strict=True))
-    attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
-    specials = special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab)
+    v = _Vocab.of(spec)
     lower = spec.lowercase is not False  # llama.cpp's normalizer_options default to true
     strip = lower if spec.strip_accents is None else spec.strip_accents
-    model = WpmModel.of(tokens, token_or_default(spec.unk_id, DEFAULT_UNK, n), lower, strip)
-    cls, sep = token_or_default(spec.bos_id, DEFAULT_BOS, n), token_or_default(spec.sep_id, DEFAULT_SEP, n)
+    model = WpmModel.of(v.tokens, token_or_default(spec.unk_id, DEFAULT_UNK, v.n), lower, strip)
+    cls, sep = (
+        token_or_default(spec.bos_id, DEFAULT_BOS, v.n),
+        token_or_default(spec.sep_id, DEFAULT_SEP, v.n),
+    )
     if cls is None or sep is None:  # llama.cpp asserts they exist
         raise FormatError(f"a WPM vocab needs its [CLS] (BOS) and [SEP] tokens: ids {cls} and {sep}")
-
-    def encode_text(text: str) -> list[int]:
-        return [
-            i for p in partition(text, specials) for i in ([p] if isinstance(p, int) else model.encode(p))
-        ]
-
-    def decode(ids: Sequence[int]) -> str:  # llama_token_to_piece of each, no clean-up
-        return _pieces(tokens, attrs, ids)
-
-    return Tokenizer(n, encode_text, decode, cls, sep)
+    # decode: llama_token_to_piece of each, no clean-up
+    return Tokenizer(v.n, v.around_specials(model.encode), v.pieces, cls, sep)
 
 
 def _ugm(spec: TokenizerSpec) -> Tokenizer:
-    tokens = _tokens(spec)
-    n = len(tokens)
-    vocab = dict(zip(tokens, range(n), strict=True))
-    attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
-    specials = special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab)
-    unk = token_or_default(spec.unk_id, UGM_UNK, n)
+    v = _Vocab.of(spec)
+    unk = token_or_default(spec.unk_id, UGM_UNK, v.n)
     model = UgmModel.of(
-        tokens, spec.scores, attrs, unk, spec.add_space_prefix, spec.remove_extra_whitespaces,
+        v.tokens, spec.scores, v.attrs, unk, spec.add_space_prefix, spec.remove_extra_whitespaces,
         spec.precompiled_charsmap,
     )  # fmt: skip
-    eos = token_or_default(spec.eos_id, UGM_EOS, n)
-    bos, eos = _ends(replace(spec, eos_id=eos), n)
-
-    def encode_text(text: str) -> list[int]:
-        pieces = partition(text, specials)
-        return [i for p in pieces for i in ([p] if isinstance(p, int) else model.encode(p))]
-
-    def decode(ids: Sequence[int]) -> str:  # llama_token_to_piece of each, no clean-up
-        return _pieces(tokens, attrs, ids)
-
-    return Tokenizer(n, encode_text, decode, bos, eos)
+    bos, eos = _ends(replace(spec, eos_id=token_or_default(spec.eos_id, UGM_EOS, v.n)), v.n)
+    return Tokenizer(v.n, v.around_specials(model.encode), v.pieces, bos, eos)
 
 
 def _pieces(tokens: Sequence[str], attrs: Sequence[int], ids: Sequence[int]) -> str:
