@@ -41,10 +41,24 @@ def _fma(a: Any, b: Any, c: Any) -> F32:
     )
 
 
+CHUNK: Final = 1 << 15  # values per pass: the float64 temporaries stay in cache (10× whole arrays)
+
+
+def _chunked(fn: Any, x: F32) -> F32:
+    """`fn` (elementwise) over `x` in CHUNK-sized pieces."""
+    flat = np.ascontiguousarray(x, np.float32).reshape(-1)
+    if flat.size <= CHUNK:
+        return np.asarray(fn(flat), np.float32).reshape(np.shape(x))
+    out = np.empty_like(flat)
+    for i in range(0, flat.size, CHUNK):
+        out[i : i + CHUNK] = fn(flat[i : i + CHUNK])
+    return out.reshape(np.shape(x))
+
+
 def expf(x: F32) -> F32:
     """ggml_v_expf, elementwise: exp(x) as 2^n · (1 + p(b)), n = round(x / ln 2), b = x − n·ln 2."""
     with np.errstate(all="ignore"):  # ±inf and NaN propagate as in ggml
-        return _expf(np.asarray(x, np.float32))
+        return _chunked(_expf, np.asarray(x, np.float32))
 
 
 def _expf(x: F32) -> F32:
@@ -71,9 +85,12 @@ def _expf(x: F32) -> F32:
 
 def silu(x: F32) -> F32:
     """ggml_v_silu: x / (1 + expf(0 − x)), all in float32."""
-    x = np.asarray(x, np.float32)
     with np.errstate(all="ignore"):
-        return (x / (np.float32(1) + expf((np.float32(0) - x).astype(np.float32)))).astype(np.float32)
+        return _chunked(_silu, np.asarray(x, np.float32))
+
+
+def _silu(x: F32) -> F32:
+    return (x / (np.float32(1) + _expf((np.float32(0) - x).astype(np.float32)))).astype(np.float32)
 
 
 @functools.cache
