@@ -36,7 +36,7 @@ Decode = Callable[[U8Array, int], F32Array]  # (flat stored bytes, element count
 Kernel = Callable[[U8Array, F32Array], None]  # ((n, type_size) blocks, (n, block_size) out) -> None
 Table = TypeVar("Table", bound=np.ndarray[Any, Any])
 
-CHUNK_ELEMS: Final = 1 << 16  # outputs per kernel call: 256 KiB of float32, in L2 with its temporaries
+CHUNK_ELEMS: Final = 1 << 19  # outputs per kernel call: 2 MiB of float32 (1 << 16 was 30 % slower on 7B)
 F16_STEP: Final = 1 << 16  # halves per F16 table gather (its int64 index copy stays in cache)
 APR_Q4_MIN_SCALE: Final = np.float32(6.1e-5)  # aprender's F16_MIN_NORMAL (GH-186), not 2**-14
 
