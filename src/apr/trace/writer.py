@@ -111,15 +111,20 @@ class TraceWriter:
             self._record(sid, arr)
             return
         rel = relative_path(sid)
-        data = aprt.encode(sid.layer if sid.stage.per_layer else None, arr)
+        header = aprt.encode_header(sid.layer if sid.stage.per_layer else None, arr.size)
+        body = arr.reshape(-1).view(np.uint8).data  # the array's own bytes: no copy for the file or hash
         try:
             (self._tmp / rel).parent.mkdir(exist_ok=True)
-            (self._tmp / rel).write_bytes(data)  # no temp file: the directory is swapped in whole
+            with (self._tmp / rel).open("wb") as f:  # no temp file: the directory is swapped in whole
+                f.write(header)
+                f.write(body)
         except OSError as e:
             raise AprIOError(f"cannot write {self.out_dir / rel}: {e.strerror or e}") from None
-        entry = FileEntry(rel.as_posix(), sid, arr.shape, len(data), hashlib.sha256(data).hexdigest())
-        self._entries[sid] = entry
-        self.result.files.append(WrittenFile(self.out_dir / rel, sid, len(data)))
+        digest = hashlib.sha256(header)
+        digest.update(body)
+        size = len(header) + body.nbytes
+        self._entries[sid] = FileEntry(rel.as_posix(), sid, arr.shape, size, digest.hexdigest())
+        self.result.files.append(WrittenFile(self.out_dir / rel, sid, size))
 
     def _record(self, sid: StageId, arr: npt.NDArray[np.float32]) -> None:
         records = aprs.compute(aprs.position_rows(arr, sid.stage in TXT_STAGES))
