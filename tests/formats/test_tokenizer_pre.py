@@ -27,6 +27,7 @@ from apr.formats.tokenizer import build_tokenizer
 from apr.formats.tokenizer_pre import PRE_TOKENIZERS
 from tests.formats.test_tokenizer import HARD
 from tests.formats.test_tokenizer_spm import PUNCT, WORDS, corpus
+from tests.formats.vocab_oracle import assert_apr_round_trip, assert_ids, llama_ids
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<mask>", "[MASK]", "<sentinel:0>"]
 BOS = 0  # <|endoftext|>
@@ -167,6 +168,29 @@ def test_mask_lstrip(
     texts = [f"{a}{m}{b}" for m in ("<mask>", "[MASK]", "<|im_end|>") for a in ("x  ", " \n", "", "\t")
              for b in ("", "  y", "\n z")]  # fmt: skip
     assert_equals_llama_cpp(path, pre, texts)
+
+
+@pytest.mark.oracle
+def test_phi3_named_bpe_vocab_and_its_apr_copy(bpe: tuple[list[str], list[str]], tmp_path: Path) -> None:
+    """A byte-level vocab whose general.name says phi3 (Phi-4's GGUFs are gpt2 vocabs of the phi3
+    architecture): llama.cpp rstrips its special tokens (but <unk>, <s>, <|endoftext|>) and </s>; the name is
+    part of the tokenizer, so an .apr's tokenizer keys keep it and give the same ids."""
+    import llama_cpp as llama_cpp
+
+    tokens, merges = bpe
+    extra = ["</s>", "<unk>", "<s>"]
+    path = write_bpe_vocab(tmp_path / "phi.gguf", [*tokens, *extra], merges, "gpt-2", name="Phi3 mini tiny")
+    spec = open_gguf(path).tokenizer_spec()
+    assert spec is not None and spec.model_name == "Phi3 mini tiny"
+    texts = [f"{a}{m}{b}" for m in ("<|im_end|>", "<|endoftext|>", "</s>", "<s>") for a in ("x  ", "", " \n")
+             for b in ("", "  y", "\n z")]  # fmt: skip
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    want = llama_ids(llm, texts)
+    assert_ids(build_tokenizer(spec), want)
+    plain = write_bpe_vocab(tmp_path / "plain.gguf", [*tokens, *extra], merges, "gpt-2", name="tiny")
+    unnamed = llama_ids(llama_cpp.Llama(model_path=str(plain), vocab_only=True, verbose=False), texts)
+    assert unnamed != want  # the name changes llama.cpp's ids: an .apr without it would be silently off
+    assert_apr_round_trip(spec, want)
 
 
 TINY = TokenizerSpec(model="gpt2", tokens=("a", "b", "ab"), merges=("a b",), token_types=(1, 1, 1))

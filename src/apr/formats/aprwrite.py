@@ -37,6 +37,7 @@ from apr.formats.aprcodec import (
 )
 from apr.formats.aprmeta import IMPORT_DESCRIPTION, encode_metadata, ordered
 from apr.formats.base import TokenizerSpec
+from apr.formats.tokenizer_special import name_keyed
 from apr.quant.types import QuantType
 
 TensorBytes = bytes | bytearray | memoryview | npt.NDArray[Any]
@@ -255,7 +256,9 @@ def tokenizer_keys(tok: TokenizerSpec | None) -> dict[str, object]:
         # what SentencePiece needs beyond aprender's keys; left out where they say nothing
         "tokenizer.add_eos_token": tok.add_eos or None,
         "tokenizer.add_space_prefix": tok.add_space_prefix if tok.model == "llama" else None,
-        "tokenizer.model_name": tok.model_name if tok.model == "llama" else None,
+        "tokenizer.model_name": tok.model_name
+        if tok.model == "llama" or name_keyed(tok.model_name)
+        else None,
         **{f"tokenizer.fim_{m}_token_id": i for m, i in tok.fim_ids.items()},
         **_wpm_ugm_keys(tok),
     }

@@ -121,6 +121,13 @@ def token_attrs(
     return attrs
 
 
+def name_keyed(model_name: str | None) -> bool:
+    """Does llama.cpp key a special-token rule on this general.name (phi3's rstrip, modern-bert's [MASK])?
+    Then the name is part of the tokenizer and must travel with it (an .apr keeps it)."""
+    name = (model_name or "").lower()
+    return any(n in name for n in PHI3_NAMES) or MODERN_BERT in name
+
+
 def special_tokens(
     tokens: Sequence[str],
     attrs: Sequence[int],
