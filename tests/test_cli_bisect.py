@@ -11,14 +11,13 @@ import json
 import os
 import random
 import re
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from apr.stages import Stage, StageId
 from tests.fixtures.cli import run, trace_all
+from tests.fixtures.gguf_edit import scale_tensor as corrupt
 from tests.fixtures.traces import write_stages
 
 CONSUMER = {
@@ -32,20 +31,6 @@ CONSUMER = {
 }
 NORMS = {"attn_norm.weight": "attn_norm", "ffn_norm.weight": "ffn_norm"}
 PROMPT_IDS = [1780, 314, 216, 34, 27, 34, 47]
-
-
-def corrupt(src: Path, dst: Path, tensor: str, rows: slice | None = None, factor: float = 1.01) -> Path:
-    """Copy `src` and scale one F32 tensor (or some of its rows) in place; offsets from gguf-py."""
-    from gguf import GGUFReader
-
-    shutil.copyfile(src, dst)
-    t = next(t for t in GGUFReader(src).tensors if t.name == tensor)
-    shape = tuple(int(d) for d in reversed(t.shape))
-    data = np.memmap(dst, dtype="<f4", mode="r+", offset=int(t.data_offset), shape=shape)
-    data[rows if rows is not None else ...] *= np.float32(factor)
-    data.flush()
-    del data
-    return dst
 
 
 def bisect_json(a: Path, b: Path, *extra: str) -> tuple[int, dict]:
@@ -91,7 +76,7 @@ def test_random_norm_fault(smollm2_f32_gguf: Path, tmp_path: Path, rng: random.R
 
 def test_embedding_row_of_a_prompt_token(smollm2_f32_gguf: Path, tmp_path: Path, rng: random.Random) -> None:
     token = rng.choice(PROMPT_IDS)
-    bad = corrupt(smollm2_f32_gguf, tmp_path / "bad.gguf", "token_embd.weight", slice(token, token + 1))
+    bad = corrupt(smollm2_f32_gguf, tmp_path / "bad.gguf", "token_embd.weight", rows=slice(token, token + 1))
     code, doc = bisect_json(smollm2_f32_gguf, bad)
     assert code == 1 and (doc["first_divergence"]["layer"], doc["first_divergence"]["stage"]) == (
         0,

@@ -18,6 +18,7 @@ import pytest
 
 from tests.fixtures import zoo
 from tests.fixtures.cli import run
+from tests.fixtures.gguf_edit import scale_tensor as corrupt
 from tests.fixtures.models import cache_dir
 
 LAYERS = 6
@@ -62,18 +63,6 @@ def _long_llama(dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def long_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _long_llama(tmp_path_factory.mktemp("long") / "llama-long.gguf")
-
-
-def corrupt(src: Path, dst: Path, tensor: str, factor: float = 1.01) -> Path:
-    from gguf import GGUFReader
-
-    shutil.copyfile(src, dst)
-    t = next(t for t in GGUFReader(src).tensors if t.name == tensor)
-    data = np.memmap(dst, dtype="<f4", mode="r+", offset=int(t.data_offset), shape=(int(t.n_elements),))
-    data *= np.float32(factor)
-    data.flush()
-    del data
-    return dst
 
 
 def long_ids(n: int) -> str:

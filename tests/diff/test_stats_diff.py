@@ -5,14 +5,13 @@ output, so the stage's L2, mean and std change by exactly 1 % of A's (rel_l2 = 0
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.fixtures import zoo
 from tests.fixtures.cli import run
+from tests.fixtures.gguf_edit import scale_tensor as scaled
 from tests.fixtures.models import cache_dir
 
 IDS = "1,5,49,93,137,181,225,269"
@@ -28,18 +27,6 @@ def trace(model: Path, out: Path, mode: str) -> Path:
     code, stdout, err = run("-q", "trace", str(model), *args, "--tokens", IDS, "--save-tensor-dir", str(out))
     assert code == 0, stdout + err
     return out
-
-
-def scaled(src: Path, dst: Path, tensor: str, factor: float) -> Path:
-    from gguf import GGUFReader
-
-    shutil.copyfile(src, dst)
-    t = next(t for t in GGUFReader(src).tensors if t.name == tensor)
-    data = np.memmap(dst, dtype="<f4", mode="r+", offset=int(t.data_offset), shape=(int(t.n_elements),))
-    data *= np.float32(factor)
-    data.flush()
-    del data
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,8 @@ FAULTS = {
 def test_bisect_finds_a_fault_in_the_familys_own_tensor(family: ZooModel, tmp_path: Path) -> None:
     """`apr bisect good.gguf bad.gguf`: a 1 % change to one tensor of the last layer is the first divergence,
     at the stage that consumes it, and no earlier stage jumps."""
-    from tests.test_cli_bisect import bisect_json, corrupt
+    from tests.fixtures.gguf_edit import scale_tensor as corrupt
+    from tests.test_cli_bisect import bisect_json
 
     layer = open_model(family.gguf).config.n_layers - 1
     suffix, stage = FAULTS[family.family]

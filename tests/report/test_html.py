@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.cli import run
+from tests.fixtures.gguf_edit import scale_tensor as corrupt
 from tests.fixtures.zoo import ZooModel
 
 CHROMIUM_FLAGS = (
@@ -84,19 +85,6 @@ def _unfilter_left(f: int, line: np.ndarray, prev: np.ndarray, bpp: int) -> np.n
             pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
         cur[i] = (cur[i] + pred) % 256
     return cur
-
-
-def corrupt(src: Path, dst: Path, tensor: str, factor: float) -> Path:
-    from gguf import GGUFReader
-
-    shutil.copyfile(src, dst)
-    t = next(t for t in GGUFReader(src).tensors if t.name == tensor)
-    shape = tuple(int(d) for d in reversed(t.shape))
-    data = np.memmap(dst, dtype="<f4", mode="r+", offset=int(t.data_offset), shape=shape)
-    data *= np.float32(factor)
-    data.flush()
-    del data
-    return dst
 
 
 @pytest.fixture(scope="module")
