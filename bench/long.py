@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bisect-only", action="store_true", help="only the bisect rows")
     args = parser.parse_args(argv)
     lengths = {int(n) for n in args.only.split(",")}
+    bench.compile_apr(args.src)
     model = models.smollm2_gguf()
     bench.warm(model)
     rows, reference = [], {}

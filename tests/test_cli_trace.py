@@ -136,6 +136,7 @@ def test_a_failed_run_leaves_none_of_its_files(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), TraceWriter(out, plan, run_info()) as w:
         w(StageId(Stage.EMBEDDING, 0), np.ones((3, 8), np.float32))
         w(StageId(Stage.ATTN_NORM, 0), np.ones((3, 8), np.float32))
+        w.flush()
         assert len(list(tmp_path.rglob("*.bin"))) == 2 and not out.exists()  # in a temporary sibling
         raise RuntimeError("engine failed at layer 1")
     assert list(tmp_path.rglob("*")) == []  # no trace, no temporary directory, no lock file

@@ -8,10 +8,9 @@ Exit codes: 0 ok / within tolerance · 1 divergence found (`diff --check`, `bise
 
 from __future__ import annotations
 
-from apr.cli import comparing, models, tracing
 from apr.cli.app import cli
 
-__all__ = ["cli", "comparing", "main", "models", "tracing"]
+__all__ = ["cli", "main"]
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ before the command or after it: the group and every command carry their own copy
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 import traceback
@@ -162,14 +163,37 @@ class AprCommand(click.Command):
         self.params.extend(global_options())
 
 
+# Which module defines each command. A command's module (and the library behind it) is imported only when
+# the command is named, so `apr trace` does not pay for the differ, the converters and the HTML report.
+COMMANDS: Final = {
+    "stages": "apr.cli.tracing",
+    "trace": "apr.cli.tracing",
+    "diff": "apr.cli.comparing",
+    "bisect": "apr.cli.comparing",
+    "inspect": "apr.cli.models",
+    "import": "apr.cli.models",
+    "convert": "apr.cli.models",
+    "export": "apr.cli.models",
+}
+
+
 class AprGroup(click.Group):
-    """Maps every error to `error: <message>` + exit code, in one place."""
+    """Maps every error to `error: <message>` + exit code, in one place; loads commands on demand."""
 
     command_class = AprCommand
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.params.extend(global_options())
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMANDS.get(cmd_name)
+        if cmd_name not in self.commands and module is not None:
+            importlib.import_module(module)  # its @cli.command decorators register it
+        return super().get_command(ctx, cmd_name)
 
     def make_context(
         self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any

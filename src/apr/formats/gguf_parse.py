@@ -230,7 +230,31 @@ def _read_scalar(fmt: str, c: _Cursor, what: str) -> Value:
 
 
 def _scan_strings(c: _Cursor, count: int, what: str) -> StringArray:
-    """Index `count` strings: one u64 read per string, no per-string objects (≈20 ms for 49k)."""
+    """Index `count` strings: one u64 read per string, no per-string objects (≈10 ms for 100k).
+
+    The loop trusts the lengths: a length that runs past the buffer makes the next read fail, or leaves
+    the end past what the file holds (positions only grow), and either sends the scan to `_checked_scan`,
+    which finds the first bad string and says what is wrong with it (or that more bytes are needed)."""
+    buf, base, unpack = c.buf, c.pos, _U64.unpack_from
+    starts: list[int] = []
+    append, pos = starts.append, base
+    try:
+        for _ in range(count):
+            pos += 8
+            append(pos - base)
+            pos += unpack(buf, pos - 8)[0]
+    except struct.error:
+        pos = c.avail + 1
+    if pos > c.avail:
+        starts = _checked_scan(c, count, what)
+        pos = c.pos
+    c.pos = pos
+    where = f"{c.source}: {what}" if c.source else what  # decoding fails later, outside `located`
+    return StringArray(bytes(buf[base:pos]), np.array(starts, dtype=np.int64), where, base)
+
+
+def _checked_scan(c: _Cursor, count: int, what: str) -> list[int]:
+    """The string starts of `_scan_strings`, every length checked (FormatError, NeedMoreBytes)."""
     buf, end, pos = c.buf, c.end, c.pos
     base, unpack = pos, _U64.unpack_from
     starts: list[int] = []
@@ -249,8 +273,7 @@ def _scan_strings(c: _Cursor, count: int, what: str) -> StringArray:
         append(pos - base)
         pos += n
     c.pos = pos
-    where = f"{c.source}: {what}" if c.source else what  # decoding fails later, outside `located`
-    return StringArray(bytes(buf[base:pos]), np.array(starts, dtype=np.int64), where, base)
+    return starts
 
 
 def _read_array(c: _Cursor, what: str) -> tuple[ValueType, Value]:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from apr.convert.export import ExportResult
-from apr.convert.gguf_export import GgufExportResult
-from apr.convert.importer import ImportResult
-from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
 from apr.report import routing
 from apr.report.numfmt import json_float
-from apr.trace.run import TraceOutcome
+
+if TYPE_CHECKING:  # annotations only: `apr trace` need not import the converters and the differ
+    from apr.convert.export import ExportResult
+    from apr.convert.gguf_export import GgufExportResult
+    from apr.convert.importer import ImportResult
+    from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
+    from apr.trace.run import TraceOutcome
 
 STAGE_DIFF_SCHEMA: Final = "apr-stage-diff-v1"
 TRACE_DIFF_SCHEMA: Final = "apr-trace-diff-v1"

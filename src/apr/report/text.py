@@ -9,18 +9,20 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from apr.convert.export import ExportResult
-from apr.convert.gguf_export import GgufExportResult
-from apr.convert.importer import ImportResult
-from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
 from apr.quant.types import QUANT_LAYOUT, QuantType
 from apr.report import routing
 from apr.report.numfmt import rust_exp, rust_fixed, short
 from apr.stages import StageId
 from apr.trace.estimate import human
-from apr.trace.run import TraceOutcome
+
+if TYPE_CHECKING:  # annotations only (see report/json.py)
+    from apr.convert.export import ExportResult
+    from apr.convert.gguf_export import GgufExportResult
+    from apr.convert.importer import ImportResult
+    from apr.diff.compare import StageDiff, StageFileDiff, TraceDiff
+    from apr.trace.run import TraceOutcome
 
 BOX_WIDTH: Final = 80
 STALE_SHOWN: Final = 5
