@@ -35,7 +35,7 @@ from apr.errors import (
 from apr.formats import open_checkpoint
 from apr.formats.config import QKLayout
 from apr.formats.gguf import GGUFCheckpoint, open_gguf
-from apr.formats.gguf_parse import StringArray
+from apr.formats.gguf_strings import StringArray
 from apr.formats.tokenizer import build_tokenizer
 from apr.models import open_model
 from apr.models.config import ModelConfig

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from apr.errors import FormatError, UnsupportedQuantError
 from apr.quant import DEQUANT_TYPES, QuantType, dequantize
+from apr.quant import blocks as quant_blocks
 from apr.quant.types import QUANT_LAYOUT
 from tests.quant.gguf_ref import assert_bits_equal, bits, dequantizable
 from tests.quant.gguf_ref import gguf_dequantize as oracle
@@ -82,6 +83,32 @@ def test_more_blocks_than_one_chunk(qtype: QuantType) -> None:
     layout = QUANT_LAYOUT[qtype]
     n_blocks = (1 << 19) // layout.block_size + 3  # more than one chunk, the last one ragged
     raw = random_blocks(qtype, 1, n_blocks, seed=7)
+    got = dequantize(raw, qtype, (n_blocks * layout.block_size,))
+    np.testing.assert_array_equal(bits(got), bits(oracle(raw, qtype).reshape(-1)))
+
+
+SCALED_TYPES: Final = (
+    QuantType.Q8_0,
+    QuantType.Q4_0,
+    QuantType.Q4_1,
+    QuantType.Q5_0,
+    QuantType.Q5_1,
+    QuantType.Q2_K,
+    QuantType.Q3_K,
+    QuantType.Q4_K,
+    QuantType.Q5_K,
+    QuantType.Q6_K,
+)
+
+
+@pytest.mark.parametrize("qtype", SCALED_TYPES, ids=lambda q: q.name)
+def test_more_blocks_than_one_scale_group(qtype: QuantType) -> None:
+    """The `scaled_kernel` types compute their scales `PREPARE_CHUNKS` chunks at a time: a tensor of
+    more than one such group, the last one ragged, must still match gguf-py bit for bit."""
+    layout = QUANT_LAYOUT[qtype]
+    group = quant_blocks.PREPARE_CHUNKS * (quant_blocks.SCALED_CHUNK_ELEMS // layout.block_size)
+    n_blocks = group + group // 3 + 5  # the second group ends in a ragged chunk
+    raw = random_blocks(qtype, 1, n_blocks, seed=13)
     got = dequantize(raw, qtype, (n_blocks * layout.block_size,))
     np.testing.assert_array_equal(bits(got), bits(oracle(raw, qtype).reshape(-1)))
 

@@ -48,6 +48,7 @@ Array = npt.NDArray[Any]
 # Elements of one row block in `linear`. BLAS packs all of x for every block, so blocks of a few long
 # rows (ffn_down: 18944 columns) would repeat that work; 1M elements measured best for 7B shapes.
 ROW_BLOCK_ELEMS: Final = 1 << 20
+ELEMENTWISE_MIN: Final = 1 << 16  # values per piece of `elementwise` at least (smaller ones run in one call)
 MAX_THREADS: Final = 4  # numpy's per-call overhead holds the GIL; more threads stop paying
 
 
@@ -217,14 +218,17 @@ class Weights:
         """The (T, rows) result of compute(r0, r1, out) filling rows [r0, r1) of out (rows, T), run in row
         blocks of ~ROW_BLOCK_ELEMS weights on the `linear` threads."""
         step = max(1, min(ROW_BLOCK_ELEMS // cols, -(-rows // 2)))  # ≥ 2 blocks to share
-        out = np.empty((rows, t), dtype=self.dtype)  # (out, T): blocks of rows are contiguous
+        out = np.empty((t, rows), dtype=self.dtype)
 
         def block(r0: int) -> None:
             r1 = min(rows, r0 + step)
-            compute(r0, r1, out[r0:r1])
+            part = np.empty((r1 - r0, t), dtype=self.dtype)  # (out, T): what compute fills
+            compute(r0, r1, part)
+            out[:, r0:r1] = part.T  # transposed block by block, on the threads (one whole-matrix
+            # transpose after them was 7.6 s of a 512-token 7B trace: it walks memory column by column)
 
         self._each(block, range(0, rows, step))
-        return np.ascontiguousarray(out.T)
+        return out
 
     def _row_reader(self, info: TensorInfo) -> Callable[[int, int], Array]:
         """rows [r0, r1) of a matrix as `dtype`: dequantized from just those rows' bytes when the
@@ -243,6 +247,23 @@ class Weights:
             return dequantize(raw, info.qtype, (r1 - r0, cols)).astype(self.dtype, copy=False)
 
         return read
+
+    def elementwise(self, fn: Callable[[Array], Array], x: Array) -> Array:
+        """fn(x) for an elementwise `fn` (the activation), in flat pieces on the `linear` threads: the same
+        bits as one call, whatever the thread count. (…) → (…)"""
+        flat = np.ascontiguousarray(x).reshape(-1)
+        step = max(ELEMENTWISE_MIN, -(-flat.size // (4 * self.threads)))
+        if self.threads == 1 or flat.size <= step:
+            return fn(x)
+        first = fn(flat[:step])
+        out = np.empty(flat.shape, first.dtype)
+        out[:step] = first
+
+        def piece(start: int) -> None:
+            out[start : start + step] = fn(flat[start : start + step])
+
+        self._each(piece, range(step, flat.size, step))
+        return out.reshape(x.shape)
 
     def each(self, fn: Callable[[int], None], items: Iterable[int]) -> None:
         """fn(item) for every item on the `linear` threads, BLAS held to one thread (attention's blocks)."""

@@ -15,7 +15,8 @@ import numpy.typing as npt
 
 from apr.errors import FormatError
 from apr.formats.base import TokenizerSpec
-from apr.formats.gguf_parse import FLOAT_TYPES, INT_TYPES, Field, StringArray, ValueType
+from apr.formats.gguf_parse import FLOAT_TYPES, INT_TYPES, Field, ValueType
+from apr.formats.gguf_strings import StringArray
 from apr.formats.tokenizer_pre import ADD_BOS_BY_DEFAULT
 from apr.formats.tokenizer_raw import ALWAYS_BOS, GEMMA4_MODEL
 

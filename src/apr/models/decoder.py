@@ -175,7 +175,7 @@ def swiglu(
     emit(Stage.FFN_GATE, g)
     u = w.linear(h, p("ffn_up.weight"))  # (T, I)
     emit(Stage.FFN_UP, u)
-    s = act(g)  # (T, I)
+    s = w.elementwise(act, g)  # (T, I)
     emit(Stage.FFN_SILU, s)
     su = s * u  # (T, I)
     emit(Stage.FFN_SWIGL, su)

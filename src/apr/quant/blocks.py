@@ -5,6 +5,9 @@ in `DEQUANTIZERS` under its `QuantType`; `apr.quant.dequantize` is a dict lookup
 *kernel* instead: `kernel(blocks, out)` gets `blocks` as a `(n_blocks, type_size)` uint8 view and fills
 `out`, a `(n_blocks, block_size)` float32 view. The driver feeds it chunks of about `CHUNK_ELEMS` outputs
 so a kernel's temporaries stay in cache; all the numpy work is vectorized over the blocks of a chunk.
+The legacy and K-quant types register a `scaled_kernel`: a `prepare` step first computes the float32
+scales of 16 chunks' blocks in a few flat passes, and the kernel (on 2**16-output chunks) only unpacks
+the quants, converts them straight into `out` and applies the scales in place.
 
 Results are bit-identical to ggml's `dequantize_row_*` and gguf-py's `dequantize`: integer quants are
 rebuilt exactly in uint8, converted to float32 (exact), and then scaled with the same float32 operations
@@ -34,9 +37,18 @@ U8Array = npt.NDArray[np.uint8]
 F32Array = npt.NDArray[np.float32]
 Decode = Callable[[U8Array, int], F32Array]  # (flat stored bytes, element count) -> flat float32
 Kernel = Callable[[U8Array, F32Array], None]  # ((n, type_size) blocks, (n, block_size) out) -> None
+Scales = tuple[F32Array, ...]  # per-block float32 arrays, first axis the block
+Prepare = Callable[[U8Array], Scales]  # all (n, type_size) blocks of a tensor -> their scales
+ScaledKernel = Callable[[U8Array, F32Array, Scales], None]  # (blocks, out, their scales) -> None
 Table = TypeVar("Table", bound=np.ndarray[Any, Any])
 
 CHUNK_ELEMS: Final = 1 << 19  # outputs per kernel call: 2 MiB of float32 (1 << 16 was 30 % slower on 7B)
+# Outputs per call of a `scaled_kernel`. One thread alone is fastest at 1 << 16 (bench/dequant.py, Q4_K
+# 2.95× gguf-py, against 2.3× at 1 << 18), but the engine dequantizes on two threads at once, and there the
+# numpy calls of small chunks queue for the GIL: two threads at 1 << 16 made less than one (Q4_K 1.72 ns
+# an element, 1.20 alone) and the 7B-shaped 10-token trace 15.2-15.7 s, against 13.5-13.9 s at 1 << 18.
+SCALED_CHUNK_ELEMS: Final = 1 << 18
+PREPARE_CHUNKS: Final = 16  # chunks per `prepare` call: its scales are still in cache when used
 F16_STEP: Final = 1 << 16  # halves per F16 table gather (its int64 index copy stays in cache)
 APR_Q4_MIN_SCALE: Final = np.float32(6.1e-5)  # aprender's F16_MIN_NORMAL (GH-186), not 2**-14
 
@@ -101,6 +113,39 @@ def block_kernel(
     return add
 
 
+def scaled_kernel(
+    qtype: QuantType, prepare: Prepare, chunk_elems: int = SCALED_CHUNK_ELEMS
+) -> Callable[[ScaledKernel], ScaledKernel]:
+    """Register `kernel(blocks, out, scales)` for `qtype` (rows of whole blocks), driven chunk by chunk.
+
+    `prepare(blocks)` computes the per-block float32 scales (and offsets) of `PREPARE_CHUNKS` chunks'
+    blocks in a few flat vectorized passes, arrays whose first axis is the block, and the kernel gets
+    each chunk's slice of them. This spares the kernel a dozen numpy calls on tiny (n, 8) arrays per
+    chunk, which lets it take small, cache-resident chunks; and the scales are still in cache when the
+    kernels read them (computing them for the whole tensor at once made Q4_K ~20 % slower).
+    """
+    layout = QUANT_LAYOUT[qtype]
+
+    def add(kernel: ScaledKernel) -> ScaledKernel:
+        def decode(raw: U8Array, n: int) -> F32Array:
+            blocks = raw.reshape(-1, layout.type_size)
+            out = np.empty((len(blocks), layout.block_size), np.float32)
+            step = max(1, chunk_elems // layout.block_size)
+            with np.errstate(all="ignore"):  # inf * 0 etc. are part of the format's arithmetic
+                for start in range(0, len(blocks), step * PREPARE_CHUNKS):
+                    part = blocks[start : start + step * PREPARE_CHUNKS]
+                    scales = prepare(part)
+                    for i in range(0, len(part), step):
+                        at = slice(i, i + step)
+                        kernel(part[at], out[start + i : start + i + step], tuple(s[at] for s in scales))
+            return out.reshape(-1)[:n]
+
+        register(qtype, layout.block_size)(decode)
+        return kernel
+
+    return add
+
+
 # --- shared pieces of the kernels ------------------------------------------------------------------
 
 
@@ -109,20 +154,35 @@ def f16_at(blocks: U8Array, offset: int) -> F32Array:
     return blocks[:, offset : offset + 2].view("<f2").astype(np.float32)
 
 
-def scale_ints(
-    q: npt.NDArray[np.integer], scale: F32Array, out: F32Array, offset: F32Array | None = None
-) -> None:
-    """`out = scale * q` (`- offset`), groups of `q.shape[1] // scale.shape[1]` elements per scale.
+def f16_times(blocks: U8Array, offset: int, small: npt.NDArray[np.integer]) -> F32Array:
+    """`d * small` in float32, `d` the f16 at `offset` of each block, `small` (n, k) sub-block integers
+    (a K-quant's `d * sc`, rounded to float32 before it meets a quant, as in ggml). Flat passes over
+    the whole tensor: an (n, 1) × (n, k) broadcast runs numpy's inner loop k elements at a time."""
+    n, k = small.shape
+    d = np.repeat(f16_at(blocks, offset).reshape(-1), k)
+    ints = np.ascontiguousarray(small).reshape(-1)
+    out = np.empty(n * k, np.float32)
+    np.copyto(out, ints, casting="unsafe")  # exact
+    np.multiply(d, out, out=out)
+    return out.reshape(n, k)
 
-    The scales are repeated out to one per element first: a broadcast (n·groups, 1) operand would make
-    numpy run its inner loop 16 or 32 elements at a time, ~3× slower than these flat passes.
+
+def scale_ints(
+    q: npt.NDArray[np.integer],
+    scale: F32Array,
+    out: F32Array,
+    offset: F32Array | None = None,
+) -> None:
+    """`out = scale * q - offset`, groups of `out.shape[1] // scale.shape[1]` elements per scale (and
+    per offset).
+
+    The first pass converts the ints straight into `out` (exact); the scales are then applied by
+    `apply_groups`.
     """
     np.copyto(out, q.reshape(out.shape), casting="unsafe")  # ints -> float32, exact
     scale_groups(out, scale)
     if offset is not None:
-        size = out.shape[1] // offset.shape[1]
-        flat = out.reshape(-1)
-        np.subtract(flat, np.repeat(offset.reshape(-1), size), out=flat)
+        apply_groups(np.subtract, out, offset)
 
 
 def scale_groups(out: F32Array, scale: F32Array) -> None:
@@ -130,6 +190,30 @@ def scale_groups(out: F32Array, scale: F32Array) -> None:
     `block_size // g` consecutive elements. (Only the scale can be NaN, so operand order is moot.)"""
     flat = out.reshape(-1)
     np.multiply(flat, np.repeat(scale.reshape(-1), out.shape[1] // scale.shape[1]), out=flat)
+
+
+def apply_groups(op: np.ufunc, out: F32Array, values: F32Array) -> None:
+    """`out = op(out, values)` in place, `values` (n, g) one per `block_size // g` elements of `out`.
+
+    The values are repeated out to one per element and applied in one flat pass. Measured with numpy
+    2.4.6 here on 2**17 outputs in cache: repeat + flat multiply 0.13 + 0.09 ns/element, a broadcast
+    (n, g, 1) multiply 0.55 (numpy runs its inner loop 16 or 32 elements at a time). Inside a whole
+    decode, on `out` fresh from memory, the two come out within noise of each other; Q8_0 and the
+    legacy 32-element types, with one scale per block, use the broadcast (up to ~5 % faster).
+    """
+    flat = out.reshape(-1)
+    if flat.size:
+        size = flat.size // values.size
+        op(flat, np.repeat(values.reshape(-1), size), out=flat)
+
+
+def f16_scales(*offsets: int) -> Prepare:
+    """A `prepare` that reads the f16 fields at `offsets` of every block, each as (n, 1) float32."""
+
+    def prepare(blocks: U8Array) -> Scales:
+        return tuple(f16_at(blocks, at) for at in offsets)
+
+    return prepare
 
 
 def readonly(table: Table) -> Table:
@@ -149,21 +233,34 @@ def gather(table: F32Array, index: npt.NDArray[np.intp], out: F32Array) -> None:
     np.take(table, index.reshape(-1), axis=0, out=rows, mode="clip")
 
 
-def add_offset(out: F32Array, offset: F32Array) -> None:
-    """`out += offset`, one offset per block (Q4_1, Q5_1: `d * q + m`)."""
-    np.add(out, offset, out=out)
+def nibble_planes(b: U8Array) -> tuple[U8Array, U8Array]:
+    """`b & 0xF` and `b >> 4` of a contiguous chunk of blocks: two flat uint8 passes. A kernel then
+    reads the quants' columns out of them; converting those strided (n, 16) views straight into `out`
+    beats assembling a contiguous uint8 copy first (0.30 vs 0.62 ns/element for Q4_1)."""
+    return b & np.uint8(0x0F), b >> np.uint8(4)
 
 
-def split_nibbles(qs: U8Array, q: U8Array) -> None:
-    """Q4_0 order: low nibbles of `qs` (n, k) into `q[:, :k]`, high nibbles into `q[:, k:]`."""
-    k = qs.shape[1]
-    np.bitwise_and(qs, np.uint8(0x0F), out=q[:, :k])
-    np.right_shift(qs, np.uint8(4), out=q[:, k:])
+def convert_halves(
+    lo: U8Array | npt.NDArray[np.int8], hi: U8Array | npt.NDArray[np.int8], out: F32Array
+) -> None:
+    """Q4_0 order, as float32: quants `lo` (n, k) into `out[:, :k]`, `hi` into `out[:, k:]` (exact)."""
+    k = lo.shape[1]
+    np.copyto(out[:, :k], lo, casting="unsafe")
+    np.copyto(out[:, k:], hi, casting="unsafe")
 
 
-def low_bits_32(qh: U8Array) -> U8Array:
-    """Bit j of the little-endian u32 in each row of `qh` (n, 4), as (n, 32) zeros and ones."""
-    return np.unpackbits(qh, axis=1, bitorder="little")
+def five_bit(b: U8Array, qh: int) -> U8Array:
+    """Q5_0/Q5_1 quants 0..31 in output order: nibbles as in Q4_0 (from `nibble_planes`), bit 4 of
+    element j = bit j of the little-endian u32 at byte `qh`. Assembled in uint8 (0.85 ns/element here
+    against 1.6 for OR-ing the bits into strided nibble planes)."""
+    lo, hi = nibble_planes(b)
+    q = np.empty((len(b), 32), np.uint8)
+    q[:, :16] = lo[:, qh + 4 :]
+    q[:, 16:] = hi[:, qh + 4 :]
+    bits = np.unpackbits(b[:, qh : qh + 4], axis=1, bitorder="little")
+    bits <<= np.uint8(4)
+    q |= bits
+    return q
 
 
 # --- plain element types ---------------------------------------------------------------------------
@@ -221,46 +318,42 @@ def _bf16(raw: U8Array, n: int) -> F32Array:
 # --- 32-element blocks -----------------------------------------------------------------------------
 
 
-@block_kernel(QuantType.Q8_0)
-def _q8_0(b: U8Array, out: F32Array) -> None:  # d:f16, qs[32]:i8
-    scale_ints(b[:, 2:].view(np.int8), f16_at(b, 0), out)
+@scaled_kernel(QuantType.Q8_0, f16_scales(0))
+def _q8_0(b: U8Array, out: F32Array, scales: Scales) -> None:  # d:f16, qs[32]:i8
+    np.copyto(out, b[:, 2:].view(np.int8), casting="unsafe")  # from the strided view: no copy first
+    np.multiply(out, scales[0], out=out)  # the (n, 1) broadcast: ~5 % faster here than a repeat
 
 
-@block_kernel(QuantType.Q4_0)
-def _q4_0(b: U8Array, out: F32Array) -> None:  # d:f16, qs[16]; q = nibble - 8
-    q = np.empty(out.shape, np.uint8)
-    split_nibbles(b[:, 2:], q)
-    q -= np.uint8(8)
-    scale_ints(q.view(np.int8), f16_at(b, 0), out)
+@scaled_kernel(QuantType.Q4_0, f16_scales(0))
+def _q4_0(b: U8Array, out: F32Array, scales: Scales) -> None:  # d:f16, qs[16]; q = nibble - 8
+    lo, hi = nibble_planes(b)
+    lo -= np.uint8(8)
+    hi -= np.uint8(8)
+    convert_halves(lo[:, 2:].view(np.int8), hi[:, 2:].view(np.int8), out)
+    np.multiply(out, scales[0], out=out)
 
 
-@block_kernel(QuantType.Q4_1)
-def _q4_1(b: U8Array, out: F32Array) -> None:  # d, m:f16, qs[16]; d * q + m
-    q = np.empty(out.shape, np.uint8)
-    split_nibbles(b[:, 4:], q)
-    scale_ints(q, f16_at(b, 0), out)
-    add_offset(out, f16_at(b, 2))
+@scaled_kernel(QuantType.Q4_1, f16_scales(0, 2))
+def _q4_1(b: U8Array, out: F32Array, scales: Scales) -> None:  # d, m:f16, qs[16]; d * q + m
+    lo, hi = nibble_planes(b)
+    convert_halves(lo[:, 4:], hi[:, 4:], out)
+    np.multiply(out, scales[0], out=out)  # d * q + m: two roundings, no FMA
+    np.add(out, scales[1], out=out)
 
 
-def _five_bit(qh: U8Array, qs: U8Array, shape: tuple[int, ...]) -> U8Array:
-    """Q5_0/Q5_1 quants 0..31: nibbles as in Q4_0, bit 4 of element j = bit j of the u32 `qh`."""
-    q = np.empty(shape, np.uint8)
-    split_nibbles(qs, q)
-    q |= low_bits_32(qh) << np.uint8(4)
-    return q
-
-
-@block_kernel(QuantType.Q5_0)
-def _q5_0(b: U8Array, out: F32Array) -> None:  # d:f16, qh[4], qs[16]; q = 5 bits - 16
-    q = _five_bit(b[:, 2:6], b[:, 6:], out.shape)
+@scaled_kernel(QuantType.Q5_0, f16_scales(0))
+def _q5_0(b: U8Array, out: F32Array, scales: Scales) -> None:  # d:f16, qh[4], qs[16]; q = 5 bits - 16
+    q = five_bit(b, 2)
     q -= np.uint8(16)
-    scale_ints(q.view(np.int8), f16_at(b, 0), out)
+    np.copyto(out, q.view(np.int8), casting="unsafe")
+    np.multiply(out, scales[0], out=out)
 
 
-@block_kernel(QuantType.Q5_1)
-def _q5_1(b: U8Array, out: F32Array) -> None:  # d, m:f16, qh[4], qs[16]; d * q + m
-    scale_ints(_five_bit(b[:, 4:8], b[:, 8:], out.shape), f16_at(b, 0), out)
-    add_offset(out, f16_at(b, 2))
+@scaled_kernel(QuantType.Q5_1, f16_scales(0, 2))
+def _q5_1(b: U8Array, out: F32Array, scales: Scales) -> None:  # d, m:f16, qh[4], qs[16]; d * q + m
+    np.copyto(out, five_bit(b, 4), casting="unsafe")
+    np.multiply(out, scales[0], out=out)  # d * q + m: two roundings, no FMA
+    np.add(out, scales[1], out=out)
 
 
 # --- apr's own types -------------------------------------------------------------------------------

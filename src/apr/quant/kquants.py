@@ -1,7 +1,11 @@
 """K-quant dequantizers: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (256-element super-blocks, ggml-common.h).
 
-Each kernel rebuilds the integer quants of a chunk of super-blocks, in output order, as one contiguous
-uint8 array, then `scale_ints` converts and scales them exactly as ggml's `dequantize_row_*_K`.
+Each kernel is a `scaled_kernel`: the sub-block scales `d * sc` (and mins `dmin * m`) are computed
+for 16 chunks at a time, before the kernels run (`_q*k_scales`). A kernel rebuilds the integer quants
+of a chunk of super-blocks, converts them into `out` and scales them exactly as ggml's
+`dequantize_row_*_K`. Q2_K and Q4_K convert their bit planes (flat uint8 passes over the chunk)
+straight into `out`, 32 outputs per row; Q3_K, Q5_K and Q6_K, whose quants combine two fields, build
+them as one contiguous uint8 array first, with the SWAR plans below.
 
 The bit unpacking is SWAR on little-endian u64 words: a word carries 8 quant bytes, and all 8 share the
 byte they come from (plus 0..7) and the shift that extracts them. So a quant field is described by a
@@ -20,7 +24,17 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.quant.blocks import F32Array, U8Array, block_kernel, f16_at, scale_ints
+from apr.quant.blocks import (
+    F32Array,
+    Scales,
+    U8Array,
+    apply_groups,
+    f16_times,
+    nibble_planes,
+    scale_groups,
+    scale_ints,
+    scaled_kernel,
+)
 from apr.quant.types import QK_K, QuantType
 
 U64Array = npt.NDArray[np.uint64]
@@ -64,7 +78,6 @@ def block_words(blocks: U8Array, stop: int) -> U64Array:
 
 
 # Element e of a super-block: sub-block / chunk / bit position, per ggml's dequantize_row_*_K loops.
-Q2K_LOW: Final = plan(lambda e: (16 + 32 * (e // 128) + e % 32, 2 * (e // 32 % 4)), 2)
 Q3K_LOW: Final = plan(lambda e: (32 + 32 * (e // 128) + e % 32, 2 * (e // 32 % 4)), 2)
 Q3K_HIGH: Final = plan(lambda e: (e % 32, e // 32), 1)  # hmask bit e // 32 of byte e % 32
 Q4K_LOW: Final = plan(lambda e: (16 + 32 * (e // 64) + e % 32, 4 * (e // 32 % 2)), 4)
@@ -111,11 +124,6 @@ def _q3_scales(blocks: U8Array) -> npt.NDArray[np.int8]:
     return scales.view(np.int8)
 
 
-def _times(d: F32Array, small: U8Array | npt.NDArray[np.int8]) -> F32Array:
-    """`d * small` in float32: d (n, 1) per super-block, `small` (n, k) sub-block integers."""
-    return d * small.astype(np.float32)
-
-
 def _biased(q: U64Array, bias: int) -> npt.NDArray[np.int8]:
     """Quant bytes minus `bias`, as int8 (q - 32 for Q6_K, q - 4 for Q3_K)."""
     q8 = q.view(np.uint8)
@@ -123,43 +131,71 @@ def _biased(q: U64Array, bias: int) -> npt.NDArray[np.int8]:
     return q8.view(np.int8)
 
 
-@block_kernel(QuantType.Q2_K)
-def _q2_k(b: U8Array, out: F32Array) -> None:  # scales[16], qs[64], d, dmin
-    q = unpack(block_words(b, 80), Q2K_LOW)
+# Per-super-block scales of the whole tensor, computed once before the chunk loop (`scaled_kernel`).
+
+
+def _q2k_scales(b: U8Array) -> Scales:  # dl = d * (sc & 0xF), ml = dmin * (sc >> 4)
     sc = np.ascontiguousarray(b[:, :16])
-    dl = _times(f16_at(b, 80), sc & np.uint8(0x0F))
-    ml = _times(f16_at(b, 82), sc >> np.uint8(4))
-    scale_ints(q.view(np.uint8), dl, out, ml)
+    return f16_times(b, 80, sc & np.uint8(0x0F)), f16_times(b, 82, sc >> np.uint8(4))
 
 
-@block_kernel(QuantType.Q3_K)
-def _q3_k(b: U8Array, out: F32Array) -> None:  # hmask[32], qs[64], scales[12], d
+def _q3k_scales(b: U8Array) -> Scales:  # dl = d * (scale - 32)
+    return (f16_times(b, 108, _q3_scales(b)),)
+
+
+def _k4_scales(b: U8Array) -> Scales:  # Q4_K, Q5_K: d * sc, dmin * m
+    sc, mn = _scale_min_k4(b)
+    return f16_times(b, 0, sc), f16_times(b, 2, mn)
+
+
+def _q6k_scales(b: U8Array) -> Scales:  # d * sc
+    return (f16_times(b, 208, b[:, 192:208].view(np.int8)),)
+
+
+@scaled_kernel(QuantType.Q2_K, _q2k_scales)
+def _q2_k(b: U8Array, out: F32Array, scales: Scales) -> None:  # scales[16], qs[64], d, dmin
+    # Element 128h + 32k + l is bits 2k..2k+1 of qs byte 32h + l: each bit pair's plane is two flat
+    # uint8 passes over the chunk, converted straight into `out` 32 elements at a time.
+    groups = out.reshape(len(b), 2, 4, 32)
+    for k in range(4):
+        plane = b >> np.uint8(2 * k) if k else b.copy()
+        plane &= np.uint8(3)
+        np.copyto(groups[:, :, k], plane[:, 16:80].reshape(-1, 2, 32), casting="unsafe")
+    scale_groups(out, scales[0])
+    apply_groups(np.subtract, out, scales[1])
+
+
+@scaled_kernel(QuantType.Q3_K, _q3k_scales)
+def _q3_k(b: U8Array, out: F32Array, scales: Scales) -> None:  # hmask[32], qs[64], scales[12], d
     words = block_words(b, 96)
     q = unpack(words, Q3K_LOW)
     q |= unpack(words, Q3K_HIGH) << np.uint64(2)  # q = low 2 bits - (high bit ? 0 : 4)
-    scale_ints(_biased(q, 4), _times(f16_at(b, 108), _q3_scales(b)), out)
+    scale_ints(_biased(q, 4), scales[0], out)
 
 
-@block_kernel(QuantType.Q4_K)
-def _q4_k(b: U8Array, out: F32Array) -> None:  # d, dmin, scales[12], qs[128]
-    q = unpack(block_words(b, 144), Q4K_LOW)
-    sc, mn = _scale_min_k4(b)
-    scale_ints(q.view(np.uint8), _times(f16_at(b, 0), sc), out, _times(f16_at(b, 2), mn))
+@scaled_kernel(QuantType.Q4_K, _k4_scales)
+def _q4_k(b: U8Array, out: F32Array, scales: Scales) -> None:  # d, dmin, scales[12], qs[128]
+    # Element 64j + 32h + l is nibble h of qs byte 32j + l: convert both nibble planes straight into
+    # `out`, 32 elements at a time (no uint8 copy in output order first).
+    lo, hi = nibble_planes(b)
+    groups = out.reshape(len(b), 4, 2, 32)
+    np.copyto(groups[:, :, 0], lo[:, 16:].reshape(-1, 4, 32), casting="unsafe")
+    np.copyto(groups[:, :, 1], hi[:, 16:].reshape(-1, 4, 32), casting="unsafe")
+    scale_groups(out, scales[0])
+    apply_groups(np.subtract, out, scales[1])
 
 
-@block_kernel(QuantType.Q5_K)
-def _q5_k(b: U8Array, out: F32Array) -> None:  # d, dmin, scales[12], qh[32], qs[128]
+@scaled_kernel(QuantType.Q5_K, _k4_scales)
+def _q5_k(b: U8Array, out: F32Array, scales: Scales) -> None:  # d, dmin, scales[12], qh[32], qs[128]
     words = block_words(b, 176)
     q = unpack(words, Q5K_LOW)
     q |= unpack(words, Q5K_HIGH) << np.uint64(4)
-    sc, mn = _scale_min_k4(b)
-    scale_ints(q.view(np.uint8), _times(f16_at(b, 0), sc), out, _times(f16_at(b, 2), mn))
+    scale_ints(q.view(np.uint8), scales[0], out, scales[1])
 
 
-@block_kernel(QuantType.Q6_K)
-def _q6_k(b: U8Array, out: F32Array) -> None:  # ql[128], qh[64], scales[16]:i8, d
+@scaled_kernel(QuantType.Q6_K, _q6k_scales)
+def _q6_k(b: U8Array, out: F32Array, scales: Scales) -> None:  # ql[128], qh[64], scales[16]:i8, d
     words = block_words(b, 192)
     q = unpack(words, Q6K_LOW)
     q |= unpack(words, Q6K_HIGH) << np.uint64(4)
-    sc = b[:, 192:208].view(np.int8)
-    scale_ints(_biased(q, 32), _times(f16_at(b, 208), sc), out)
+    scale_ints(_biased(q, 32), scales[0], out)
