@@ -195,7 +195,7 @@ def _scan_strings(c: _Cursor, count: int, what: str) -> StringArray:
             pos += 8
             append(pos - base)
             pos += unpack(buf, pos - 8)[0]
-    except struct.error:
+    except (struct.error, OverflowError):  # past the buffer, or past any offset
         pos = c.avail + 1
     if pos > c.avail:
         starts = _checked_scan(c, count, what)
