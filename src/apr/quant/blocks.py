@@ -124,23 +124,16 @@ def scaled_kernel(
     chunk, which lets it take small, cache-resident chunks; and the scales are still in cache when the
     kernels read them (computing them for the whole tensor at once made Q4_K ~20 % slower).
     """
-    layout = QUANT_LAYOUT[qtype]
+    step = max(1, chunk_elems // QUANT_LAYOUT[qtype].block_size)
 
     def add(kernel: ScaledKernel) -> ScaledKernel:
-        def decode(raw: U8Array, n: int) -> F32Array:
-            blocks = raw.reshape(-1, layout.type_size)
-            out = np.empty((len(blocks), layout.block_size), np.float32)
-            step = max(1, chunk_elems // layout.block_size)
-            with np.errstate(all="ignore"):  # inf * 0 etc. are part of the format's arithmetic
-                for start in range(0, len(blocks), step * PREPARE_CHUNKS):
-                    part = blocks[start : start + step * PREPARE_CHUNKS]
-                    scales = prepare(part)
-                    for i in range(0, len(part), step):
-                        at = slice(i, i + step)
-                        kernel(part[at], out[start + i : start + i + step], tuple(s[at] for s in scales))
-            return out.reshape(-1)[:n]
+        def group(part: U8Array, out: F32Array) -> None:  # PREPARE_CHUNKS chunks: scales, then kernels
+            scales = prepare(part)
+            for i in range(0, len(part), step):
+                at = slice(i, i + step)
+                kernel(part[at], out[at], tuple(s[at] for s in scales))
 
-        register(qtype, layout.block_size)(decode)
+        block_kernel(qtype, chunk_elems=step * QUANT_LAYOUT[qtype].block_size * PREPARE_CHUNKS)(group)
         return kernel
 
     return add
