@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apr.engine import ops
 from apr.engine import weights as weights_module
 from apr.engine.weights import Weights, single_threaded_blas
 from apr.errors import UnsupportedQuantError
@@ -97,3 +98,20 @@ def test_rows_stored_whole_or_not_give_the_same_product(tmp_path: Path) -> None:
         for threads in (1, 2):
             got = Weights(ckpt, threads=threads).linear(x, name)
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_the_activation_in_pieces_is_the_same_bits_as_one_call_on_any_thread_count(
+    smollm2_gguf: Path, act: str
+) -> None:
+    """Weights.elementwise (the FFN activation on the threads) against the activation called once, on
+    a (T, I) large enough to be split (8 pieces here), values spanning every exponent the model sees."""
+    fn = getattr(ops, act)
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((131, 4099)) * np.exp2(rng.integers(-12, 6, (131, 4099)))).astype(np.float32)
+    want = fn(x)
+    ckpt = open_model(smollm2_gguf)
+    for threads in (1, 2, 3):
+        got = Weights(ckpt, threads=threads).elementwise(fn, x)
+        assert got.shape == x.shape and got.dtype == want.dtype
+        assert got.tobytes() == want.tobytes(), threads

@@ -49,6 +49,7 @@ Array = npt.NDArray[Any]
 # rows (ffn_down: 18944 columns) would repeat that work; 1M elements measured best for 7B shapes.
 ROW_BLOCK_ELEMS: Final = 1 << 20
 ELEMENTWISE_MIN: Final = 1 << 16  # values per piece of `elementwise` at least (smaller ones run in one call)
+ELEMENTWISE_PIECES: Final = 8  # pieces of a larger one, shared by however many threads there are
 MAX_THREADS: Final = 4  # numpy's per-call overhead holds the GIL; more threads stop paying
 
 
@@ -249,11 +250,12 @@ class Weights:
         return read
 
     def elementwise(self, fn: Callable[[Array], Array], x: Array) -> Array:
-        """fn(x) for an elementwise `fn` (the activation), in flat pieces on the `linear` threads: the same
-        bits as one call, whatever the thread count. (…) → (…)"""
+        """fn(x) for an elementwise `fn` (the activation), in flat pieces on the `linear` threads. The pieces
+        do not depend on the thread count, so neither do the bits (even if a vectorized loop treated a
+        piece's edges differently). (…) → (…)"""
         flat = np.ascontiguousarray(x).reshape(-1)
-        step = max(ELEMENTWISE_MIN, -(-flat.size // (4 * self.threads)))
-        if self.threads == 1 or flat.size <= step:
+        step = max(ELEMENTWISE_MIN, -(-flat.size // ELEMENTWISE_PIECES))
+        if flat.size <= step:
             return fn(x)
         first = fn(flat[:step])
         out = np.empty(flat.shape, first.dtype)
