@@ -15,16 +15,9 @@ from pathlib import Path
 import gguf as gguf
 import pytest
 
-from apr.formats.gguf import open_gguf
-from apr.formats.tokenizer import build_tokenizer
 from tests.formats.test_tokenizer_pre import SPECIALS, TEXTS
 from tests.formats.test_tokenizer_pre import bpe as bpe  # the byte-level BPE fixture
-from tests.formats.vocab_oracle import (
-    assert_apr_round_trip,
-    assert_ids,
-    assert_pieces,
-    llama_ids,
-)
+from tests.formats.vocab_oracle import assert_apr_round_trip, assert_pieces, compare_with_llama, finish
 
 DNA = ["<dna>", "</dna>", "<oov>"]
 KMERS = ["".join(k) + "\ue000" for k in itertools.product("ACGT", repeat=6)]
@@ -48,10 +41,7 @@ def write_dna_vocab(path: Path, tokens: list[str], merges: list[str], tags_type:
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
     w.add_add_bos_token(True)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
@@ -59,19 +49,10 @@ def write_dna_vocab(path: Path, tokens: list[str], merges: list[str], tags_type:
 @pytest.mark.parametrize("tags_type", [1, 3])
 def test_equals_llama_cpp(tags_type: int, bpe: tuple[list[str], list[str]], tmp_path: Path) -> None:
     """Exact ids (tolerance: none), BOS included; decode byte for byte."""
-    import llama_cpp as llama_cpp
-
     tokens, merges = bpe
     path = write_dna_vocab(tmp_path / "dna.gguf", [*tokens, *DNA, *KMERS], merges, tags_type)
-    spec = open_gguf(path).tokenizer_spec()
-    assert spec is not None
-    tok = build_tokenizer(spec)
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    texts = [*TEXTS, *DNA_TEXTS]
-    want = llama_ids(llm, texts)
-    assert_ids(tok, want)
+    c = compare_with_llama(path, [*TEXTS, *DNA_TEXTS])
     first_kmer = len(tokens) + len(DNA)
-    assert any(i >= first_kmer for i in want[DNA_TEXTS[0]]) == (tags_type == 1)
-    encoded = list(want.values())
-    assert_pieces(tok, llm, encoded)
-    assert_apr_round_trip(spec, want)
+    assert any(i >= first_kmer for i in c.want[DNA_TEXTS[0]]) == (tags_type == 1)
+    assert_pieces(c.tok, c.llm, list(c.want.values()))
+    assert_apr_round_trip(c.spec, c.want)

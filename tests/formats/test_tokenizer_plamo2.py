@@ -19,16 +19,10 @@ import pytest
 
 from apr.errors import FormatError
 from apr.formats.base import TokenizerSpec
-from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import build_tokenizer
 from tests.formats.test_tokenizer_pre import TEXTS
 from tests.formats.test_tokenizer_spm import corpus
-from tests.formats.vocab_oracle import (
-    assert_apr_round_trip,
-    assert_ids,
-    assert_pieces,
-    llama_ids,
-)
+from tests.formats.vocab_oracle import assert_apr_round_trip, assert_pieces, compare_with_llama, finish
 
 SPECIALS = ["<|plamo:unk|>", "<|plamo:bos|>", "<|plamo:eos|>", "<|plamo:pad|>", "<|plamo:op|>"]
 MORE = ["\ufeffBOM first", "x\ufeffy", "<|plamo:bos|>\ufeffafter", "<0x41> <|plamo:op|>", "the the the"]
@@ -69,32 +63,19 @@ def write_plamo2_vocab(path: Path, tokens: list[str], scores: list[float], types
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)  # llama.cpp adds nothing for PLaMo-2 all the same
     w.add_add_space_prefix(False)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
 @pytest.mark.oracle
 def test_equals_llama_cpp(tmp_path: Path) -> None:
     """Exact ids (tolerance: none), nothing added; decode byte for byte."""
-    import llama_cpp as llama_cpp
-
     path = write_plamo2_vocab(tmp_path / "plamo2.gguf", *plamo2_vocab())
-    spec = open_gguf(path).tokenizer_spec()
-    assert spec is not None
-    tok = build_tokenizer(spec)
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    texts = [*TEXTS, *MORE]
-    want = llama_ids(llm, texts)
-    assert_ids(tok, want)
-    assert want["<|plamo:bos|>\ufeffafter"][0] == 1 and any(
-        5 <= i < 261 for ids in want.values() for i in ids
-    )
-    encoded = list(want.values())
-    assert_pieces(tok, llm, encoded)
-    assert_apr_round_trip(spec, want)
+    c = compare_with_llama(path, [*TEXTS, *MORE])
+    assert c.want["<|plamo:bos|>\ufeffafter"][0] == 1
+    assert any(5 <= i < 261 for ids in c.want.values() for i in ids)  # byte tokens are used
+    assert_pieces(c.tok, c.llm, list(c.want.values()))
+    assert_apr_round_trip(c.spec, c.want)
 
 
 def test_missing_byte_token_is_an_error() -> None:

@@ -27,7 +27,13 @@ from apr.formats.tokenizer import build_tokenizer
 from apr.formats.tokenizer_pre import PRE_TOKENIZERS
 from tests.formats.test_tokenizer import HARD
 from tests.formats.test_tokenizer_spm import PUNCT, WORDS, corpus
-from tests.formats.vocab_oracle import assert_apr_round_trip, assert_ids, llama_ids
+from tests.formats.vocab_oracle import (
+    assert_apr_round_trip,
+    assert_ids,
+    compare_with_llama,
+    finish,
+    llama_ids,
+)
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<mask>", "[MASK]", "<sentinel:0>"]
 BOS = 0  # <|endoftext|>
@@ -78,10 +84,7 @@ def write_bpe_vocab(
     w.add_eos_token_id(BOS)
     if add_bos is not None:
         w.add_add_bos_token(add_bos)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
@@ -125,14 +128,7 @@ TEXTS = texts()
 
 
 def assert_equals_llama_cpp(path: Path, pre: str, texts: list[str]) -> None:
-    import llama_cpp as llama_cpp
-
-    spec = open_gguf(path).tokenizer_spec()
-    assert spec is not None and spec.pre == pre
-    tok = build_tokenizer(spec)
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    bad = [t for t in texts if tok.encode(t) != list(llm.tokenize(t.encode(), add_bos=True, special=True))]
-    assert not bad, f"{len(bad)} of {len(texts)} differ, first: {bad[0]!r}"
+    assert compare_with_llama(path, texts).spec.pre == pre
 
 
 @pytest.mark.oracle

@@ -29,6 +29,8 @@ from tests.formats.vocab_oracle import (
     assert_apr_round_trip,
     assert_ids,
     assert_pieces,
+    compare_with_llama,
+    finish,
     llama_ids,
 )
 
@@ -80,10 +82,7 @@ def write_raw_vocab(path: Path, tokens: list[str], merges: list[str], pre: str, 
     w.add_add_eos_token(add_eos)
     if lowercase is not None:
         w.add_bool("tokenizer.ggml.normalizer.lowercase", lowercase)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
@@ -102,13 +101,9 @@ def test_model_whitespace_over_byte_level_bpe(bpe: tuple[list[str], list[str]], 
         value = "whitespace" if key == "tokenizer.ggml.model" else f.contents()
         sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(key, value, f.types[0], sub_type=sub)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "ws.gguf"), vocab_only=True, verbose=False)
-    bad = [t for t in TEXTS if tok.encode(t) != list(llm.tokenize(t.encode(), add_bos=True, special=True))]
-    assert not bad, f"{len(bad)} of {len(TEXTS)} differ, first: {bad[0]!r}"
+    assert_ids(tok, llama_ids(llm, TEXTS))
     assert tok.encode("ABC def") == tok.encode("abc\u3000 DEF")
 
 
@@ -140,24 +135,16 @@ CASES = {  # name: (tokenizer.ggml.pre, tokenizer.ggml.model, add_bos as written
 @pytest.mark.parametrize("case", list(CASES))
 def test_equals_llama_cpp(case: str, raw_bpe: tuple[list[str], list[str]], tmp_path: Path) -> None:
     """Exact ids (tolerance: none), BOS / EOS included, and decode byte for byte."""
-    import llama_cpp as llama_cpp
-
     pre, model, add_bos, add_eos, lowercase = CASES[case]
     path = write_raw_vocab(tmp_path / f"{case}.gguf", *raw_bpe, pre, model, add_bos, add_eos, lowercase)
-    spec = open_gguf(path).tokenizer_spec()
-    assert spec is not None
-    tok = build_tokenizer(spec)
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     texts = [t for t in [*TEXTS, *MORE] if model == "whitespace" or not _aborts(pre, t)]
     assert len(texts) > 150
-    want = llama_ids(llm, texts)
-    assert_ids(tok, want)
-    assert (want[""][:1] == [BOS]) == (case != "sarvam-moe-no-bos")
+    c = compare_with_llama(path, texts)
+    assert (c.want[""][:1] == [BOS]) == (case != "sarvam-moe-no-bos")
     # decode: llama_token_to_piece of each id, concatenated (bytes not UTF-8, dropped ones cut, as U+FFFD)
-    encoded = list(want.values())
-    assert_pieces(tok, llm, encoded)
+    assert_pieces(c.tok, c.llm, list(c.want.values()))
     # the .apr keys carry everything this tokenizer needs: rebuilt from them, still llama.cpp's ids
-    assert_apr_round_trip(spec, want)
+    assert_apr_round_trip(c.spec, c.want)
 
 
 def test_whitespace_run_with_a_space_is_an_error(

@@ -17,17 +17,10 @@ import gguf as gguf
 import pytest
 
 from apr.errors import FormatError
-from apr.formats.gguf import open_gguf
-from apr.formats.tokenizer import build_tokenizer
 from apr.formats.tokenizer_rwkv import unescape
 from tests.formats.test_tokenizer_pre import SPECIALS, TEXTS
 from tests.formats.test_tokenizer_spm import corpus
-from tests.formats.vocab_oracle import (
-    assert_apr_round_trip,
-    assert_ids,
-    assert_pieces,
-    llama_ids,
-)
+from tests.formats.vocab_oracle import assert_apr_round_trip, assert_pieces, compare_with_llama, finish
 
 NO_TOKEN = (0x01, 0x02)  # no token starts with these bytes: the unknown token, when there is one
 MORE = ["\x01x\x02", "\\x41 \\n \\\\ '\"", "<s>hi<s>", "[PAD5] [PAD6]", "x<|im_end|>y", "\x7f\x80"]
@@ -60,10 +53,7 @@ def write_rwkv_vocab(path: Path, tokens: list[str], unk: int | None) -> Path:
     w.add_add_bos_token(True)  # llama.cpp adds nothing for RWKV all the same
     if unk is not None:
         w.add_unk_token_id(unk)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
@@ -80,22 +70,13 @@ def test_unescape_is_the_converters_inverse() -> None:
 @pytest.mark.parametrize("unk", [7, None])
 def test_equals_llama_cpp(unk: int | None, tmp_path: Path) -> None:
     """Exact ids (tolerance: none), nothing added; decode byte for byte."""
-    import llama_cpp as llama_cpp
-
-    tokens = rwkv_tokens()
-    path = write_rwkv_vocab(tmp_path / "rwkv.gguf", tokens, unk)
-    spec = open_gguf(path).tokenizer_spec()
-    assert spec is not None
-    tok = build_tokenizer(spec)
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    path = write_rwkv_vocab(tmp_path / "rwkv.gguf", rwkv_tokens(), unk)
     # without an unknown token llama.cpp emits -1 for a byte no token starts with: apr refuses that text
     texts = [t for t in [*TEXTS, *MORE] if unk is not None or not any(chr(b) in t for b in NO_TOKEN)]
-    want = llama_ids(llm, texts)
-    assert_ids(tok, want)
-    assert want["<s>hi<s>"][0] == 0 and want["x<|im_end|>y"][0] != 0
-    encoded = list(want.values())
-    assert_pieces(tok, llm, encoded)
-    assert_apr_round_trip(spec, want)
+    c = compare_with_llama(path, texts)
+    assert c.want["<s>hi<s>"][0] == 0 and c.want["x<|im_end|>y"][0] != 0
+    assert_pieces(c.tok, c.llm, list(c.want.values()))
+    assert_apr_round_trip(c.spec, c.want)
     if unk is None:
         with pytest.raises(FormatError, match=r"^the RWKV vocab has no token for byte 0x01 and no unknown"):
-            tok.encode("a\x01")
+            c.tok.encode("a\x01")

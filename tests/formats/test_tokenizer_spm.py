@@ -31,6 +31,7 @@ from apr.formats.base import TokenizerSpec
 from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
 from apr.formats.tokenizer_special import stdsort
+from tests.formats.vocab_oracle import finish
 
 USER_SYMBOLS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool>", "▁<PRE>"]
 WORDS = [
@@ -100,10 +101,7 @@ def write_vocab(path: Path, v: Vocab, name: str = "tiny", **kv: Any) -> Path:
     w.add_token_types(v.types)
     for key, value in kv.items():
         (w.add_bool if isinstance(value, bool) else w.add_uint32)(f"tokenizer.ggml.{key}", value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 

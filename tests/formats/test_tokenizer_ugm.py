@@ -21,11 +21,10 @@ from sentencepiece import sentencepiece_model_pb2 as sp_model
 
 from apr.errors import FormatError
 from apr.formats.base import TokenizerSpec
-from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import build_tokenizer
 from tests.formats.test_tokenizer_pre import TEXTS
 from tests.formats.test_tokenizer_spm import USER_SYMBOLS, corpus
-from tests.formats.vocab_oracle import assert_apr_round_trip, assert_ids, llama_ids
+from tests.formats.vocab_oracle import assert_apr_round_trip, compare_with_llama, finish
 
 ADDED = ["<extra_id_0>", "<extra_id_1>"]  # as if from added_tokens.json: USER_DEFINED, score -1000
 MORE = [
@@ -79,10 +78,7 @@ def write_ugm_vocab(path: Path, model: bytes, ids: bool) -> Path:
         w.add_eos_token_id(1)
         w.add_unk_token_id(2)
         w.add_add_eos_token(True)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
@@ -96,23 +92,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_equals_llama_cpp(variant: str, tmp_path: Path) -> None:
     """Exact ids (tolerance: none), EOS included (by default when the GGUF does not say)."""
-    import llama_cpp as llama_cpp
-
     normalization, options, ids = VARIANTS[variant]
-    model = train(normalization, **options)
-    path = write_ugm_vocab(tmp_path / f"{variant}.gguf", model, ids)
-    spec = open_gguf(path).tokenizer_spec()
-    assert spec is not None and bool(spec.precompiled_charsmap) == (normalization != "identity")
-    tok = build_tokenizer(spec)
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    texts = [*TEXTS, *MORE]
-    want = llama_ids(llm, texts)
-    assert_ids(tok, want)
-    assert_apr_round_trip(spec, want)  # the .apr keys carry everything this tokenizer needs
-    assert tok.encode("")[-1:] == [1]
+    path = write_ugm_vocab(tmp_path / f"{variant}.gguf", train(normalization, **options), ids)
+    c = compare_with_llama(path, [*TEXTS, *MORE])
+    assert bool(c.spec.precompiled_charsmap) == (normalization != "identity")
+    assert_apr_round_trip(c.spec, c.want)  # the .apr keys carry everything this tokenizer needs
+    assert c.tok.encode("")[-1:] == [1]
     # decode: llama_token_to_piece of each id, concatenated
-    encoded = [tok.encode(t) for t in texts]
-    assert [tok.decode(i).encode() for i in encoded] == [llm.detokenize(i, special=True) for i in encoded]
+    encoded = list(c.want.values())
+    assert [c.tok.decode(i).encode() for i in encoded] == [c.llm.detokenize(i, special=True) for i in encoded]
 
 
 def test_a_broken_charsmap_is_an_error() -> None:

@@ -19,11 +19,10 @@ from tokenizers import models, normalizers, pre_tokenizers, trainers
 
 from apr.errors import FormatError
 from apr.formats.base import TokenizerSpec
-from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import build_tokenizer
 from tests.formats.test_tokenizer_pre import TEXTS
 from tests.formats.test_tokenizer_spm import corpus
-from tests.formats.vocab_oracle import assert_apr_round_trip, assert_ids, llama_ids
+from tests.formats.vocab_oracle import assert_apr_round_trip, compare_with_llama, finish
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 MORE = [
@@ -63,10 +62,7 @@ def write_wpm_vocab(path: Path, tokens: list[str], ids: bool, **flags: bool) -> 
         w.add_unk_token_id(tokens.index("[UNK]"))
     for key, value in flags.items():
         w.add_bool(f"tokenizer.ggml.normalizer.{key}", value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     return path
 
 
@@ -92,22 +88,14 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_equals_llama_cpp(variant: str, wordpiece: list[str], tmp_path: Path) -> None:
     """Exact ids (tolerance: none), [CLS] and [SEP] included."""
-    import llama_cpp as llama_cpp
-
     ids, flags = VARIANTS[variant]
     tokens = wordpiece if ids else _at_bert_ids(wordpiece)
     path = write_wpm_vocab(tmp_path / f"{variant}.gguf", tokens, ids, **flags)
-    spec = open_gguf(path).tokenizer_spec()
-    assert spec is not None
-    tok = build_tokenizer(spec)
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    texts = [*TEXTS, *MORE]
-    want = llama_ids(llm, texts)
-    assert_ids(tok, want)
-    assert_apr_round_trip(spec, want)  # the .apr keys carry everything this tokenizer needs
+    c = compare_with_llama(path, [*TEXTS, *MORE])
+    assert_apr_round_trip(c.spec, c.want)  # the .apr keys carry everything this tokenizer needs
     # decode: llama_token_to_piece of each id, concatenated
-    encoded = [tok.encode(t) for t in texts]
-    assert [tok.decode(i).encode() for i in encoded] == [llm.detokenize(i, special=True) for i in encoded]
+    encoded = list(c.want.values())
+    assert [c.tok.decode(i).encode() for i in encoded] == [c.llm.detokenize(i, special=True) for i in encoded]
 
 
 def test_missing_cls_or_sep_is_an_error() -> None:

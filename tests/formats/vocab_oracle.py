@@ -7,12 +7,44 @@ from __future__ import annotations
 import ctypes
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from apr.formats.aprmeta import tokenizer_from_metadata
 from apr.formats.aprwrite import tokenizer_keys
 from apr.formats.base import TokenizerSpec
+from apr.formats.gguf import open_gguf
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
+
+
+def finish(w: Any) -> None:
+    """Write out a vocab-only `gguf.GGUFWriter` (header, metadata, no tensors) and close it."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@dataclass(frozen=True)
+class Compared:
+    spec: TokenizerSpec  # read from the GGUF by apr
+    tok: Tokenizer  # apr's tokenizer of it
+    llm: Any  # llama-cpp-python's `Llama(vocab_only=True)` of it
+    want: dict[str, list[int]]  # llama.cpp's ids of each text
+
+
+def compare_with_llama(path: Path, texts: Iterable[str]) -> Compared:
+    """apr's tokenizer of the vocab GGUF at `path` against llama.cpp's: exact ids for every text asserted."""
+    import llama_cpp as llama_cpp
+
+    spec = open_gguf(path).tokenizer_spec()
+    assert spec is not None
+    tok = build_tokenizer(spec)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    want = llama_ids(llm, texts)
+    assert_ids(tok, want)
+    return Compared(spec, tok, llm, want)
 
 
 def llama_ids(llm: Any, texts: Iterable[str]) -> dict[str, list[int]]:
