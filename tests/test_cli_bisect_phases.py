@@ -10,7 +10,6 @@ consuming stage, having traced in full only the two layers of phase 2's window.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 
 from tests.fixtures import zoo
 from tests.fixtures.cli import run
+from tests.fixtures.gguf_edit import scale_block_scales
 from tests.fixtures.gguf_edit import scale_tensor as corrupt
 from tests.fixtures.models import cache_dir
 
@@ -156,7 +156,6 @@ def test_identical_models_two_phases_exit_0(long_llama: Path) -> None:
 
 # --- issue 15: --precision-a ggml against llama.cpp on a Q8_0 GGUF ---------------------------------------
 
-Q8_0_BLOCK = 34  # bytes: an f16 scale d, then 32 int8 quants
 PERTURBED = "blk.1.ffn_up.weight"
 
 
@@ -168,8 +167,6 @@ def q8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float
     import ctypes
 
     import llama_cpp
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     d = tmp_path_factory.mktemp("q8")
     q8, bad = d / "q8_0.gguf", d / "q8_0-bad.gguf"
@@ -177,20 +174,7 @@ def q8_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, float
     params.ftype, params.pure, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True, 1
     src = zoo.build("llama", cache_dir() / "fixtures").gguf
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(q8).encode(), ctypes.byref(params)) == 0
-    shutil.copyfile(q8, bad)
-    t = next(t for t in GGUFReader(q8).tensors if t.name == PERTURBED)
-    assert t.tensor_type.name == "Q8_0"
-    raw = np.memmap(bad, np.uint8, mode="r+", offset=int(t.data_offset), shape=(int(t.n_bytes),))
-    blocks = raw.reshape(-1, Q8_0_BLOCK)
-    scale = blocks[:, :2].copy().view(np.float16).reshape(-1)
-    blocks[:, :2] = (
-        (scale.astype(np.float32) * np.float32(1.001)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    )
-    raw.flush()
-    del raw
-    w0 = dequantize(t.data, t.tensor_type)
-    w1 = dequantize(next(x for x in GGUFReader(bad).tensors if x.name == PERTURBED).data, t.tensor_type)
-    return q8, bad, float(np.linalg.norm(w1 - w0) / np.linalg.norm(w0))
+    return q8, bad, scale_block_scales(q8, bad, PERTURBED, "Q8_0")
 
 
 @pytest.mark.oracle
@@ -227,7 +211,6 @@ def test_two_phases_need_two_models(long_llama: Path, tmp_path: Path) -> None:
     assert code == 5 and "--isolate needs every layer of A in full" in err and err.count("\n") == 1
 
 
-Q4_K_BLOCK = 144  # bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
 Q4_K_PERTURBED = "blk.3.ffn_down.weight"  # the first Q4_K tensor of SmolLM2's Q4_K_M (llama-quantize's mix)
 
 
@@ -238,27 +221,12 @@ def test_precision_a_ggml_finds_a_1e_3_perturbation_in_a_q4_k_tensor(tmp_path: P
     emulation every stage before it agrees with llama.cpp bit for bit (tests/engine/test_ggml_precision.py),
     so its consumer, blk.3.ffn_out, is the first divergence; without it the activation-quantization budgets
     (2e-2 a matmul) hide the change."""
-    from gguf import GGUFReader
-    from gguf.quants import dequantize
-
     from tests.quant.fixtures import quantized_gguf
 
     src = quantized_gguf("Q4_K_M", tokenizer=True)
     bad = tmp_path / "q4_k_m-bad.gguf"
-    shutil.copyfile(src, bad)
-    t = next(t for t in GGUFReader(src).tensors if t.name == Q4_K_PERTURBED)
-    assert t.tensor_type.name == "Q4_K"
-    raw = np.memmap(bad, np.uint8, mode="r+", offset=int(t.data_offset), shape=(int(t.n_bytes),))
-    blocks = raw.reshape(-1, Q4_K_BLOCK)[::4]  # every 4th block: d·scale − dmin·min amplifies d's change
-    d = blocks[:, :2].copy().view(np.float16).reshape(-1)
-    blocks[:, :2] = (
-        (d.astype(np.float32) * np.float32(1.001)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    )
-    raw.flush()
-    del raw
-    w0 = dequantize(t.data, t.tensor_type)
-    w1 = dequantize(next(x for x in GGUFReader(bad).tensors if x.name == Q4_K_PERTURBED).data, t.tensor_type)
-    change = float(np.linalg.norm(w1 - w0) / np.linalg.norm(w0))
+    # every 4th block: d·scale − dmin·min amplifies d's change
+    change = scale_block_scales(src, bad, Q4_K_PERTURBED, "Q4_K", every=4)
     assert 3e-4 < change < 1.5e-3, change
     common = ("bisect", str(src), str(bad), "--engine-b", "llama.cpp", "--prompt", "What is 2+2?", "--json")
     code, out, err = run(*common, "--precision-a", "ggml")

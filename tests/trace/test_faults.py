@@ -34,6 +34,7 @@ import pytest
 
 from apr.trace.outdir import lock_path
 from apr.trace.reader import read_trace
+from tests.fixtures.disks import mounted_tmpfs
 
 SEED = int(os.environ.get("APR_FAULT_SEED", "20261202"))
 POINTS = 2  # per signal and directory kind
@@ -204,13 +205,8 @@ def test_two_runs_started_together_one_wins_the_other_is_refused(smollm2_gguf: P
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 MiB tmpfs: room for the whole trace (~25 MiB, so the run's free-space check passes) until the
     test fills it (the suite runs as root, as `make test` does here)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "64m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def fill(disk: Path) -> Path:

@@ -22,6 +22,7 @@ from apr.trace.outdir import OutputDir, lock_path
 from apr.trace.plan import TracePlan
 from apr.trace.writer import TraceWriter
 from tests.fixtures.cli import run
+from tests.fixtures.disks import mounted_tmpfs
 from tests.fixtures.traces import run_info
 
 IDS = ",".join(str(100 + 37 * i % 4000) for i in range(96))  # long enough to be caught mid-run
@@ -116,13 +117,8 @@ def test_a_second_run_into_a_directory_being_written_is_refused(smollm2_gguf: Pa
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs (the suite runs as root, as `make test` does here)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_a_full_disk_keeps_the_previous_trace(small_disk: Path) -> None:
