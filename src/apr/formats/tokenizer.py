@@ -48,6 +48,7 @@ from apr.formats.tokenizer_special import (
     SPECIAL,
     USER_DEFINED,
     SpecialToken,
+    encode_parts,
     partition,
     special_tokens,
     token_attrs,
@@ -185,7 +186,7 @@ def _test(spec: TokenizerSpec) -> Tokenizer:
         ]
 
     def encode_text(text: str) -> list[int]:
-        return [i for p in partition(text, specials) for i in ([p] if isinstance(p, int) else chunks(p))]
+        return encode_parts(text, specials, chunks)
 
     def decode(ids: Sequence[int]) -> str:
         return "".join(f"{i:x}" for i in ids if 0 <= i < n)

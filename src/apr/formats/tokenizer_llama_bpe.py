@@ -33,7 +33,7 @@ from apr.formats.tokenizer_raw import (
     bpe_pieces,
     whitespace_segments,
 )
-from apr.formats.tokenizer_special import partition, special_tokens, token_attrs
+from apr.formats.tokenizer_special import encode_parts, special_tokens, token_attrs
 
 BPE_MODELS: Final = ("gpt2", GEMMA4_MODEL, "whitespace", "hybriddna")
 DNA_OPEN: Final = "<dna>"
@@ -81,10 +81,7 @@ def llama_bpe(spec: TokenizerSpec, tokens: list[str]) -> LlamaBpe:
         shown = tokens[:after] + [_unmarked(t) for t in tokens[after:]]
 
     def encode_text(text: str) -> list[int]:
-        out: list[int] = []
-        for p in partition(text, specials):
-            out += [p] if isinstance(p, int) else session(escape(p))
-        return out
+        return encode_parts(text, specials, lambda p: session(escape(p)))
 
     def decode(ids: Sequence[int]) -> str:
         return bpe_pieces(shown, attrs, ids, escaped)

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from apr.errors import FormatError
-from apr.formats.tokenizer_special import BYTE, SpecialToken, partition
+from apr.formats.tokenizer_special import BYTE, SpecialToken, encode_parts
 
 UNKNOWN_SCORE: Final = -10_000_000
 PREFIX_CAP: Final = 24
@@ -75,13 +75,7 @@ class Plamo2Model:
         self.specials = specials
 
     def encode(self, text: str) -> list[int]:
-        out: list[int] = []
-        for p in partition(text, self.specials):
-            if isinstance(p, int):
-                out.append(p)
-            else:
-                out += self._fragment(p[1:] if p.startswith("\ufeff") else p)
-        return out
+        return encode_parts(text, self.specials, lambda p: self._fragment(p.removeprefix("\ufeff")))
 
     def _fragment(self, text: str) -> list[int]:
         n = len(text)

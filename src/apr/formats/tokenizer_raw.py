@@ -24,7 +24,7 @@ from typing import Final
 
 from apr.formats.tokenizer_bpe import BYTE_CHARS
 from apr.formats.tokenizer_merge import MergeBpe, byte_token_fallback
-from apr.formats.tokenizer_special import BYTE, NORMAL, SPECIAL, USER_DEFINED, SpecialToken, partition
+from apr.formats.tokenizer_special import BYTE, NORMAL, SPECIAL, USER_DEFINED, SpecialToken, encode_parts
 
 ESCAPED_SPACE: Final = "\u2581"
 
@@ -88,10 +88,7 @@ class RawBpe:
         )
 
     def encode(self, text: str) -> list[int]:
-        out: list[int] = []
-        for p in partition(text, self.specials):
-            out += [p] if isinstance(p, int) else self.encode_words(self.escape(p))
-        return out
+        return encode_parts(text, self.specials, lambda p: self.encode_words(self.escape(p)))
 
     def escape(self, fragment: str) -> str:
         return fragment.replace(" ", ESCAPED_SPACE) if self.pre.escape_whitespaces else fragment

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from apr.errors import FormatError
-from apr.formats.tokenizer_special import SpecialToken, partition
+from apr.formats.tokenizer_special import SpecialToken, encode_parts
 
 PREFIX_CAP: Final = 24  # the token prefixes kept, in bytes (memory stays linear in the vocab's size)
 
@@ -60,13 +60,7 @@ class RwkvModel:
         self.specials, self.unk_id = specials, unk_id
 
     def encode(self, text: str) -> list[int]:
-        out: list[int] = []
-        for p in partition(text, self.specials):
-            if isinstance(p, int):
-                out.append(p)
-            else:
-                out += self._bytes(p.encode())
-        return out
+        return encode_parts(text, self.specials, lambda p: self._bytes(p.encode()))
 
     def _bytes(self, data: bytes) -> list[int]:
         ids, prefixes, out = self.ids, self.prefixes, []

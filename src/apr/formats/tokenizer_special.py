@@ -159,6 +159,19 @@ def special_tokens(
 Piece = str | int  # text still to tokenize, or a special token's id
 
 
+def encode_parts(
+    text: str, specials: Sequence[SpecialToken], fragment: Callable[[str], list[int]]
+) -> list[int]:
+    """The ids of `text`: each special token in it as its id, each stretch between them through `fragment`."""
+    out: list[int] = []
+    for p in partition(text, specials):
+        if isinstance(p, int):
+            out.append(p)
+        else:
+            out += fragment(p)
+    return out
+
+
 def partition(text: str, specials: Sequence[SpecialToken]) -> list[Piece]:
     """`text` cut at the special tokens, as llama.cpp's tokenizer_st_partition (parse_special=true)."""
     pieces: list[Piece] = [text] if text else []
