@@ -9,9 +9,9 @@ runs with a forward pre-hook on each `model.model.layers[i]` given an input that
 argument by that input, and a forward hook that stops the pass once the last of them has returned. So the
 position ids, the rotary embeddings (local and global), the causal / sliding-window mask and any per-layer-
 type choice are built exactly as the model builds them for a normal pass (nothing re-derived here), and the
-stages are tapped by the transformers runtime's own hooks (runtimes/transformers.py `tapped`). Layers without
-a given input run as usual and their stages are dropped. Since every given layer's input is replaced, one
-pass isolates all of them: what layer i hands on is overwritten before layer i + 1 sees it.
+stages are tapped by the transformers runtime's own hooks (runtimes/transformers_capture.py `tapped`).
+Layers without a given input run as usual and their stages are dropped. Since every given layer's input is
+replaced, one pass isolates all of them: what layer i hands on is overwritten before layer i + 1 sees it.
 
 The input ids only fix the sequence length here (a replaced layer never sees their embedding).
 """
@@ -30,7 +30,8 @@ from apr.errors import InferenceError, ValidationError
 from apr.models.base import HookMap
 from apr.models.common import LLAMA_LAYER_HOOKS
 from apr.runtimes.base import Array, check_token_ids
-from apr.runtimes.transformers import open_transformers, tapped
+from apr.runtimes.transformers import open_transformers
+from apr.runtimes.transformers_capture import tapped
 from apr.stages import StageId, Tap
 
 
