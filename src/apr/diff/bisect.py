@@ -31,8 +31,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from apr.diff.compare import StageDiff, Tolerance, TraceDiff, diff_traces, require_compared
-from apr.diff.growth import GrowthReport, GrowthRow, ToleranceModel, analyze, classify
+from apr.diff.compare import Tolerance, TraceDiff, diff_traces, require_compared
+from apr.diff.growth import GrowthReport, ToleranceModel, analyze, classify
 from apr.diff.isolate import IsolatedRow, check_isolate, isolate_layers
 from apr.diff.logits import LogitAgreement, compare_logits
 from apr.diff.stats import StatsDiff, diff_stats, stats_errors
@@ -372,30 +372,3 @@ def _logits(a: Trace, b: Trace) -> LogitAgreement | None:
 def _decode(side: PreparedTrace | Trace, ids: list[int]) -> list[str]:
     tok = side.tokenizer if isinstance(side, PreparedTrace) else None
     return [tok.decode([i]) for i in ids] if tok is not None else []
-
-
-@dataclass(frozen=True, slots=True)
-class LayerRow:
-    layer: int
-    output: GrowthRow | None  # the layer output (post_ffn_residual)
-    worst: GrowthRow  # the stage of this layer with the largest error
-    jumps: int
-
-
-def layer_summary(r: BisectResult) -> list[LayerRow]:
-    """One row per decoder layer: its output error, its worst stage, how many of its stages jump."""
-    by_layer: dict[int, list[GrowthRow]] = {}
-    for row in r.growth.rows:
-        if row.diff.sid.layer is not None:
-            by_layer.setdefault(row.diff.sid.layer, []).append(row)
-    out = []
-    for layer, rows in sorted(by_layer.items()):
-        output = next((x for x in rows if x.diff.sid.stage is Stage.POST_FFN_RESIDUAL), None)
-        worst = max(rows, key=lambda x: x.error)
-        out.append(LayerRow(layer, output, worst, sum(x.jump for x in rows)))
-    return out
-
-
-def first_beyond_cosine(r: BisectResult) -> StageDiff | None:
-    """aprender's rule of thumb (cosine < 0.999 by default), for information next to the growth verdict."""
-    return r.diff.first_divergence

@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,13 +32,13 @@ from apr.formats import open_checkpoint
 from apr.formats.base import Checkpoint, ConfigSource, F32Array, TensorInfo, TokenizerSpec
 from apr.models.base import OPTIONAL, REQUIRED, Family, StageNode, TensorRole, Variant
 from apr.models.config import ModelConfig
+from apr.models.expert_stacks import EXPERTS, stack_experts
 from apr.models.params import GGUF_HARMLESS, gguf_consistency, read_params
 from apr.models.registry import families, find_family
 from apr.quant import row_nbytes
 from apr.stages import Stage
 
 Mapped = list[tuple[str, tuple[int | None, str]]]  # (role template, (layer, file tensor name))
-EXPERTS: Final = "*"  # the expert index in the name of a stacked per-expert tensor
 
 
 @dataclass
@@ -175,7 +175,7 @@ def resolve(ckpt: Checkpoint, *, runtime_only: bool = False) -> Model:
             f"{where}: {values['n_layers']} layers, but the file holds only {len(tensors)} tensors"
         )
     provisional = ModelConfig(architecture=variant.name, vocab_size=1, **values)
-    by_file = _stack_experts(family.roles(provisional), provisional, tensors, where)
+    by_file = stack_experts(family.roles(provisional), provisional, tensors, where)
     mapped = _map_names(family.roles(provisional), provisional.n_layers, by_file, source.kind)
     present = frozenset(role for role, _ in mapped)
     cfg = family.finish(variant, source, values, present, where)
@@ -236,46 +236,6 @@ def _spellings(role: TensorRole, layer: int | None, kind: str) -> tuple[str, ...
     gguf = role.gguf.format(i=layer) if role.gguf else canon
     hf = tuple(t.format(i=layer, e=EXPERTS) for t in (role.hf, role.hf_alt) if t)
     return {"gguf": (gguf,), "hf": hf, "apr": (canon, gguf, *hf)}[kind]
-
-
-def _stack_experts(
-    roles: tuple[TensorRole, ...], cfg: ModelConfig, by_file: dict[str, TensorInfo], where: str
-) -> dict[str, TensorInfo]:
-    """`by_file` with each layer's per-expert tensors of a role spelled with `{e}` (HF: experts.{e}.w1)
-    replaced by one stacked TensorInfo (E, out, in), named with `*` for the expert, at the first's place."""
-    stacks: dict[str, TensorInfo] = {}
-    for template in (t for r in roles for t in (r.hf, r.hf_alt) if "{e}" in t):
-        for layer in range(cfg.n_layers):
-            # one tensor per expert: past the file's tensor count they are all missing anyway
-            names = [template.format(i=layer, e=e) for e in range(min(cfg.n_experts, len(by_file) + 1))]
-            have = [by_file[n] for n in names if n in by_file]
-            if not have:
-                continue
-            if cfg.n_experts > len(by_file):
-                raise FormatError(
-                    f"{where}: {cfg.n_experts} experts, but the file holds only {len(by_file)} tensors"
-                )
-            stacked = template.format(i=layer, e=EXPERTS)
-            if len(have) < len(names):
-                missing = next(n for n in names if n not in by_file)
-                raise ModelLoadError(
-                    f"{where}: tensor {missing} is missing ({len(have)} of {len(names)} experts present)"
-                )
-            if len({(t.qtype, t.shape) for t in have}) > 1:
-                raise FormatError(f"{where}: tensors {stacked} differ in type or shape between experts")
-            first = have[0]
-            nbytes = sum(t.nbytes for t in have)
-            stacks[names[0]] = TensorInfo(
-                stacked, first.qtype, (len(names), *first.shape), first.offset, nbytes, parts=tuple(names)
-            )
-    stacked_parts = {p for t in stacks.values() for p in t.parts}
-    out: dict[str, TensorInfo] = {}
-    for name, info in by_file.items():
-        if name in stacks:
-            out[stacks[name].name] = stacks[name]
-        elif name not in stacked_parts:
-            out[name] = info
-    return out
 
 
 def _map_names(

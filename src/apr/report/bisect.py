@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from apr.diff.bisect import BisectResult, first_beyond_cosine, layer_summary
+from apr.diff.bisect import BisectResult
+from apr.diff.bisect_summary import first_beyond_cosine, layer_summary
 from apr.diff.growth import GrowthRow
 from apr.diff.isolate import isolate_summary
 from apr.report import routing

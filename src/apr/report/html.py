@@ -19,7 +19,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, Final
 
-from apr.diff.bisect import BisectResult, layer_summary
+from apr.diff.bisect import BisectResult
+from apr.diff.bisect_summary import layer_summary
 from apr.diff.growth import GrowthRow
 from apr.diff.isolate import isolate_summary
 from apr.diff.models import ModelDiff
