@@ -7,7 +7,6 @@ extras, imported only when chosen). Every engine reports how it ran (`EngineRun`
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from apr.quant.vecdot_lanes import LANE_TYPES
 from apr.runtimes import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun, run_llamacpp, run_transformers
 from apr.stages import Tap
 from apr.trace.estimate import DiskEstimate, estimate_disk
+from apr.trace.fingerprint import fingerprint
 from apr.trace.manifest import RunInfo
 from apr.trace.plan import TracePlan
 from apr.trace.prompt import Prompt, encode_prompt
@@ -41,7 +41,6 @@ PRECISIONS: Final[dict[str, type[np.floating[Any]]]] = {
     "f64": np.float64,
     PRECISION_GGML: np.float32,
 }
-HASH_CHUNK: Final = 8 << 20
 # the KV cache's element type: f32, or f16 as llama.cpp stores it by default (reference and llama.cpp engines)
 KV_TYPES: Final = ("f32", "f16")
 KV_F16: Final = "f16"
@@ -171,20 +170,6 @@ def engine_fn(opt: TraceOptions) -> EngineFn:
     if opt.kv_type not in KV_TYPES:
         raise ValidationError(f"unknown KV cache type {opt.kv_type!r} (choose from {', '.join(KV_TYPES)})")
     return ENGINES[opt.engine]
-
-
-def fingerprint(path: Path) -> tuple[str, int]:
-    """sha256 and size of a model file; for a folder, of its files (name + content) in name order."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    h, total = hashlib.sha256(), 0
-    for f in files:
-        if path.is_dir():
-            h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            while chunk := fh.read(HASH_CHUNK):
-                h.update(chunk)
-                total += len(chunk)
-    return h.hexdigest(), total
 
 
 @dataclass
