@@ -102,7 +102,7 @@ def test_a_folder_is_hashed_by_name_and_content_and_a_new_file_misses(tmp_path: 
         b"not json",
         b'{"schema": "something else", "entries": {}}',
         b'{"schema": "apr-fingerprints/1", "entries": []}',
-        b'{"schema": "apr-fingerprints/1", "entries": {"/x": {"files": [["", 1]], "sha256": "00", "bytes": 1}}}',
+        b'{"schema":"apr-fingerprints/1","entries":{"/x":{"files":[["",1]],"sha256":"0","bytes":1}}}',
         b"\xff\xfe",
         b"",
     ],
