@@ -18,7 +18,6 @@ from apr.formats.base import TokenizerSpec
 from apr.formats.gguf_parse import FLOAT_TYPES, INT_TYPES, Field, ValueType
 from apr.formats.gguf_strings import StringArray
 from apr.formats.tokenizer_pre import ADD_BOS_BY_DEFAULT
-from apr.formats.tokenizer_raw import ALWAYS_BOS, GEMMA4_MODEL
 
 # ---- metadata keys ------------------------------------------------------------------------------
 ARCH: Final = "general.architecture"
@@ -176,6 +175,8 @@ def tokenizer_spec(m: Metadata) -> TokenizerSpec | None:
         return v
 
     def flag(key: str) -> bool:
+        from apr.formats.tokenizer_raw import ALWAYS_BOS, GEMMA4_MODEL  # loads the tokenizers: on demand
+
         v = m.flag(key)
         bpe = model in ("gpt2", "whitespace")
         gemma4 = model == GEMMA4_MODEL or (bpe and m.text(TOKENIZER_PRE) in ALWAYS_BOS)

@@ -7,10 +7,12 @@ explains every error after it. Pure functions; nothing is recomputed here.
 from __future__ import annotations
 
 import html
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from apr.diff.router import LayerRouting, PositionRouting, RouterDivergence
 from apr.report.numfmt import json_float, short
+
+if TYPE_CHECKING:  # annotations only: `apr --version` and `--help` do not import numpy
+    from apr.diff.router import LayerRouting, PositionRouting, RouterDivergence
 
 SHOWN_POSITIONS: Final = 8  # per layer, in text and HTML; JSON lists them all
 

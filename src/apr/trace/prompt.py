@@ -14,14 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from apr.errors import AprIOError, FormatError, NotFoundError, ValidationError
 from apr.formats.base import TokenizerSpec
-from apr.formats.chat import chat_messages, render_chat, template_tokens
-from apr.formats.tokenizer import Tokenizer, build_tokenizer
 from apr.models import Model
 from apr.runtimes.base import check_token_ids
+
+if TYPE_CHECKING:  # the tokenizers (and the `tokenizers` package) load when a prompt is text
+    from apr.formats.tokenizer import Tokenizer
 
 DEFAULT_MAX_TOKENS: Final = 32768  # attn_scores alone is heads × T² floats: 4 GiB per head here
 MAX_CHARS_PER_TOKEN: Final = 64  # no tokenizer packs more into one token; longer text is refused untokenized
@@ -122,6 +123,8 @@ def _encode(prompt: Prompt, model: Model) -> Encoded:
             f"{model.path}: the model has no tokenizer; cannot trace without proper tokenization "
             "(give token ids with --tokens, or re-import with: apr import <source>.gguf -o <output>.apr)"
         )
+    from apr.formats.tokenizer import build_tokenizer
+
     tok = build_tokenizer(spec)
     if not prompt.chat:
         return Encoded(_nonempty(tok.encode(prompt.text), prompt.text), tok)
@@ -135,6 +138,8 @@ def _render(spec: TokenizerSpec, model: Model, text: str, system: str | None) ->
             f"{model.path}: the model has no chat template (GGUF tokenizer.chat_template, HF "
             "chat_template.jinja or tokenizer_config.json chat_template), so --chat cannot apply one"
         )
+    from apr.formats.chat import chat_messages, render_chat, template_tokens
+
     return render_chat(spec.chat_template, chat_messages(text, system), template_tokens(spec))
 
 

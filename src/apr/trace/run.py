@@ -11,7 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -19,7 +19,6 @@ import numpy.typing as npt
 from apr.engine.weights import Weights
 from apr.errors import ValidationError
 from apr.formats.config import QKLayout
-from apr.formats.tokenizer import Tokenizer
 from apr.models import Model, open_model
 from apr.models.generic import NAME as GENERIC
 from apr.quant.vecdot import VEC_DOT_TYPE
@@ -33,6 +32,9 @@ from apr.trace.plan import TracePlan
 from apr.trace.prompt import Prompt, encode_prompt
 from apr.trace.writer import TraceResult, TraceWriter
 from apr.version import __version__
+
+if TYPE_CHECKING:  # built only for a text prompt (apr.trace.prompt)
+    from apr.formats.tokenizer import Tokenizer
 
 # ggml: f32, with every matmul done as ggml-cpu does it (apr.quant.vecdot; reference engine only)
 PRECISION_GGML: Final = "ggml"
