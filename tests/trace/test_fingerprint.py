@@ -105,6 +105,8 @@ def test_a_folder_is_hashed_by_name_and_content_and_a_new_file_misses(tmp_path: 
         b'{"schema":"apr-fingerprints/1","entries":{"/x":{"files":[["",1]],"sha256":"0","bytes":1}}}',
         b"\xff\xfe",
         b"",
+        b"[" * 200_000 + b"]" * 200_000,  # nested past the interpreter's recursion limit
+        b'{"schema":"apr-fingerprints/1","entries":{}}' + b" " * (2 << 20),  # larger than a cache
     ],
 )
 def test_a_cache_file_apr_did_not_write_is_ignored_and_replaced(
@@ -154,3 +156,11 @@ def test_the_cache_keeps_the_most_recently_used(
     fp.fingerprint(paths[0])  # used again: now the most recent
     fp.fingerprint(paths[3])
     assert list(entries(cache)) == [str(paths[2]), str(paths[0]), str(paths[3])]
+
+
+def test_a_fifo_where_the_cache_belongs_is_not_opened(tmp_path: Path, cache: Path) -> None:
+    """Opening a FIFO for reading blocks until a writer comes: apr must not hang on one."""
+    cache.parent.mkdir(parents=True)
+    os.mkfifo(cache)
+    path = model(tmp_path)
+    assert fp.fingerprint(path) == (sha(path.read_bytes()), path.stat().st_size)

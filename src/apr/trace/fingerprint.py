@@ -21,9 +21,13 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Final
+
+from apr.errors import AprError
+from apr.formats.files import read_regular
 
 HASH_CHUNK: Final = 8 << 20
 CACHE_ENV: Final = "APR_CACHE"
@@ -97,10 +101,9 @@ def _keys(path: Path, files: list[Path]) -> list[FileKey]:
 
 def _load(store: Path) -> dict[str, dict[str, Any]]:
     """The cached entries (path → entry), in least- to most-recently-used order; {} for anything else."""
-    try:
-        with store.open("rb") as f:
-            data = json.loads(f.read(MAX_CACHE_BYTES + 1) or b"null")
-    except (OSError, ValueError):
+    try:  # a regular file only: a FIFO planted there would hang the open
+        data = json.loads(read_regular(store, MAX_CACHE_BYTES) or b"null")
+    except (AprError, ValueError, RecursionError):  # RecursionError: JSON nested past Python's stack
         return {}
     if not isinstance(data, dict) or data.get("schema") != CACHE_SCHEMA:
         return {}
@@ -127,7 +130,7 @@ def _save(store: Path, entries: dict[str, dict[str, Any]], where: str, entry: di
     entries[where] = entry  # last: the most recently used
     kept = dict(list(entries.items())[-MAX_ENTRIES:])
     data = json.dumps({"schema": CACHE_SCHEMA, "entries": kept}, separators=(",", ":")).encode()
-    tmp = store.with_name(f".{store.name}.{os.getpid()}.tmp")
+    tmp = store.with_name(f".{store.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(data)
