@@ -245,4 +245,5 @@ def cli() -> None:
     · 4 invalid file format · 5 validation failed · 6 model load failed · 7 I/O error
     · 8 inference failed · 9 optional extra not installed · 70 internal error
     · 130 interrupted (SIGINT, SIGTERM)
+    Environment: APR_CACHE — where models' sha256 are cached (default ~/.cache/apr; "off": hash every time)
     """
