@@ -20,9 +20,8 @@ DEFAULT_LIMIT: Final = 64 << 20  # bytes queued at most
 
 class BackgroundJobs:
     """Wake-ups are counted: a thread is notified only when it waits for exactly that (the file thread for
-    work, a submitter for room, a drain for the end), and the file thread takes every queued job at once.
-    Notifying on every job made each of a 7-token trace's ~480 files a GIL hand-off between the threads
-    (0.34 ms a file against 0.07 ms for the system calls)."""
+    work, a submitter for room, a drain for the end), and the file thread takes every queued job at once,
+    so ~480 stage files are not ~480 wake-ups of a sleeping thread (a 1-2 % gain at 7 tokens, measured)."""
 
     def __init__(self, limit: int = DEFAULT_LIMIT, name: str = "apr-writer") -> None:
         self._limit = limit
