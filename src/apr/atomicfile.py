@@ -13,10 +13,13 @@ import signal
 import tempfile
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, TypeVar
 
 from apr.errors import AprIOError
+
+T = TypeVar("T")
 
 
 def _current_umask() -> int:
@@ -104,6 +107,17 @@ def held_signals() -> Iterator[None]:
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
         for n in dict.fromkeys(caught):
             signal.raise_signal(n)
+
+
+def held_result(future: Future[T], poll: float = 0.1) -> T:
+    """`future.result()`, waited for in `poll`-second slices with signals held (held_signals): a Ctrl-C
+    never lands inside the future's lock, and is still acted on within `poll` seconds."""
+    while True:
+        with held_signals():
+            try:
+                return future.result(timeout=poll)
+            except TimeoutError:
+                pass
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from apr.atomicfile import held_result
 from apr.engine.weights import Weights
 from apr.errors import ValidationError
 from apr.formats.config import QKLayout
@@ -240,7 +241,7 @@ class PreparedTrace:
             digest = pool.submit(fingerprint, self.path)
             eng = run_engine(self.path, self.model, self.token_ids, writer, opt)
             # the manifest records how the engine actually ran, and which model bytes it ran on
-            writer.run = self.run_info(eng, opt, *digest.result())
+            writer.run = self.run_info(eng, opt, *held_result(digest))
         return TraceOutcome(writer.result, writer.run, eng)
 
 
