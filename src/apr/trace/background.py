@@ -11,8 +11,8 @@ The caller's side runs with SIGINT and SIGTERM held (apr.atomicfile.held_signals
 that lands inside threading's Condition code — after `__enter__` took the lock but before the `with`
 block began, say — leaves the lock taken, and `close` then waited forever for a thread that could never
 wake (`apr trace` hung at exit after a Ctrl-C; 29 of 60 interrupted rounds in
-tests/trace/test_background.py's stress before this). A held signal is delivered as the call returns, at
-most one job's write later.
+tests/trace/test_background.py's stress before this). A held signal is delivered as the call returns:
+after at most the queued writes (≤ `limit` bytes, plus one stage larger than that).
 """
 
 from __future__ import annotations
