@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from apr.atomicfile import held_result
+from apr.atomicfile import held_result, held_signals
 from apr.engine.weights import Weights
 from apr.errors import ValidationError
 from apr.formats.config import QKLayout
@@ -238,7 +238,8 @@ class PreparedTrace:
         writer = TraceWriter(out_dir, plan, self.run_info(base, opt))
         # hashing the model (seconds for a 7B file) overlaps the forward pass: hashlib releases the GIL
         with writer, ThreadPoolExecutor(1, thread_name_prefix="apr-sha256") as pool:
-            digest = pool.submit(fingerprint, self.path)
+            with held_signals():  # not inside the executor's locks: its shutdown would wait on them
+                digest = pool.submit(fingerprint, self.path)
             eng = run_engine(self.path, self.model, self.token_ids, writer, opt)
             # the manifest records how the engine actually ran, and which model bytes it ran on
             writer.run = self.run_info(eng, opt, *held_result(digest))
