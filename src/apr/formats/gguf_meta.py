@@ -158,6 +158,8 @@ def tokenizer_spec(m: Metadata) -> TokenizerSpec | None:
     A SentencePiece vocab gets llama.cpp's defaults for the keys it leaves out (`SPM_DEFAULTS`); as in
     llama.cpp, a BOS / EOS / FIM id outside the vocab counts as not given.
     """
+    from apr.formats.tokenizer_raw import ALWAYS_BOS, GEMMA4_MODEL  # imports `tokenizers`: only when asked
+
     model = m.text(TOKENIZER_MODEL)
     if model is None:
         return None
@@ -175,8 +177,6 @@ def tokenizer_spec(m: Metadata) -> TokenizerSpec | None:
         return v
 
     def flag(key: str) -> bool:
-        from apr.formats.tokenizer_raw import ALWAYS_BOS, GEMMA4_MODEL  # loads the tokenizers: on demand
-
         v = m.flag(key)
         bpe = model in ("gpt2", "whitespace")
         gemma4 = model == GEMMA4_MODEL or (bpe and m.text(TOKENIZER_PRE) in ALWAYS_BOS)

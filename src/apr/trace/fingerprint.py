@@ -11,8 +11,8 @@ hashed has a new key — as long as the change is later than the timestamp's gra
 "racy" index entries, a hash is cached only when every file's ctime was at least RACY_NS old when hashing
 began and every key is the same after hashing as before (nothing changed under the hash). A cache file
 that is not what apr writes, or that cannot be read or written, is ignored: the model is hashed as if there
-were no cache. Writes are atomic (a temporary file renamed over it); concurrent runs may each write, and
-the last one wins, which loses at most a cache entry, never gives a wrong one.
+were no cache. Writes are atomic (apr.atomicfile: a temporary file renamed over it); concurrent runs may
+each write, and the last one wins, which loses at most a cache entry, never gives a wrong one.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import contextlib
 import hashlib
 import json
 import os
-import threading
 import time
 from pathlib import Path
 from typing import Any, Final
 
+from apr.atomicfile import write_bytes_atomic
 from apr.errors import AprError
 from apr.formats.files import read_regular
 
@@ -79,9 +79,9 @@ def fingerprint(path: Path) -> tuple[str, int]:
 
 
 def _hash(path: Path, files: list[Path]) -> tuple[str, int]:
-    h, total = hashlib.sha256(), 0
+    h, total, folder = hashlib.sha256(), 0, path.is_dir()
     for f in files:
-        if path.is_dir():
+        if folder:
             h.update(f.relative_to(path).as_posix().encode() + b"\0")
         with f.open("rb") as fh:
             while chunk := fh.read(HASH_CHUNK):
@@ -92,9 +92,10 @@ def _hash(path: Path, files: list[Path]) -> tuple[str, int]:
 
 def _keys(path: Path, files: list[Path]) -> list[FileKey]:
     out: list[FileKey] = []
+    folder = path.is_dir()
     for f in files:
         st = f.stat()
-        rel = f.relative_to(path).as_posix() if path.is_dir() else ""
+        rel = f.relative_to(path).as_posix() if folder else ""
         out.append([rel, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     return out
 
@@ -130,11 +131,5 @@ def _save(store: Path, entries: dict[str, dict[str, Any]], where: str, entry: di
     entries[where] = entry  # last: the most recently used
     kept = dict(list(entries.items())[-MAX_ENTRIES:])
     data = json.dumps({"schema": CACHE_SCHEMA, "entries": kept}, separators=(",", ":")).encode()
-    tmp = store.with_name(f".{store.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        store.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
-        os.replace(tmp, store)
-    except OSError:  # a read-only or full cache directory: no caching
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    with contextlib.suppress(AprError):  # a read-only or full cache directory: no caching
+        write_bytes_atomic(store, data)
