@@ -5,7 +5,9 @@
 For each type: ≥ `mb` MB of random blocks (rows of 4096 elements) whose f16 scale fields are replaced by
 finite, normal values (IQ1_M's f16 split over four nibbles and MXFP4's E8M0 exponents likewise, so
 neither side spends its time in NaN/denormal arithmetic), the best of
-`repeat` timed runs for each implementation, alternating, and MB/s of *input* bytes. `rows()` returns
+`repeat` timed runs for each implementation, alternating, and MB/s of *input* bytes. apr runs on its
+whole-tensor thread count (`default_threads()`, what `apr import/export/convert` use) and, in its own
+column, on one thread; gguf-py is single-threaded numpy. `rows()` returns
 the table for bench/run.py; gguf-py is optional (its columns are then empty).
 """
 
@@ -20,6 +22,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from apr.cpus import default_threads
 from apr.quant import DEQUANT_TYPES, QuantType, dequantize
 from apr.quant.types import QUANT_LAYOUT
 
@@ -66,7 +69,8 @@ FLOAT_TYPES: Final = {QuantType.F16: "<f2", QuantType.F32: "<f4", QuantType.F64:
 class Row:
     qtype: str
     mbytes: float  # input size
-    apr_mbs: float
+    apr_mbs: float  # on `threads` threads
+    apr1_mbs: float  # on one
     gguf_mbs: float | None  # None: gguf-py has no dequantizer for this type (or is not installed)
 
     @property
@@ -135,7 +139,11 @@ def bench_type(qtype: QuantType, mb: float, repeat: int, seed: int = 0) -> Row:
     """Best-of-`repeat` MB/s for apr and gguf-py on the same ≥ `mb` MB, runs alternating."""
     raw = sample(qtype, mb, np.random.default_rng(seed))
     shape = _shape(qtype, raw)
-    sides: list[Callable[[], object]] = [lambda: dequantize(raw, qtype, shape)]
+    threads = default_threads()
+    sides: list[Callable[[], object]] = [
+        lambda: dequantize(raw, qtype, shape, threads),
+        lambda: dequantize(raw, qtype, shape, 1),
+    ]
     theirs = _gguf_dequantizer(qtype)
     if theirs is not None:
         sides.append(lambda: theirs(raw))
@@ -146,7 +154,7 @@ def bench_type(qtype: QuantType, mb: float, repeat: int, seed: int = 0) -> Row:
         for _ in range(repeat):  # alternate, so both see the same machine load
             best = [min(b, _seconds(side)) for b, side in zip(best, sides, strict=True)]
     mbytes = raw.nbytes / 1e6
-    return Row(qtype.name, mbytes, mbytes / best[0], mbytes / best[1] if theirs else None)
+    return Row(qtype.name, mbytes, mbytes / best[0], mbytes / best[1], mbytes / best[2] if theirs else None)
 
 
 def _shape(qtype: QuantType, raw: npt.NDArray[np.uint8]) -> tuple[int, ...]:
@@ -161,12 +169,19 @@ def rows(mb: float = 8.0, repeat: int = 5, types: Collection[QuantType] = DEQUAN
 
 
 def render(table: list[Row]) -> str:
-    lines = [f"{'type':8} {'MB':>6} {'apr MB/s':>10} {'gguf MB/s':>10} {'ratio':>7} {'target':>7}"]
+    head = (
+        f"{'type':8} {'MB':>6} {'apr MB/s':>10} {'1 thread':>10} {'gguf MB/s':>10} {'ratio':>7} {'target':>7}"
+    )
+    lines = [head]
     for r in table:
         gguf = "—" if r.gguf_mbs is None else f"{r.gguf_mbs:10.0f}"
         ratio = "—" if r.ratio is None else f"{r.ratio:6.2f}×"
         target = "—" if r.ratio is None or r.qtype == "F32" else _verdict(r.ratio, _target(r.qtype))
-        lines.append(f"{r.qtype:8} {r.mbytes:6.1f} {r.apr_mbs:10.0f} {gguf:>10} {ratio:>7} {target:>7}")
+        one = f"{r.apr1_mbs:10.0f}"
+        lines.append(f"{r.qtype:8} {r.mbytes:6.1f} {r.apr_mbs:10.0f} {one} {gguf:>10} {ratio:>7} {target:>7}")
+    lines.append(
+        f"apr on {default_threads()} threads (1 thread: its own column); gguf-py on one. Ratio: apr / gguf."
+    )
     lines.append("F32 is a zero-copy view on both sides: its times are per-call overhead, a few µs.")
     return "\n".join(lines)
 

@@ -50,7 +50,7 @@ import synth  # noqa: E402  (bench/synth.py)
 import tokenizer as tokenizer_bench  # noqa: E402  (bench/tokenizer.py)
 from tests.fixtures import models  # noqa: E402
 
-from apr.engine.weights import default_threads  # noqa: E402
+from apr.cpus import default_threads  # noqa: E402
 from apr.quant import QuantType  # noqa: E402
 from apr.stages import Stage, StageId  # noqa: E402
 from apr.trace.fingerprint import fingerprint  # noqa: E402
@@ -200,7 +200,7 @@ def dequant_rows(mb: float, repeat: int) -> list[Row]:
     rows = []
     for r in fresh_dequant_table(mb, repeat):
         qtype = QuantType[r.qtype]
-        row = Row(f"dequantize {r.qtype}", "MB/s in", f"{r.apr_mbs:.0f}", "—")
+        row = Row(f"dequantize {r.qtype}", "MB/s in", f"{r.apr_mbs:.0f} ({r.apr1_mbs:.0f} on 1 thread)", "—")
         if qtype is QuantType.F32:  # a zero-copy view on both sides: the times are call overhead
             row = Row(row.what, row.unit, "view", "view gguf", "", "", "n/a")
         elif r.ratio is not None:

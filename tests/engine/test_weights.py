@@ -62,7 +62,7 @@ def test_blas_threads_are_restored_and_errors_stop_every_thread(
     calls = []
     real = weights_module.dequantize
 
-    def failing(*args: object) -> np.ndarray:
+    def failing(*args: object, **kwargs: object) -> np.ndarray:
         calls.append(1)
         if len(calls) == 3:
             raise UnsupportedQuantError("boom")

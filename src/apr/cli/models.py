@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec
 
 import click
 
@@ -10,8 +13,10 @@ from apr.cli.app import cli, path_arg, path_type, show
 from apr.convert.export import DTYPES, export_safetensors
 from apr.convert.gguf_export import GGUF_TYPES, export_gguf
 from apr.convert.importer import QUANTIZE_TARGETS, convert_apr, import_gguf
+from apr.cpus import default_threads
 from apr.models import open_model
 from apr.models.summary import summarize
+from apr.quant import parallel_dequant
 from apr.report import inspect as inspect_report
 from apr.report import json as jsonr
 from apr.report import text
@@ -19,6 +24,18 @@ from apr.report import text
 QUANTIZE_CHOICE = click.Choice(list(QUANTIZE_TARGETS), case_sensitive=False)
 CONVERT_CHOICE = click.Choice(list(dict.fromkeys([*QUANTIZE_TARGETS, *GGUF_TYPES])), case_sensitive=False)
 EXPORT_DTYPES = list(dict.fromkeys([*DTYPES, *GGUF_TYPES]))
+P = ParamSpec("P")
+
+
+def whole_tensors(command: Callable[P, None]) -> Callable[P, None]:
+    """A command that dequantizes whole tensors: each shared among the CPUs (`apr.quant.parallel_dequant`)."""
+
+    @functools.wraps(command)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        with parallel_dequant(default_threads()):
+            command(*args, **kwargs)
+
+    return run
 
 
 @cli.command()
@@ -52,6 +69,7 @@ def inspect(model: Path, no_tensors: bool, verify: bool) -> None:
     help="Requantize 2-D weights (default: keep F32/F16/BF16/Q4_K/Q6_K bytes, others as exact F32).",
 )
 @click.option("-v", "--verbose", is_flag=True, help="List every converted tensor.")
+@whole_tensors
 def import_(source: Path, output: Path | None, quantize: str | None, verbose: bool) -> None:
     """Convert a GGUF model to aprender's .apr v2 (names, config, tokenizer, tied embeddings).
 
@@ -73,6 +91,7 @@ def import_(source: Path, output: Path | None, quantize: str | None, verbose: bo
     ".gguf output also takes f32, f16, bf16.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="List every converted tensor.")
+@whole_tensors
 def convert(file: Path, output: Path, quantize: str, verbose: bool) -> None:
     """Requantize a model: .apr → .apr, or any model → .gguf (what `export --format gguf` writes).
 
@@ -101,6 +120,7 @@ def convert(file: Path, output: Path, quantize: str, verbose: bool) -> None:
     show_default=True,
     help="safetensors: f32, f16; gguf: every choice (1-D tensors stay F32).",
 )
+@whole_tensors
 def export(model: Path, output: Path, fmt: str, dtype: str) -> None:
     """Write MODEL (.gguf, HF folder, .apr) as a Hugging Face folder or as a GGUF llama.cpp runs.
 

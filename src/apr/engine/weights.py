@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.atomicfile import held_signals
+from apr.cpus import default_threads
 from apr.errors import InferenceError, ModelLoadError, ValidationError
 from apr.formats import names
 from apr.formats.base import F32Array, TensorInfo
@@ -50,7 +50,6 @@ Array = npt.NDArray[Any]
 ROW_BLOCK_ELEMS: Final = 1 << 20
 ELEMENTWISE_MIN: Final = 1 << 16  # values per piece of `elementwise` at least (smaller ones run in one call)
 ELEMENTWISE_PIECES: Final = 8  # pieces of a larger one, shared by however many threads there are
-MAX_THREADS: Final = 4  # numpy's per-call overhead holds the GIL; more threads stop paying
 
 
 class TensorSource(Protocol):
@@ -70,12 +69,6 @@ class TensorSource(Protocol):
     def raw(self, name: str) -> npt.NDArray[np.uint8]: ...
 
     def raw_range(self, name: str, start: int, stop: int) -> npt.NDArray[np.uint8]: ...
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on, at most MAX_THREADS."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_THREADS, cpus))
 
 
 class Weights:
@@ -245,7 +238,7 @@ class Weights:
 
         def read(r0: int, r1: int) -> Array:
             raw = self.ckpt.raw_range(info.name, (base + r0) * size, (base + r1) * size)  # this block only
-            return dequantize(raw, info.qtype, (r1 - r0, cols)).astype(self.dtype, copy=False)
+            return dequantize(raw, info.qtype, (r1 - r0, cols), threads=1).astype(self.dtype, copy=False)
 
         return read
 

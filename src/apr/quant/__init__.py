@@ -16,6 +16,9 @@ plus argument checks.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Final
 
 import numpy as np
@@ -31,20 +34,32 @@ from apr.quant.quantize import QUANTIZERS
 from apr.quant.quantize import quantize as quantize
 from apr.quant.types import QuantType
 
-__all__ = ["DEQUANT_TYPES", "QUANT_TYPES", "QuantType", "dequantize", "quantize", "row_nbytes"]
+__all__ = [
+    "DEQUANT_TYPES",
+    "QUANT_TYPES",
+    "QuantType",
+    "dequant_threads",
+    "dequantize",
+    "parallel_dequant",
+    "quantize",
+    "row_nbytes",
+]
 
 DEQUANT_TYPES: Final[frozenset[QuantType]] = frozenset(DEQUANTIZERS)
 QUANT_TYPES: Final[frozenset[QuantType]] = frozenset(QUANTIZERS)
 
 
 def dequantize(
-    raw: npt.NDArray[np.uint8], qtype: QuantType, shape: tuple[int, ...]
+    raw: npt.NDArray[np.uint8], qtype: QuantType, shape: tuple[int, ...], threads: int | None = None
 ) -> npt.NDArray[np.float32]:
     """The float32 array of `shape` stored as `raw` (whole rows, row-major) in `qtype`.
 
-    For F32 the result is a view of `raw` (zero-copy; read-only if `raw` is). Raises
-    UnsupportedQuantError for a type without a dequantizer and FormatError when `raw` does not hold
-    exactly the bytes of `shape` or a row is not a whole number of blocks.
+    A block type's blocks are shared among `threads` threads (default: `dequant_threads()`, 1 unless a
+    `with parallel_dequant(k):` block says otherwise); tensors under ~2**19 elements a thread take fewer.
+    The bits never depend on the thread count. For F32 the result is a view of `raw` (zero-copy;
+    read-only if `raw` is). Raises UnsupportedQuantError for a type without a dequantizer and
+    FormatError when `raw` does not hold exactly the bytes of `shape` or a row is not a whole number of
+    blocks.
     """
     codec = _dequantizer(qtype)
     n = math.prod(shape)
@@ -60,7 +75,28 @@ def dequantize(
         raise FormatError(
             f"{qtype.name} tensor of shape {list(shape)} needs {expected} bytes, got {flat.size}"
         )
-    return codec.decode(flat, n).reshape(shape)
+    return codec.decode(flat, n, dequant_threads() if threads is None else max(1, threads)).reshape(shape)
+
+
+_THREADS: Final[ContextVar[int]] = ContextVar("apr_dequant_threads", default=1)
+
+
+def dequant_threads() -> int:
+    """The thread count `dequantize` uses when not told: 1, or what the enclosing `parallel_dequant` set.
+    (A context variable: threads started elsewhere — the engine's own pool — see 1, so the two never
+    multiply.)"""
+    return _THREADS.get()
+
+
+@contextmanager
+def parallel_dequant(threads: int) -> Iterator[None]:
+    """Within the block, `dequantize` shares each large tensor among `threads` threads (whole-tensor
+    reads: import, export, convert; the engine dequantizes row blocks on its own threads instead)."""
+    token = _THREADS.set(max(1, threads))
+    try:
+        yield
+    finally:
+        _THREADS.reset(token)
 
 
 def row_nbytes(qtype: QuantType, cols: int) -> int | None:

@@ -24,18 +24,23 @@ APR_Q8: one f32 scale for the whole tensor, then one int8 per element; `value = 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, partial
+from itertools import pairwise
 from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
+from apr.atomicfile import held_result, held_signals
+from apr.cpus import MAX_THREADS
 from apr.quant.types import QUANT_LAYOUT, QuantType, tensor_nbytes
 
 U8Array = npt.NDArray[np.uint8]
 F32Array = npt.NDArray[np.float32]
-Decode = Callable[[U8Array, int], F32Array]  # (flat stored bytes, element count) -> flat float32
+Decode = Callable[[U8Array, int, int], F32Array]  # (flat stored bytes, element count, threads) -> float32
+PlainDecode = Callable[[U8Array, int], F32Array]  # a type decoded in one pass (no threads)
 Kernel = Callable[[U8Array, F32Array], None]  # ((n, type_size) blocks, (n, block_size) out) -> None
 Scales = tuple[F32Array, ...]  # per-block float32 arrays, first axis the block
 Prepare = Callable[[U8Array], Scales]  # all (n, type_size) blocks of a tensor -> their scales
@@ -51,6 +56,9 @@ SCALED_CHUNK_ELEMS: Final = 1 << 18
 PREPARE_CHUNKS: Final = 16  # chunks per `prepare` call: its scales are still in cache when used
 F16_STEP: Final = 1 << 16  # halves per F16 table gather (its int64 index copy stays in cache)
 APR_Q4_MIN_SCALE: Final = np.float32(6.1e-5)  # aprender's F16_MIN_NORMAL (GH-186), not 2**-14
+# A block type's decode shares its blocks among `threads` threads only when each gets at least this
+# many outputs (handing a smaller range to a thread costs more than it saves).
+THREAD_MIN_ELEMS: Final = 1 << 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,18 +74,20 @@ class Dequantizer:
 DEQUANTIZERS: Final[dict[QuantType, Dequantizer]] = {}
 
 
-def register(
-    qtype: QuantType, row_multiple: int = 1, nbytes: Callable[[int], int] | None = None
-) -> Callable[[Decode], Decode]:
-    """Register `decode` as the dequantizer of `qtype` (sizes from `tensor_nbytes` by default)."""
+def register(qtype: QuantType) -> Callable[[PlainDecode], PlainDecode]:
+    """Register `decode(raw, n)` as the dequantizer of `qtype`, a type decoded in one pass (one thread)."""
 
-    def add(decode: Decode) -> Decode:
-        assert qtype not in DEQUANTIZERS, qtype
-        size = nbytes or partial(tensor_nbytes, qtype)
-        DEQUANTIZERS[qtype] = Dequantizer(qtype, decode, size, row_multiple)
+    def add(decode: PlainDecode) -> PlainDecode:
+        _add(qtype, lambda raw, n, threads: decode(raw, n), 1, None)
         return decode
 
     return add
+
+
+def _add(qtype: QuantType, decode: Decode, row_multiple: int, nbytes: Callable[[int], int] | None) -> None:
+    assert qtype not in DEQUANTIZERS, qtype
+    size = nbytes or partial(tensor_nbytes, qtype)
+    DEQUANTIZERS[qtype] = Dequantizer(qtype, decode, size, row_multiple)
 
 
 def block_kernel(
@@ -92,22 +102,27 @@ def block_kernel(
     layout = QUANT_LAYOUT[qtype]
 
     def add(kernel: Kernel) -> Kernel:
-        def decode(raw: U8Array, n: int) -> F32Array:
+        def decode(raw: U8Array, n: int, threads: int) -> F32Array:
             blocks = raw.reshape(-1, layout.type_size)
             out = np.empty((len(blocks), layout.block_size), np.float32)
             step = max(1, chunk_elems // layout.block_size)
-            with np.errstate(all="ignore"):  # inf * 0 etc. are part of the format's arithmetic
-                for i in range(0, len(blocks), step):
-                    kernel(blocks[i : i + step], out[i : i + step])
+
+            def run(start: int, stop: int) -> None:  # blocks [start, stop), chunk by chunk
+                with np.errstate(all="ignore"):  # inf * 0 etc. are part of the format's arithmetic
+                    for i in range(start, stop, step):
+                        kernel(blocks[i : min(i + step, stop)], out[i : min(i + step, stop)])
+
+            parts = max(1, min(threads, len(blocks) * layout.block_size // THREAD_MIN_ELEMS))
+            share(len(blocks), parts, run)
             return out.reshape(-1)[:n]
 
         def padded_nbytes(n: int) -> int:
             return -(-n // layout.block_size) * layout.type_size
 
         if spans_rows:
-            register(qtype, 1, padded_nbytes)(decode)
+            _add(qtype, decode, 1, padded_nbytes)
         else:
-            register(qtype, layout.block_size)(decode)
+            _add(qtype, decode, layout.block_size, None)
         return kernel
 
     return add
@@ -137,6 +152,31 @@ def scaled_kernel(
         return kernel
 
     return add
+
+
+def share(count: int, parts: int, run: Callable[[int, int], None]) -> None:
+    """run(start, stop) over `parts` contiguous, near-equal ranges of range(count): the first on this
+    thread, the others on the dequantizer's pool (numpy's heavy calls release the GIL). Each block's
+    outputs depend on that block alone, so the bits do not depend on `parts`. Returns when every range
+    is done; a worker's exception is raised here, and a Ctrl-C on this thread still waits for the
+    workers (they stop writing into the output before it is dropped)."""
+    bounds = [count * k // parts for k in range(parts + 1)]
+    if parts <= 1:
+        run(0, count)
+        return
+    with held_signals():
+        helpers = [_pool().submit(run, a, b) for a, b in pairwise(bounds[1:])]
+    try:
+        run(bounds[0], bounds[1])
+    finally:
+        for future in helpers:
+            held_result(future)
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    """The dequantizer's helper threads, made when first needed (the calling thread is one more)."""
+    return ThreadPoolExecutor(MAX_THREADS - 1, thread_name_prefix="apr-dequant")
 
 
 # --- shared pieces of the kernels ------------------------------------------------------------------

@@ -73,7 +73,7 @@ def _decoded(blocks: U8Array, wtype: QuantType, d: U8Array, dmin: U8Array | None
         patched[..., m_at : m_at + 2] = dmin
     rows, nb, _ = blocks.shape
     n = nb * GGML_LAYOUT[wtype].block_size
-    return DEQUANTIZERS[wtype].decode(patched.reshape(-1), rows * n).reshape(rows, n)
+    return DEQUANTIZERS[wtype].decode(patched.reshape(-1), rows * n, 1).reshape(rows, n)
 
 
 def _fma(a: npt.ArrayLike, b: npt.ArrayLike, c: npt.ArrayLike) -> F32Array:

@@ -44,7 +44,7 @@ def integer_weights(raw: npt.NDArray[np.uint8], wtype: QuantType, rows: int) -> 
     if block_minimums(raw, wtype, rows) is not None:
         blocks[..., 2:4] = 0
     n = blocks.shape[1] * QK8
-    q = DEQUANTIZERS[wtype].decode(blocks.reshape(-1), rows * n).reshape(rows, n)
+    q = DEQUANTIZERS[wtype].decode(blocks.reshape(-1), rows * n, 1).reshape(rows, n)
     return q, d
 
 
@@ -57,7 +57,7 @@ def lane_dot(
     if wtype in K_TYPES:
         whole = rows if tensor_rows is None else tensor_rows
         if kernel(wtype, whole, x.q.shape[0]) is None:
-            w = DEQUANTIZERS[wtype].decode(np.asarray(raw, np.uint8).reshape(-1), rows * x.q[0].size)
+            w = DEQUANTIZERS[wtype].decode(np.asarray(raw, np.uint8).reshape(-1), rows * x.q[0].size, 1)
             out: F32Array = w.reshape(rows, -1) @ x.values().T
             return out
         return k_dot(raw, wtype, rows, x.q, x.d, x.bsums, whole)
