@@ -24,17 +24,14 @@ APR_Q8: one f32 scale for the whole tensor, then one int8 per element; `value = 
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, partial
-from itertools import pairwise
 from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
-from apr.atomicfile import held_result, held_signals
-from apr.cpus import MAX_THREADS
+from apr.cpus import share
 from apr.quant.types import QUANT_LAYOUT, QuantType, tensor_nbytes
 
 U8Array = npt.NDArray[np.uint8]
@@ -152,31 +149,6 @@ def scaled_kernel(
         return kernel
 
     return add
-
-
-def share(count: int, parts: int, run: Callable[[int, int], None]) -> None:
-    """run(start, stop) over `parts` contiguous, near-equal ranges of range(count): the first on this
-    thread, the others on the dequantizer's pool (numpy's heavy calls release the GIL). Each block's
-    outputs depend on that block alone, so the bits do not depend on `parts`. Returns when every range
-    is done; a worker's exception is raised here, and a Ctrl-C on this thread still waits for the
-    workers (they stop writing into the output before it is dropped)."""
-    bounds = [count * k // parts for k in range(parts + 1)]
-    if parts <= 1:
-        run(0, count)
-        return
-    with held_signals():
-        helpers = [_pool().submit(run, a, b) for a, b in pairwise(bounds[1:])]
-    try:
-        run(bounds[0], bounds[1])
-    finally:
-        for future in helpers:
-            held_result(future)
-
-
-@cache
-def _pool() -> ThreadPoolExecutor:
-    """The dequantizer's helper threads, made when first needed (the calling thread is one more)."""
-    return ThreadPoolExecutor(MAX_THREADS - 1, thread_name_prefix="apr-dequant")
 
 
 # --- shared pieces of the kernels ------------------------------------------------------------------
