@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     status("SmolLM2 traces")
     rows = trace_rows("SmolLM2-135M Q4_1", smollm2, runs, target=False)
     status("dequantization")
-    rows += dequant_rows(8.0 if args.quick else 16.0, 3 if args.quick else 5)
+    rows += dequant_rows(8.0 if args.quick else 16.0, 3 if args.quick else 10)
     status("open")
     rows += open_rows(smollm2, runs)
     status("tokenizer build")
