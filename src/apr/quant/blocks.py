@@ -205,6 +205,7 @@ def apply_groups(op: np.ufunc, out: F32Array, values: F32Array) -> None:
     a ufunc releases it.
     """
     if out.size:
+        assert out.flags.c_contiguous  # else the reshape below would be a copy, written in vain
         rows = out.reshape(values.size, -1)
         op(rows, values.reshape(-1, 1), out=rows)
 
