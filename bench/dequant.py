@@ -7,7 +7,8 @@ finite, normal values (IQ1_M's f16 split over four nibbles and MXFP4's E8M0 expo
 neither side spends its time in NaN/denormal arithmetic), the best of
 `repeat` timed runs for each implementation, alternating, and MB/s of *input* bytes. apr runs on its
 whole-tensor thread count (`default_threads()`, what `apr import/export/convert` use) and, in its own
-column, on one thread; gguf-py is single-threaded numpy. `rows()` returns
+column, on one thread; gguf-py is single-threaded numpy. Both run under the apr CLI's allocator
+settings (`rows`: without them gguf-py's speed depended on what ran before it). `rows()` returns
 the table for bench/run.py; gguf-py is optional (its columns are then empty).
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.cpus import default_threads
+from apr.entry import keep_freed_memory
 from apr.quant import DEQUANT_TYPES, QuantType, dequantize
 from apr.quant.types import QUANT_LAYOUT
 
@@ -164,7 +166,16 @@ def _shape(qtype: QuantType, raw: npt.NDArray[np.uint8]) -> tuple[int, ...]:
 
 
 def rows(mb: float = 8.0, repeat: int = 5, types: Collection[QuantType] = DEQUANT_TYPES) -> list[Row]:
-    """The benchmark table, one row per dequantizable type (ordered by type id)."""
+    """The benchmark table, one row per dequantizable type (ordered by type id), measured under the
+    allocator settings the apr CLI runs with (`keep_freed_memory`): for both sides, and set first.
+
+    Without them the figures depended on what had run before in the process. gguf-py dequantizes 16
+    rows at a time, through temporaries of a few hundred KiB; glibc serves those with a fresh mmap each
+    (page faults, zeroing) until some larger block has been freed and its dynamic threshold has risen
+    past them. Its Q8_0 ran at 290–420 MB/s as the first type of a process and at 790–970 after the
+    legacy types (the same bytes, 2026-12-02).
+    """
+    keep_freed_memory()
     return [bench_type(q, mb, repeat) for q in sorted(types)]
 
 
