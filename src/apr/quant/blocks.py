@@ -197,12 +197,12 @@ def scale_groups(out: F32Array, scale: F32Array) -> None:
 def apply_groups(op: np.ufunc, out: F32Array, values: F32Array) -> None:
     """`out = op(out, values)` in place, `values` (n, g) one per `block_size // g` elements of `out`.
 
-    One broadcast pass: `out` as (n·g, block_size // g) against `values` as (n·g, 1). numpy runs
-    its inner loop 16 or 32 elements at a time, which costs about what repeating the values out to
-    one per element and applying them flat does (0.19-0.23 ns an element either way, here, on 2**18
-    outputs) — but `np.repeat` holds the GIL, so with the repeat two threads dequantizing at once
-    made no more than one (bench/dequant.py: Q4_K 506 vs 347 MB/s one thread, IQ4_XS 286 vs 236);
-    a ufunc releases it.
+    One broadcast pass: `out` as (n·g, block_size // g) against `values` as (n·g, 1). numpy runs its
+    inner loop 16 or 32 elements at a time, so on one thread this is slower than repeating the values
+    out to one per element and applying them flat (2**18 outputs in cache, 2026-12-02: 0.45 vs 0.31 ns
+    an element for 16-element groups, 0.34 vs 0.26 for 32). But `np.repeat` holds the GIL: with it, two
+    threads dequantizing at once made no more than one (Q4_K 506 vs 347 MB/s one thread, IQ4_XS 286 vs
+    236), and with the broadcast Q4_K makes 776 vs 493 (bench/dequant.py).
     """
     if out.size:
         assert out.flags.c_contiguous  # else the reshape below would be a copy, written in vain
@@ -324,7 +324,7 @@ def _bf16(raw: U8Array, n: int) -> F32Array:
 @scaled_kernel(QuantType.Q8_0, f16_scales(0))
 def _q8_0(b: U8Array, out: F32Array, scales: Scales) -> None:  # d:f16, qs[32]:i8
     np.copyto(out, b[:, 2:].view(np.int8), casting="unsafe")  # from the strided view: no copy first
-    np.multiply(out, scales[0], out=out)  # the (n, 1) broadcast: ~5 % faster here than a repeat
+    np.multiply(out, scales[0], out=out)  # the (n, 1) scale broadcast over the block's 32
 
 
 @scaled_kernel(QuantType.Q4_0, f16_scales(0))
