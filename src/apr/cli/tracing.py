@@ -25,15 +25,11 @@ from apr.cli.app import (
 )
 from apr.formats import detect_format
 from apr.models import open_model
-from apr.models.summary import skeleton
-from apr.report import inspect as inspect_report
 from apr.report import json as jsonr
-from apr.report import payload as payload_report
 from apr.report import text
 from apr.stages import ALIASES, STAGE_ORDER
 from apr.trace.estimate import parse_size
 from apr.trace.layout import default_output_dir
-from apr.trace.payload import run_payload
 from apr.trace.plan import DEFAULT_LAYERS, TracePlan
 from apr.trace.prompt import DEFAULT_MAX_TOKENS, Prompt
 from apr.trace.run import ENGINES, KV_TYPES, PRECISIONS, TraceOptions, prepare_trace
@@ -297,6 +293,12 @@ def _trace_report(
     file: Path, prompt: Prompt, options: TraceOptions, payload: bool, layer_filter: str | None
 ) -> None:
     """`apr trace --payload` (activation statistics) or the metadata-only layer skeleton."""
+    # these modes' modules load only for them, not on every `apr trace`
+    from apr.models.summary import skeleton
+    from apr.report import inspect as inspect_report
+    from apr.report import payload as payload_report
+    from apr.trace.payload import run_payload
+
     if payload:
         prepared = prepare_trace(file, prompt)
         progress = Progress(prepared.model.config.n_layers, "layer")

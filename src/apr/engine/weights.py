@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -41,8 +41,9 @@ from apr.errors import InferenceError, ModelLoadError, ValidationError
 from apr.formats import names
 from apr.formats.base import F32Array, TensorInfo
 from apr.quant import dequantize, row_nbytes
-from apr.quant.vecdot import Activation, Q8Blocks, activation, block_minimums
-from apr.quant.vecdot_lanes import LANE_TYPES, lane_dot
+
+if TYPE_CHECKING:
+    from apr.quant.vecdot import Activation, Q8Blocks
 
 Array = npt.NDArray[Any]
 # Elements of one row block in `linear`. BLAS packs all of x for every block, so blocks of a few long
@@ -154,6 +155,9 @@ class Weights:
     ) -> Array:
         """x @ Wᵀ as ggml-cpu computes it (module docstring): x converted for W's type, rows [base, base +
         rows) of `info` read by `read`, plus Q8_1's minimum term for Q4_1/Q5_1."""
+        from apr.quant.vecdot import activation  # the emulation's modules load only for --precision ggml
+        from apr.quant.vecdot_lanes import LANE_TYPES
+
         act = activation(x, info.qtype)
         size = row_nbytes(info.qtype, cols)
         if info.qtype in LANE_TYPES and act.blocks is not None and size is not None and not info.parts:
@@ -164,6 +168,7 @@ class Weights:
         self, blocks: Q8Blocks, info: TensorInfo, rows: int, cols: int, size: int, base: int
     ) -> Array:
         """x @ Wᵀ in the order of ggml's own kernel for W's type (apr.quant.vecdot_lanes), in row blocks."""
+        from apr.quant.vecdot_lanes import lane_dot
 
         def compute(r0: int, r1: int, dst: Array) -> None:
             raw = self.ckpt.raw_range(info.name, (base + r0) * size, (base + r1) * size)
@@ -175,6 +180,8 @@ class Weights:
         self, act: Activation, info: TensorInfo, cols: int, base: int
     ) -> Callable[[int, int], Array] | None:
         """rows [r0, r1) of m_w · (s − d·Σq)ᵀ (r1 − r0, T): what Q8_1's f16-rounded s adds for Q4_1/Q5_1."""
+        from apr.quant.vecdot import block_minimums
+
         offset = act.offset
         if offset is None:
             return None

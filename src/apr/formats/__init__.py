@@ -21,8 +21,14 @@ SNIFF_BYTES: Final = 16
 
 
 @cache
+def _format(module: str) -> Format:
+    fmt: Format = importlib.import_module(module).FORMAT
+    return fmt
+
+
+@cache
 def formats() -> tuple[Format, ...]:
-    return tuple(importlib.import_module(m).FORMAT for m in _FORMAT_MODULES)
+    return tuple(map(_format, _FORMAT_MODULES))
 
 
 def _head(path: Path) -> bytes:
@@ -39,7 +45,7 @@ def detect_format(path: Path) -> Format:
         raise NotFoundError(f"File not found: {path}")
     st = regular(path, allow_dir=True)  # a FIFO, device or socket is refused before it is opened
     head = b"" if stat.S_ISDIR(st.st_mode) else _head(path)
-    for fmt in formats():
+    for fmt in map(_format, _FORMAT_MODULES):  # each reader imported only when reached: a GGUF loads one
         if fmt.sniff(head, path):
             return fmt
     for fmt in formats():

@@ -23,7 +23,6 @@ interleaved rows, which is what aprender writes for a LLaMA GGUF (it keeps the G
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from collections.abc import Sequence
@@ -115,6 +114,8 @@ class AprCheckpoint:
         """By stored name."""
         info = self._infos.get(name)
         if info is None:
+            import difflib  # only for this message
+
             close = difflib.get_close_matches(name, self._infos, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise NotFoundError(f"{self.path}: no tensor named '{name}'{hint}")

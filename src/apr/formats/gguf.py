@@ -16,7 +16,6 @@ adjacent-pair RoPE); the family's config records that (`qk_layout`), and the rea
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -122,6 +121,8 @@ class GGUFCheckpoint:
         try:
             return self._by_name[name]
         except KeyError:
+            import difflib  # only for this message
+
             close = difflib.get_close_matches(name, self._by_name, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise NotFoundError(f"{self.path}: no tensor named '{name}'{hint}") from None

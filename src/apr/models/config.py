@@ -34,6 +34,21 @@ class RopeScaling:
     attention_factor: float = 0.0  # yarn: cos/sin multiplier; 0 = 0.1·ln(factor) + 1
     freq_factors: bool = False  # the checkpoint carries per-frequency divisors (GGUF rope_freqs.weight)
 
+    def hf_dict(self) -> dict[str, Any] | None:
+        """HF's `rope_scaling` for a scaling apr implements (None for the default)."""
+        if self.kind == "default" or self.freq_factors:
+            return None
+        d: dict[str, Any] = {"rope_type": self.kind, "factor": self.factor}
+        if self.kind == "llama3":
+            d |= {"low_freq_factor": self.low_freq_factor, "high_freq_factor": self.high_freq_factor}
+        if self.kind in ("llama3", "yarn"):
+            d["original_max_position_embeddings"] = self.original_max_position
+        if self.kind == "yarn":
+            d |= {"beta_fast": self.beta_fast, "beta_slow": self.beta_slow}
+            if self.attention_factor:
+                d["attention_factor"] = self.attention_factor
+        return d
+
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:

@@ -15,7 +15,7 @@ from typing import Any, Final
 from apr.formats.aprwrite import AprModelKeys
 from apr.formats.config import QKLayout
 from apr.models.base import APR_ROPE_TYPE, ROPE_NEOX, ROPE_NORM
-from apr.models.config import ModelConfig, RopeScaling
+from apr.models.config import ModelConfig
 from apr.models.model import Model
 from apr.models.params import COMMON
 from apr.models.registry import family_named
@@ -35,22 +35,6 @@ def hf_name(model: Model, canonical: str) -> str | None:
     return None
 
 
-def rope_scaling_dict(s: RopeScaling) -> dict[str, Any] | None:
-    """HF's `rope_scaling` for a scaling apr implements (None for the default)."""
-    if s.kind == "default" or s.freq_factors:
-        return None
-    d: dict[str, Any] = {"rope_type": s.kind, "factor": s.factor}
-    if s.kind == "llama3":
-        d |= {"low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor}
-    if s.kind in ("llama3", "yarn"):
-        d["original_max_position_embeddings"] = s.original_max_position
-    if s.kind == "yarn":
-        d |= {"beta_fast": s.beta_fast, "beta_slow": s.beta_slow}
-        if s.attention_factor:
-            d["attention_factor"] = s.attention_factor
-    return d
-
-
 def _family_extras(cfg: ModelConfig, apr: bool) -> dict[str, object]:
     """The family's own (non-common) parameters that differ from their defaults, by HF (or .apr) key."""
     out: dict[str, object] = {}
@@ -65,7 +49,7 @@ def _family_extras(cfg: ModelConfig, apr: bool) -> dict[str, object]:
                 (p.apr[0] if apr and p.apr else p.hf[0]),
                 list(value) if isinstance(value, tuple) else value,
             )
-    if (rs := rope_scaling_dict(cfg.rope_scaling)) is not None:
+    if (rs := cfg.rope_scaling.hf_dict()) is not None:
         out["rope_scaling"] = rs
     return out
 

@@ -28,7 +28,6 @@ from apr.formats.base import ConfigSource
 from apr.models import common, decoder, sources
 from apr.models.base import OPTIONAL, PREV_OUTPUT, ROPE_NEOX, Family, HookMap, StageNode, TensorRole, Variant
 from apr.models.config import ModelConfig
-from apr.models.exchange import rope_scaling_dict
 from apr.models.params import COMMON, Param
 from apr.stages import Stage, Tap
 
@@ -242,9 +241,7 @@ def hf_extra(cfg: ModelConfig) -> dict[str, Any]:
         "sliding_window": cfg.sliding_window or None,
     }
     if cfg.architecture == "gemma3":  # RoPE per layer type; the scaling (if any) is the global layers'
-        full = {"rope_type": "default", "rope_theta": cfg.rope_theta} | (
-            rope_scaling_dict(cfg.rope_scaling) or {}
-        )
+        full = {"rope_type": "default", "rope_theta": cfg.rope_theta} | (cfg.rope_scaling.hf_dict() or {})
         local = {"rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}
         out |= {"rope_parameters": {"full_attention": full, "sliding_attention": local}, "rope_scaling": None}
     return out

@@ -8,29 +8,43 @@ are imported only when a run starts; a missing one raises `FeatureDisabledError`
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from apr.runtimes.base import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun
-from apr.runtimes.llamacpp import run_llamacpp
-from apr.runtimes.transformers import run_transformers
 from apr.stages import Tap
+
+if TYPE_CHECKING:
+    from apr.runtimes.llamacpp import run_llamacpp
+    from apr.runtimes.transformers import run_transformers
 
 
 class Runtime(Protocol):
     def __call__(self, model_path: Path, token_ids: Sequence[int], tap: Tap, /) -> RuntimeRun: ...
 
 
-RUNTIMES: Final[dict[str, Runtime]] = {
-    ENGINE_TRANSFORMERS: run_transformers,
-    ENGINE_LLAMACPP: run_llamacpp,
+# the runtimes, imported on first use (PEP 562): a reference trace does not load their glue (ctypes
+# structs, capture hooks)
+_HOME: Final = {
+    "run_transformers": "apr.runtimes.transformers",
+    "run_llamacpp": "apr.runtimes.llamacpp",
 }
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'apr.runtimes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ENGINE_LLAMACPP",
     "ENGINE_TRANSFORMERS",
-    "RUNTIMES",
     "Runtime",
     "RuntimeRun",
     "run_llamacpp",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import os
@@ -211,7 +210,8 @@ def _carry_over(old: Path, new: Path) -> None:
             shutil.copy2(p, new / rel, follow_symlinks=False)
 
 
-_LIBC: Final = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# the C library through the process's own symbols (ctypes.util.find_library would run ldconfig: ~6 ms)
+_LIBC: Final = ctypes.CDLL(None, use_errno=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:

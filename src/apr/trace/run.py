@@ -22,9 +22,7 @@ from apr.errors import ValidationError
 from apr.formats.config import QKLayout
 from apr.models import Model, open_model
 from apr.models.generic import NAME as GENERIC
-from apr.quant.vecdot import VEC_DOT_TYPE
-from apr.quant.vecdot_lanes import LANE_TYPES
-from apr.runtimes import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun, run_llamacpp, run_transformers
+from apr.runtimes import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun
 from apr.stages import Tap
 from apr.trace.estimate import DiskEstimate, estimate_disk
 from apr.trace.fingerprint import fingerprint
@@ -90,6 +88,9 @@ def _reference(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: Tr
 
 def ggml_settings(model: Model, kv_type: str = "f32") -> dict[str, str]:
     """How `--precision ggml` ran, for the manifest: each matrix weight type → its activation type."""
+    from apr.quant.vecdot import VEC_DOT_TYPE  # loaded only for --precision ggml
+    from apr.quant.vecdot_lanes import LANE_TYPES
+
     types = sorted({t.qtype for t in model.tensors() if len(t.shape) >= 2 and t.qtype in VEC_DOT_TYPE})
     return {
         "matmul": "ggml-cpu emulation (apr.quant.vecdot): activations converted to the vec_dot type",
@@ -126,6 +127,8 @@ def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt:
         raise ValidationError(
             f"--engine transformers keeps its KV cache in f32; drop --kv-type {opt.kv_type}"
         )
+    from apr.runtimes.transformers import run_transformers  # a reference trace does not load it
+
     stages = [n.stage for n in model.graph()]
     return _engine_run(
         run_transformers(
@@ -143,6 +146,8 @@ def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt:
 def _llamacpp(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
     if opt.precision != "f32":
         raise ValidationError(f"--engine llama.cpp computes in f32 only; drop --precision {opt.precision}")
+    from apr.runtimes.llamacpp import run_llamacpp  # a reference trace does not load it
+
     stages = [n.stage for n in model.graph()]
     return _engine_run(
         run_llamacpp(
