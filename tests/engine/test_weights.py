@@ -50,6 +50,19 @@ def test_linear_is_x_times_w_transposed(smollm2_gguf: Path) -> None:
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_linears_are_each_linear_bit_for_bit_on_any_thread_count(smollm2_gguf: Path) -> None:
+    """Weights.linears (several matrices on one input, their row blocks in one batch) gives each
+    matrix the bits `linear` gives it, on 1, 2 and 3 threads, and in the order the names are given."""
+    ckpt = open_model(smollm2_gguf)
+    x = np.random.default_rng(5).standard_normal((7, 576)).astype(np.float32)
+    names = ["blk.2.attn_q.weight", "blk.2.attn_k.weight", "blk.2.attn_v.weight", "blk.2.ffn_up.weight"]
+    want = [Weights(ckpt, threads=1).linear(x, n) for n in names]
+    assert [w.shape for w in want] == [(7, 576), (7, 192), (7, 192), (7, 1536)]
+    for threads in (1, 2, 3):
+        got = Weights(ckpt, threads=threads).linears(x, names)
+        assert [g.tobytes() for g in got] == [w.tobytes() for w in want], threads
+
+
 def test_blas_threads_are_restored_and_errors_stop_every_thread(
     smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from apr.quant.vecdot import Activation, Q8Blocks
 
 Array = npt.NDArray[Any]
+T_ = TypeVar("T_")
 # Elements of one row block in `linear`. BLAS packs all of x for every block, so blocks of a few long
 # rows (ffn_down: 18944 columns) would repeat that work; 1M elements measured best for 7B shapes.
 ROW_BLOCK_ELEMS: Final = 1 << 20
@@ -123,6 +124,24 @@ class Weights:
         if self.ggml:
             return self._ggml_blocked(x, info, rows, cols, self._row_reader(info))
         return self._blocked(x, rows, cols, self._row_reader(info))
+
+    def linears(self, x: Array, names: Sequence[str]) -> list[Array]:
+        """[x @ Wᵀ for each named W]: matrices that read the same input (q, k, v; gate and up), their row
+        blocks run as one batch on the `linear` threads, so a small matrix's blocks share the threads with
+        the others' instead of waiting for its own hand-off. Each matrix is cut into the blocks `linear`
+        cuts it into, so the bits are `linear`'s. (T, in) → [(T, out_i)]"""
+        if self.ggml:
+            return [self.linear(x, name) for name in names]
+        outs, blocks = [], []
+        for name in names:
+            self._need(name)
+            info = self.ckpt.info(name)
+            rows, cols = info.shape
+            out, jobs = self._row_blocks(rows, cols, x.shape[0], self._product(x, self._row_reader(info)))
+            outs.append(out)
+            blocks += jobs
+        self._each(lambda job: job(), blocks)
+        return outs
 
     def expert_linear(self, x: Array, name: str, expert: int) -> Array:
         """x @ W[expert]ᵀ for a stack of expert matrices W (E, out, in), reading only that expert's bytes:
@@ -207,17 +226,34 @@ class Weights:
     ) -> Array:
         """x @ Wᵀ (+ extra(r0, r1) per row block) with W (rows, cols) read as row blocks [r0, r1) by `read`.
         (T, cols) → (T, rows)"""
+        return self._rows(rows, cols, x.shape[0], self._product(x, read, extra))
+
+    @staticmethod
+    def _product(
+        x: Array, read: Callable[[int, int], Array], extra: Callable[[int, int], Array] | None = None
+    ) -> Callable[[int, int, Array], None]:
+        """compute(r0, r1, dst): rows [r0, r1) of W (read by `read`) times xᵀ (+ extra(r0, r1)) into dst."""
 
         def compute(r0: int, r1: int, dst: Array) -> None:
             np.matmul(read(r0, r1), x.T, out=dst)  # (r1 - r0, in) @ (in, T)
             if extra is not None:
                 dst += extra(r0, r1)
 
-        return self._rows(rows, cols, x.shape[0], compute)
+        return compute
 
     def _rows(self, rows: int, cols: int, t: int, compute: Callable[[int, int, Array], None]) -> Array:
         """The (T, rows) result of compute(r0, r1, out) filling rows [r0, r1) of out (rows, T), run in row
         blocks of ~ROW_BLOCK_ELEMS weights on the `linear` threads."""
+        out, blocks = self._row_blocks(rows, cols, t, compute)
+        self._each(lambda job: job(), blocks)
+        return out
+
+    def _row_blocks(
+        self, rows: int, cols: int, t: int, compute: Callable[[int, int, Array], None]
+    ) -> tuple[Array, list[Callable[[], None]]]:
+        """The (T, rows) result array and the jobs that fill it: compute(r0, r1, part) per row block of
+        ~ROW_BLOCK_ELEMS weights (the cut depends on the shape alone), part (r1 - r0, T) then transposed
+        into its columns."""
         step = max(1, min(ROW_BLOCK_ELEMS // cols, -(-rows // 2)))  # ≥ 2 blocks to share
         out = np.empty((t, rows), dtype=self.dtype)
 
@@ -228,8 +264,7 @@ class Weights:
             out[:, r0:r1] = part.T  # transposed block by block, on the threads (one whole-matrix
             # transpose after them was 7.6 s of a 512-token 7B trace: it walks memory column by column)
 
-        self._each(block, range(0, rows, step))
-        return out
+        return out, [functools.partial(block, r0) for r0 in range(0, rows, step)]
 
     def _row_reader(self, info: TensorInfo) -> Callable[[int, int], Array]:
         """rows [r0, r1) of a matrix as `dtype`: dequantized from just those rows' bytes when the
@@ -267,13 +302,13 @@ class Weights:
         self._each(piece, range(step, flat.size, step))
         return out.reshape(x.shape)
 
-    def each(self, fn: Callable[[int], None], items: Iterable[int]) -> None:
+    def each(self, fn: Callable[[T_], None], items: Iterable[T_]) -> None:
         """fn(item) for every item on the `linear` threads, BLAS held to one thread (attention's blocks)."""
         self._each(fn, items)
 
-    def _each(self, fn: Callable[[int], None], items: Iterable[int]) -> None:
+    def _each(self, fn: Callable[[T_], None], items: Iterable[T_]) -> None:
         """fn(item) for every item, on `threads` threads that take the next item as they finish one."""
-        shared = iter(items)  # next() on a range iterator is atomic under the GIL
+        shared = iter(items)  # next() on a range or list iterator is atomic under the GIL
         failed = threading.Event()
 
         def work() -> None:

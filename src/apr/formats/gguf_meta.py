@@ -17,7 +17,6 @@ from apr.errors import FormatError
 from apr.formats.base import TokenizerSpec
 from apr.formats.gguf_parse import FLOAT_TYPES, INT_TYPES, Field, ValueType
 from apr.formats.gguf_strings import StringArray
-from apr.formats.tokenizer_pre import ADD_BOS_BY_DEFAULT
 
 # ---- metadata keys ------------------------------------------------------------------------------
 ARCH: Final = "general.architecture"
@@ -183,6 +182,8 @@ def tokenizer_spec(m: Metadata) -> TokenizerSpec | None:
         if key == ADD_BOS and gemma4:
             return True  # llama.cpp's Gemma 4 workaround: BOS whatever the GGUF says
         if v is None and key == ADD_BOS and bpe:  # llama.cpp's default for a few pre-tokenizers
+            from apr.formats.tokenizer_pre import ADD_BOS_BY_DEFAULT  # the regex table, only when needed
+
             return (m.text(TOKENIZER_PRE) or "default") in ADD_BOS_BY_DEFAULT
         if v is None and key == ADD_EOS and model == UGM:
             return True

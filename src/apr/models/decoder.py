@@ -105,9 +105,8 @@ def attention(
     p = layer_names(i)
     T, H, Hkv, Dh = h.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     # q, k, v projections (+ bias)
-    q = w.linear(h, p("attn_q.weight"))  # (T, H·Dh)
-    k = w.linear(h, p("attn_k.weight"))  # (T, Hkv·Dh)
-    v = w.linear(h, p("attn_v.weight"))  # (T, Hkv·Dh)
+    q, k, v = w.linears(h, [p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight")])  # (T, H·Dh),
+    # (T, Hkv·Dh), (T, Hkv·Dh): one batch of row blocks on the threads
     if emit.wants(Stage.QKV_MATMUL):
         emit(Stage.QKV_MATMUL, np.concatenate([q, k, v], axis=1))  # (T, H·Dh + 2·Hkv·Dh)
     if cfg.qkv_bias:
@@ -171,9 +170,8 @@ def swiglu(
 ) -> Array:
     """Gated FFN of layer i: down(act(gate(h)) ⊙ up(h)). (T, D) → (T, D)."""
     p = layer_names(i)
-    g = w.linear(h, p("ffn_gate.weight"))  # (T, I)
+    g, u = w.linears(h, [p("ffn_gate.weight"), p("ffn_up.weight")])  # (T, I) each, one batch of row blocks
     emit(Stage.FFN_GATE, g)
-    u = w.linear(h, p("ffn_up.weight"))  # (T, I)
     emit(Stage.FFN_UP, u)
     s = w.elementwise(act, g)  # (T, I)
     emit(Stage.FFN_SILU, s)
