@@ -237,11 +237,10 @@ def expert(w: Weights, cfg: ModelConfig, i: int, e: int, x: Array) -> Array:
 def shared_expert(w: Weights, i: int, h: Array) -> Array:
     """Qwen2-MoE's shared expert, scaled per token by its sigmoid gate. (T, D) → (T, D)"""
     p = decoder.layer_names(i)
-    g = w.linear(h, p("ffn_gate_shexp.weight"))  # (T, S)
-    u = w.linear(h, p("ffn_up_shexp.weight"))  # (T, S)
+    names = [p("ffn_gate_shexp.weight"), p("ffn_up_shexp.weight"), p("ffn_gate_inp_shexp.weight")]
+    g, u, logit = w.linears(h, names)  # (T, S), (T, S), (T, 1): one batch of row blocks
     s = w.linear(ops.silu(g) * u, p("ffn_down_shexp.weight"))  # (T, D)
-    gate = ops.sigmoid(w.linear(h, p("ffn_gate_inp_shexp.weight")))  # (T, 1)
-    return gate * s  # (T, D)
+    return ops.sigmoid(logit) * s  # (T, D)
 
 
 def moe_ffn(w: Weights, cfg: ModelConfig, i: int, h: Array, emit: Callable[[Stage, Array], None]) -> Array:
