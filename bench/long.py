@@ -6,8 +6,9 @@ same file and token ids, every figure measured in this run (issue 12).
     .venv/bin/python bench/long.py --only 7,512             # prompt lengths to run
     .venv/bin/python bench/long.py --only 2048 --bisect     # also `apr bisect` at 2048 tokens
 
-Rows: each case is one whole process (start-up, forward, writing the trace), best of --runs; the trace is
-written to a temporary directory on the output filesystem and its size on disk reported. Token ids are
+Rows: each case is one whole process (start-up, forward, writing the trace), best of --runs, taken by
+turns with llama.cpp's (so that a machine slowing down mid-case slows both sides); the trace is written
+to a temporary directory on the output filesystem and its size on disk reported. Token ids are
 SmolLM2's tokens of a repeated English text, cut to the length. "T×T" are attn_scores and attn_softmax.
 With --bisect, `apr bisect` of the model against itself at each length (two phases from 2048 tokens:
 statistics of every stage, then the window in full), its peak RSS and the largest temporary disk it used
@@ -74,21 +75,22 @@ def du(path: Path) -> int:
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
 
 
-def apr_case(
-    model: Path, case: Case, ids: Sequence[int], runs: int, src: Path | None
-) -> tuple[bench.Proc, int]:
+def apr_case(model: Path, case: Case, ids: Sequence[int], src: Path | None) -> tuple[bench.Proc, int]:
+    """One `apr trace` process of the case, and the bytes its trace took on disk."""
     if src is not None:
         os.environ["PYTHONPATH"] = str(src)  # the children import apr from there
-    results, size = [], 0
-    for _ in range(runs):
-        with tempfile.TemporaryDirectory(prefix="apr-long-") as d:
-            out = Path(d) / "trace"
-            args = ["--quiet", "trace", str(model), "--tokens", ",".join(map(str, ids)), "--save-tensor"]
-            args += [case.stages, "--save-tensor-layers", "0..30", *case.extra, "--save-tensor-dir", str(out)]
-            results.append(bench.run_process(bench.APR_CHILD, args))
-            size = du(out)
+    with tempfile.TemporaryDirectory(prefix="apr-long-") as d:
+        out = Path(d) / "trace"
+        args = ["--quiet", "trace", str(model), "--tokens", ",".join(map(str, ids)), "--save-tensor"]
+        args += [case.stages, "--save-tensor-layers", "0..30", *case.extra, "--save-tensor-dir", str(out)]
+        proc = bench.run_process(bench.APR_CHILD, args)
+        size = du(out)
     os.environ.pop("PYTHONPATH", None)
-    return bench.Proc(min(r.seconds for r in results), max(r.max_rss for r in results)), size
+    return proc, size
+
+
+def fastest(procs: Sequence[bench.Proc]) -> bench.Proc:
+    return bench.Proc(min(p.seconds for p in procs), max(p.max_rss for p in procs))
 
 
 BISECT_RSS_TARGET: Final = 3 << 29  # 1.5 GiB
@@ -140,19 +142,21 @@ def main(argv: list[str] | None = None) -> None:
     bench.compile_apr(args.src)
     model = models.smollm2_gguf()
     bench.warm(model)
-    rows, reference = [], {}
+    rows: list[bench.Row] = []
+    reference: dict[int, list[bench.Proc]] = {}  # every llama.cpp run of a length, over the cases
     for case in CASES:
         if args.bisect_only:
             break
         if case.tokens not in lengths or (args.skip_positions and case.extra):
             continue
         ids = token_ids(model, case.tokens)
-        if case.tokens not in reference:
-            bench.status(f"llama.cpp eval, {case.tokens} tokens")
-            reference[case.tokens] = bench.llamacpp(model, ids, args.runs)
-        bench.status(f"apr trace, {case.tokens} tokens, {case.label}")
-        ours, size = apr_case(model, case, ids, args.runs, args.src)
-        theirs = reference[case.tokens]
+        bench.status(f"apr trace and llama.cpp eval by turns, {case.tokens} tokens, {case.label}")
+        runs = []
+        for _ in range(args.runs):  # by turns: a machine that slows down mid-case slows both sides
+            reference.setdefault(case.tokens, []).append(bench.llamacpp(model, ids, 1))
+            runs.append(apr_case(model, case, ids, args.src))
+        ours, size = fastest([r for r, _ in runs]), runs[-1][1]
+        theirs = fastest(reference[case.tokens])
         what = f"SmolLM2 Q4_1, {case.tokens} tokens, 30 layers, {case.label}"
         ratio = f"{ours.seconds / theirs.seconds:.2f}×"
         rows.append(
