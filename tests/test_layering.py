@@ -15,7 +15,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "apr"
 LAYER = {
-    "errors": 0, "atomicfile": 0, "version": 0, "stages": 0, "panics": 0, "cpus": 0,
+    "errors": 0, "atomicfile": 0, "version": 0, "stages": 0, "panics": 0, "cpus": 0, "lazy": 0,
     "quant": 1,
     "formats": 2,
     "engine": 3,

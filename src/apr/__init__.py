@@ -14,9 +14,9 @@ the modules a command does not need.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
+from apr.lazy import lazy_getattr
 from apr.version import __version__
 
 if TYPE_CHECKING:
@@ -74,13 +74,7 @@ __all__ = [
 assert set(__all__) == {*_HOME, "__version__"}
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'apr' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("apr", _HOME, globals())
 
 
 def __dir__() -> list[str]:

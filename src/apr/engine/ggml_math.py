@@ -13,7 +13,6 @@ frequencies and libm's cosf/sinf), for `--precision ggml`.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 from typing import Any, Final
 
@@ -95,6 +94,8 @@ def _silu(x: F32) -> F32:
 
 @functools.cache
 def _libm() -> ctypes.CDLL:
+    import ctypes.util  # only here: find_library runs ldconfig, and only --precision ggml calls this
+
     lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
     for name in ("cosf", "sinf", "powf"):
         getattr(lib, name).restype = ctypes.c_float

@@ -8,11 +8,11 @@ are imported only when a run starts; a missing one raises `FeatureDisabledError`
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
+from apr.lazy import lazy_getattr
 from apr.runtimes.base import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun
 from apr.stages import Tap
 
@@ -33,13 +33,7 @@ _HOME: Final = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'apr.runtimes' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr("apr.runtimes", _HOME, globals())
 
 
 __all__ = [
