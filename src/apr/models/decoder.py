@@ -104,9 +104,8 @@ def attention(
     QK-norm is per head (Qwen3, Gemma 3) or over the whole projection (`qk_norm_full`, OLMo2)."""
     p = layer_names(i)
     T, H, Hkv, Dh = h.shape[0], cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    # q, k, v projections (+ bias)
-    q, k, v = w.linears(h, [p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight")])  # (T, H·Dh),
-    # (T, Hkv·Dh), (T, Hkv·Dh): one batch of row blocks on the threads
+    # q (T, H·Dh), k and v (T, Hkv·Dh): one batch of row blocks on the threads (+ bias)
+    q, k, v = w.linears(h, [p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight")])
     if emit.wants(Stage.QKV_MATMUL):
         emit(Stage.QKV_MATMUL, np.concatenate([q, k, v], axis=1))  # (T, H·Dh + 2·Hkv·Dh)
     if cfg.qkv_bias:

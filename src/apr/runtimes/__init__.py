@@ -8,21 +8,14 @@ are imported only when a run starts; a missing one raises `FeatureDisabledError`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from apr.lazy import lazy_getattr
 from apr.runtimes.base import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun
-from apr.stages import Tap
 
 if TYPE_CHECKING:
     from apr.runtimes.llamacpp import run_llamacpp
     from apr.runtimes.transformers import run_transformers
-
-
-class Runtime(Protocol):
-    def __call__(self, model_path: Path, token_ids: Sequence[int], tap: Tap, /) -> RuntimeRun: ...
 
 
 # the runtimes, imported on first use (PEP 562): a reference trace does not load their glue (ctypes
@@ -31,15 +24,12 @@ _HOME: Final = {
     "run_transformers": "apr.runtimes.transformers",
     "run_llamacpp": "apr.runtimes.llamacpp",
 }
-
-
 __getattr__ = lazy_getattr("apr.runtimes", _HOME, globals())
 
 
 __all__ = [
     "ENGINE_LLAMACPP",
     "ENGINE_TRANSFORMERS",
-    "Runtime",
     "RuntimeRun",
     "run_llamacpp",
     "run_transformers",
