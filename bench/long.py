@@ -1,5 +1,6 @@
-"""Long prompts: `apr trace` of SmolLM2 at 7, 512 and 2048 tokens against llama.cpp's plain eval of the
-same file and token ids, every figure measured in this run (issue 12).
+"""Long prompts: `apr trace` of SmolLM2 at 7, 512 and 2048 tokens against llama.cpp's plain eval.
+
+The same file and token ids on both sides, every figure measured in this run (issue 12).
 
     .venv/bin/python bench/long.py                          # this tree
     .venv/bin/python bench/long.py --src /tmp/before/src    # another tree's apr (e.g. `git archive HEAD src`)

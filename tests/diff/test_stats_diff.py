@@ -81,3 +81,22 @@ def test_different_token_ids_are_refused(llama: Path, traces: dict[str, Path], t
     assert code == 0
     code, _, err = run("diff", str(tmp_path / "o"), str(traces["stats"]))
     assert code != 0 and "different token ids" in err and err.count("\n") == 1
+
+
+def test_different_positions_compare_the_common_ones_and_say_so(
+    llama: Path, traces: dict[str, Path], tmp_path: Path
+) -> None:
+    """A full trace of the last 3 positions against a stats trace of all 8: rows over the 3 both hold, and
+    a note naming both sides' positions (text and JSON)."""
+    args = ("--save-tensor", "all", "--save-tensor-layers", "all", "--save-tensor-positions", "-3..")
+    code, out, err = run(
+        "-q", "trace", str(llama), *args, "--tokens", IDS, "--save-tensor-dir", str(tmp_path / "t")
+    )
+    assert code == 0, out + err
+    code, out, err = run("diff", str(traces["stats"]), str(tmp_path / "t"), "--json")
+    doc = json.loads(out)
+    assert code == 0, err
+    assert {r["positions"] for r in doc["rows"]} == {3, 1}  # lm_head holds the last position only
+    assert any("(A 0..8, B 5..8)" in n for n in doc["notes"]), doc["notes"]
+    code, out, _ = run("diff", str(traces["stats"]), str(tmp_path / "t"))
+    assert code == 0 and "note: the traces saved different prompt positions (A 0..8, B 5..8)" in out

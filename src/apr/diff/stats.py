@@ -136,6 +136,11 @@ def diff_stats(a: Trace, b: Trace, tolerance: Tolerance | None = None) -> StatsD
         if row is not None:
             rows.append(row)
     notes = []
+    if (pa := a.manifest.positions) != (pb := b.manifest.positions):
+        notes.append(
+            f"the traces saved different prompt positions (A {pa}, B {pb}): each stage is compared over the "
+            "positions both hold (its `positions` count)"
+        )
     if relayout:
         notes.append(
             f"Q/K layouts differ ({a.manifest.run.qk_layout} vs {b.manifest.run.qk_layout}): Q/K stages' "
