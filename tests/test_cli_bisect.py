@@ -1,8 +1,9 @@
 """`apr bisect` and cross-runtime traces on the real SmolLM2 (F32 copy made by gguf-py; Q4_1 original).
 
 Fault injection: a copy of the F32 GGUF with one tensor scaled by 1.01 — the layer and the tensor chosen at
-random by the test (the seed is printed) — must be found at that layer and at the first stage that
-consumes the tensor. The same for a norm weight and for an embedding row used by the prompt.
+random by the test (the seed is printed; APR_FAULT_SEED=N repeats a run) — must be found at that layer and
+at the first stage that consumes the tensor. The same for a norm weight and for an embedding row used by
+the prompt.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def bisect_json(a: Path, b: Path, *extra: str) -> tuple[int, dict]:
 
 @pytest.fixture
 def rng() -> random.Random:
-    seed = int.from_bytes(os.urandom(4), "little")
+    seed = int(os.environ.get("APR_FAULT_SEED") or int.from_bytes(os.urandom(4), "little"))
     print(f"fault-injection seed {seed}")
     return random.Random(seed)
 
@@ -55,7 +56,13 @@ def test_random_weight_fault_is_found_at_its_layer_and_first_consumer(
     first = doc["first_divergence"]
     print(f"blk.{layer}.{suffix} → {first and first['id']}")
     assert code == 1 and (first["layer"], first["stage"]) == (layer, CONSUMER[suffix])
-    assert first["input_error"] == 0.0 and first["error"] > 1e-3
+    assert first["input_error"] == 0.0
+    if CONSUMER[suffix] == "qkv_matmul":
+        # q, k and v share one fused stage: 1 % of the scaled slice's share of its norm (v and k are 192 of
+        # its 960 columns; seen from 0.00096 for attn_v up), far above the exact zero of every earlier stage
+        assert 1e-4 < first["error"] < 0.01
+    else:
+        assert first["error"] == pytest.approx(0.01, rel=0.02)  # the whole stage scaled by 1.01
     assert all(not s["jump"] for s in doc["stages"] if (s["layer"] or 0) < layer)
 
 
