@@ -22,7 +22,11 @@ $(VENV)/.base: pyproject.toml
 	$(PIP) install -e .
 	touch $@
 
+# apr's own bytecode, written even where PYTHONDONTWRITEBYTECODE is set (as on this machine) and refreshed
+# for changed sources: without it every run compiles the package again (importing the CLI and the trace
+# modules took 0.27 s against 0.20 s, 2026-12-03; a 7-token trace is ~0.7 s)
 venv: $(VENV)/.base
+	@$(PY) -m compileall -q src
 
 $(VENV)/.dev: $(VENV)/.base pyproject.toml scripts/llamacpp-wheel.sh
 	$(PIP) install -e '.[dev,transformers]'
