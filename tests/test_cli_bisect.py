@@ -58,8 +58,9 @@ def test_random_weight_fault_is_found_at_its_layer_and_first_consumer(
     assert code == 1 and (first["layer"], first["stage"]) == (layer, CONSUMER[suffix])
     assert first["input_error"] == 0.0
     if CONSUMER[suffix] == "qkv_matmul":
-        # q, k and v share one fused stage: 1 % of the scaled slice's share of its norm (v and k are 192 of
-        # its 960 columns; seen from 0.00096 for attn_v up), far above the exact zero of every earlier stage
+        # q, k and v share one fused stage: its error is 1 % times the scaled slice's share of the stage's
+        # norm (k and v are 192 of its 960 columns; blk.2.attn_v gave 0.00096), yet far above the exact
+        # zero of every earlier stage
         assert 1e-4 < first["error"] < 0.01
     else:
         assert first["error"] == pytest.approx(0.01, rel=0.02)  # the whole stage scaled by 1.01
