@@ -191,8 +191,8 @@ def trace_rows(
         Row(f"{label}: peak RSS", "GiB", _gib(ours.max_rss), f"{_gib(theirs.max_rss)} llama.cpp"),
     ]
     if target:
-        rows[0] = _with_target(rows[0], f"≤ {ratio_target:g}×", ratio <= ratio_target)
-        rows[1] = _with_target(rows[1], f"≤ {RSS_TARGET / 2**30:g} GiB", ours.max_rss <= RSS_TARGET)
+        rows[0] = with_target(rows[0], f"≤ {ratio_target:g}×", ratio <= ratio_target)
+        rows[1] = with_target(rows[1], f"≤ {RSS_TARGET / 2**30:g} GiB", ours.max_rss <= RSS_TARGET)
     return rows
 
 
@@ -206,7 +206,7 @@ def dequant_rows(mb: float, repeat: int) -> list[Row]:
         elif r.ratio is not None:
             need = 3.0 if qtype in FAST_TYPES else 1.0
             row = Row(row.what, row.unit, row.apr, f"{r.gguf_mbs:.0f} gguf", f"{r.ratio:.2f}×")
-            row = _with_target(row, f"≥ {need:g}×", r.ratio >= need)
+            row = with_target(row, f"≥ {need:g}×", r.ratio >= need)
         rows.append(row)
     return rows
 
@@ -234,7 +234,7 @@ def tokenizer_rows(timings: list[tokenizer_bench.Timing]) -> list[Row]:
         row = Row(
             f"build tokenizer: {t.vocab // 1000}k-token {t.kind} (synthetic)", "s", f"{t.seconds:.3f}", "—"
         )
-        rows.append(_with_target(row, f"≤ {tokenizer_bench.TARGET_S:g} s", t.met))
+        rows.append(with_target(row, f"≤ {tokenizer_bench.TARGET_S:g} s", t.met))
     return rows
 
 
@@ -303,7 +303,7 @@ def status(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def _with_target(row: Row, target: str, ok: bool) -> Row:
+def with_target(row: Row, target: str, ok: bool) -> Row:
     return Row(row.what, row.unit, row.apr, row.reference, row.ratio, target, "yes" if ok else "NO")
 
 
