@@ -13,12 +13,37 @@ import pytest
 
 from tests.fixtures.cli import run
 
-DIFF, BISECT = "Try 'apr diff --help'.", "Try 'apr bisect --help'."
+DIFF, BISECT, TRACE = "Try 'apr diff --help'.", "Try 'apr bisect --help'.", "Try 'apr trace --help'."
 
 
 def invalid(option: str, why: str, hint: str = DIFF) -> str:
     return f"Invalid value for '{option}': {why}. {hint}"
 
+
+def needs(flag: str, what: str) -> str:
+    return f"{flag} applies to {what}. {TRACE}"
+
+
+# `apr trace` flags that another mode would ignore: without --save-tensor; in the layer skeleton
+SAVE_TENSOR_ONLY = [
+    ["--save-tensor-dir", "t"],
+    ["--save-tensor-layers", "0..2"],
+    ["--save-tensor-mode", "stats"],
+    ["--save-tensor-positions", "-1.."],
+    ["--save-tensor-positions", "all"],
+    ["--max-disk", "1G"],
+]
+FORWARD_ONLY = [
+    ["--lm-head-all"],
+    ["--progress"],
+    ["--engine", "reference"],
+    ["--precision", "f64"],
+    ["--kv-type", "f16"],
+    ["--prompt", "Hi"],
+    ["--tokens", "1,2"],
+    ["--chat"],
+    ["--max-tokens", "9"],
+]
 
 USAGE = [
     (["diff", "a", "b", "--bogus"], f"No such option '--bogus'. {DIFF}"),
@@ -40,12 +65,36 @@ USAGE = [
     (["bisect", "a", "b", "--growth", "nan"], invalid("--growth", "nan is not a finite number", BISECT)),
     (["bisect", "a", "b", "--floor", "-1e-9"], invalid("--floor", "-1e-09 is not in the range x>=0", BISECT)),
     (["bisect", "a", "b", "--floor", "nan"], invalid("--floor", "nan is not a finite number", BISECT)),
+    *[(["trace", "m.gguf", *flag, *mode], needs(flag[0], "--save-tensor; give --save-tensor too"))
+      for flag in SAVE_TENSOR_ONLY for mode in ([], ["--payload"])],
+    *[(["trace", "m.gguf", *flag], needs(flag[0], "a forward pass; give --save-tensor or --payload too"))
+      for flag in FORWARD_ONLY],
+    (["trace", "m.gguf", "--save-tensor", "all", "--payload"],
+     f"give one of --save-tensor, --payload (got both). {TRACE}"),
+    (["trace", "m.gguf", "--payload", "--layer", "blk.1"],
+     f"--layer filters the layer skeleton; it cannot take --save-tensor or --payload. {TRACE}"),
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("args", "message"), USAGE)
 def test_usage_errors_are_one_line_and_exit_2(args: list[str], message: str) -> None:
     assert run(*args) == (2, "", f"error: {message}\n")
+
+
+@pytest.mark.parametrize("stages", ["", " ", ","])
+def test_an_empty_stage_list_is_refused_before_the_model_is_opened(stages: str) -> None:
+    code, stdout, stderr = run("trace", "m.gguf", "--save-tensor", stages)
+    assert (code, stdout) == (5, "") and stderr.startswith("error: save-tensor stage list invalid: ")
+
+
+def test_a_bisect_report_it_cannot_write_is_refused_before_running(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    for report, why in (("afile/x.html", f"{tmp_path}/afile is not a directory"), ("adir", "Is a directory")):
+        path = tmp_path / report
+        code, stdout, stderr = run("bisect", "a", "b", "--report", str(path))  # a, b: never opened
+        assert (code, stdout, stderr) == (7, "", f"error: cannot write {path}: {why}\n")
+    assert sorted(os.listdir(tmp_path)) == ["adir", "afile"] and os.listdir(tmp_path / "adir") == []
 
 
 @pytest.mark.parametrize(

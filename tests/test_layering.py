@@ -1,6 +1,7 @@
 """The package's dependency direction (STYLE §4), checked by walking every import in src/apr.
 
-errors/atomicfile/version/cpus ← quant ← formats ← engine, runtimes, convert ← trace ← diff ← report ← cli.
+errors/atomicfile/dirswap/version/cpus ← quant ← formats ← engine, runtimes, convert ← trace ← diff ← report
+← cli.
 A module may import only from its own layer or lower ones. Two documented exceptions: the engine and the
 runtimes see the stage vocabulary (`apr.stages`: StageId and the Tap type) and nothing else of
 trace/. Nothing imports cli; the package root only re-exports.
@@ -15,7 +16,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "apr"
 LAYER = {
-    "errors": 0, "atomicfile": 0, "version": 0, "stages": 0, "panics": 0, "cpus": 0, "lazy": 0,
+    "errors": 0, "atomicfile": 0, "dirswap": 0, "version": 0, "stages": 0, "panics": 0, "cpus": 0, "lazy": 0,
     "quant": 1,
     "formats": 2,
     "engine": 3,

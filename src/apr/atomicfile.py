@@ -8,6 +8,7 @@ The temporary name is an implementation detail: a failure to create, write or re
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import tempfile
@@ -45,6 +46,37 @@ def _cannot_write(path: Path, e: OSError) -> AprIOError:
     return AprIOError(f"cannot write {path}: {e.strerror or e}")
 
 
+def blocking_file(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` when it is not a directory (so `path` cannot be made: mkdir
+    says only EEXIST or ENOTDIR, naming neither the file nor the path); None when there is none."""
+    for p in path.parents:
+        if p.is_symlink() or p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def _under_file(path: Path) -> AprIOError | None:
+    blocker = blocking_file(path)
+    return None if blocker is None else AprIOError(f"cannot write {path}: {blocker} is not a directory")
+
+
+def check_writable_path(path: Path) -> None:
+    """Refuse up front, before the work that produces it, a file path that cannot be written: one under
+    a file, or an existing directory."""
+    if (under_file := _under_file(path)) is not None:
+        raise under_file
+    if path.is_dir():
+        raise AprIOError(f"cannot write {path}: {os.strerror(errno.EISDIR)}")
+
+
+def make_parent(path: Path) -> None:
+    """Create `path`'s parent directories; an error names `path` (and the file in the way, if any)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _under_file(path) or _cannot_write(path, e) from e
+
+
 @contextlib.contextmanager
 def _naming(path: Path) -> Iterator[None]:
     try:
@@ -76,8 +108,8 @@ def atomic_output(path: Path, *, fsync: bool = False) -> Iterator[AtomicFile]:
 
     Errors raised by the caller's own code inside the block pass through unchanged.
     """
+    make_parent(path)
     with _naming(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     f = os.fdopen(fd, "wb")
     try:

@@ -1,6 +1,7 @@
 """Trace-directory atomicity with real signals and a real full disk: the previous trace survives SIGINT,
 kill -9 and ENOSPC exactly as it was, nothing partial is left, and a second run into a directory being
-written is refused."""
+written is refused. A symlink is followed; the mode and group stay; a directory a rename cannot replace, or
+one under a file, is refused before any model is opened."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,11 @@ from apr.stages import Stage, StageId
 from apr.trace.outdir import OutputDir, lock_path
 from apr.trace.plan import TracePlan
 from apr.trace.writer import TraceWriter
-from tests.fixtures.cli import run
+from tests.fixtures.cli import run, run_unprivileged
 from tests.fixtures.disks import mounted_tmpfs
 from tests.fixtures.traces import run_info
 
+Runner = Callable[..., tuple[int, str, str]]
 IDS = ",".join(str(100 + 37 * i % 4000) for i in range(96))  # long enough to be caught mid-run
 
 
@@ -147,3 +149,114 @@ def test_a_trace_over_the_free_space_is_refused_before_running(smollm2_gguf: Pat
         f"error: the trace would write ~1.9 MiB to {out}, more than the 1.0 MiB free on its filesystem; "
         "shrink it with --save-tensor-positions (e.g. -16..), --save-tensor-layers, --save-tensor\n"
     )
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    from tests.runtimes import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
+
+
+def trace_into(model: Path, out: Path | str, stages: str = "lm_head") -> tuple[int, str, str]:
+    return run("trace", str(model), "--save-tensor", stages, "--save-tensor-dir", str(out), "-q")
+
+
+def test_a_symlink_is_followed_and_stays(tiny: Path, tmp_path: Path) -> None:
+    """The trace is swapped in at the link's target; the link still points at it; nothing is left."""
+    target, link = tmp_path / "pm", tmp_path / "pmlink"
+    assert trace_into(tiny, target) == (0, "", "")
+    link.symlink_to("pm")
+    (tmp_path / ".pmlink.apr-tmp-old1").symlink_to("pm")  # what runs that swapped the link itself left
+    assert trace_into(tiny, link, "embedding,lm_head") == (0, "", "")
+    assert link.is_symlink() and os.readlink(link) == "pm"
+    assert set(digest(target)) == {"layer-0/embedding.bin", "lm_head.bin", "manifest.json"}
+    assert siblings(target) == siblings(link) == [] and lock_path(link) == lock_path(target)
+
+
+def test_a_dangling_symlink_gets_its_target_made(tiny: Path, tmp_path: Path) -> None:
+    link = tmp_path / "pmlink"
+    link.symlink_to("pm")
+    assert trace_into(tiny, link) == (0, "", "")
+    assert link.is_symlink() and set(digest(tmp_path / "pm")) == {"lm_head.bin", "manifest.json"}
+
+
+def test_a_leftover_symlink_is_removed_not_followed(tiny: Path, tmp_path: Path) -> None:
+    """A `.<name>.apr-tmp-*` that is a symlink loses the link only: what it points at is not a run's."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "data.txt").write_text("keep")
+    (tmp_path / ".t.apr-tmp-x1y2").symlink_to(theirs)
+    assert trace_into(tiny, tmp_path / "t") == (0, "", "")
+    assert siblings(tmp_path / "t") == [] and (theirs / "data.txt").read_text() == "keep"
+
+
+NOGROUP = 65534
+
+
+@pytest.mark.parametrize("runner", [run, run_unprivileged])
+def test_a_retrace_keeps_the_directory_mode_and_group(tiny: Path, tmp_path: Path, runner: Runner) -> None:
+    """A private trace stays private; the group is kept when the process may set it (as root), and its
+    EPERM ignored when not (without CAP_CHOWN)."""
+    out = tmp_path / "pm"
+    assert trace_into(tiny, out)[0] == 0
+    assert out.stat().st_mode & 0o7777 == 0o777 & ~current_umask()  # a first run: mkdir's permissions
+    os.chown(out, -1, NOGROUP)
+    out.chmod(0o750)
+    code, _, stderr = runner("trace", str(tiny), "--save-tensor", "lm_head", "--save-tensor-dir", str(out))
+    assert (code, stderr) == (0, "")
+    st = out.stat()
+    assert st.st_mode & 0o7777 == 0o750
+    assert st.st_gid == (NOGROUP if runner is run else os.getgid())
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("given", "why"),
+    [
+        (".", "the current directory"),
+        ("", "the current directory"),  # click: Path("") is "."
+        ("{cwd}", "the current directory"),
+        ("..", "a parent of the current directory"),
+        ("{tmp}", "a parent of the current directory"),
+        ("/", "the root directory"),
+    ],
+)
+def test_a_directory_a_rename_cannot_replace_is_refused_before_running(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given: str, why: str
+) -> None:
+    cwd = tmp_path / "pm" / "sub"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    out = given.format(cwd=cwd, tmp=tmp_path / "pm")
+    code, stdout, stderr = run("trace", str(tiny), "--save-tensor", "lm_head", "--save-tensor-dir", out)
+    assert (code, stdout) == (5, "")  # not even the header: no model was opened
+    assert stderr == (
+        f"error: cannot write a trace to {out or '.'}: it is {why}, and a trace directory is replaced whole "
+        "(choose another --save-tensor-dir)\n"
+    )
+    assert os.listdir(tmp_path / "pm") == ["sub"] and os.listdir(cwd) == []
+
+
+def test_a_mount_point_is_refused_before_running(tiny: Path, small_disk: Path) -> None:
+    code, stdout, stderr = trace_into(tiny, small_disk)
+    assert (code, stdout, os.listdir(small_disk)) == (5, "", [])
+    assert stderr == (
+        f"error: cannot write a trace to {small_disk}: it is a mount point, and a trace directory is "
+        "replaced whole (choose another --save-tensor-dir)\n"
+    )
+
+
+@pytest.mark.parametrize("under", ["afile/sub", "afile/sub/deeper"])
+def test_a_directory_under_a_file_names_the_file(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, under: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("afile").write_text("")
+    assert trace_into(tiny, under) == (7, "", f"error: cannot create {under}: afile is not a directory\n")
+    assert sorted(os.listdir(tmp_path)) == ["afile", "tiny.gguf"]

@@ -22,8 +22,15 @@ def test_list_keeps_order_and_duplicates() -> None:
     assert plan.stages == (Stage.FFN_UP, Stage.EMBEDDING, Stage.FFN_UP, Stage.POST_FFN_RESIDUAL)
 
 
-def test_empty_string_is_an_empty_plan() -> None:
-    assert TracePlan.from_cli("   ").stages == ()
+@pytest.mark.parametrize("text", ["", "   ", "\t"])
+def test_an_empty_list_is_an_error_not_an_empty_plan(text: str) -> None:
+    """aprender's empty plan saved nothing and exited 0, leaving the previous trace for a later diff."""
+    with pytest.raises(StageParseError) as e:
+        TracePlan.from_cli(text)
+    assert str(e.value) == (
+        "save-tensor stage list invalid: no stage given (comma-separated stage names, see `apr stages`, "
+        "or all)"
+    )
 
 
 @pytest.mark.parametrize("text", ["embedding,,lm_head", "embedding,", ",embedding", "ffn_up, ,lm_head"])

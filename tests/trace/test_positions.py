@@ -44,6 +44,15 @@ def test_positions_errors_are_one_line() -> None:
         Positions.parse("5..5").select(7)
 
 
+@pytest.mark.parametrize("text", ["0..-0", "+2..2", " 3..3 "])
+def test_positions_are_echoed_as_given(text: str) -> None:
+    """`-0` is 0, as in a Python slice: the message shows what the user wrote, not `0..0`."""
+    with pytest.raises(PlanError) as e:
+        Positions.parse(text).select(7)
+    assert str(e.value) == f"--save-tensor-positions {text.strip()} selects no position of the 7-token prompt"
+    assert Positions.parse(text) == Positions(*map(int, text.split("..")))
+
+
 def _trace(model: Path, out: Path, *extra: str) -> None:
     code, _, stderr = run(
         "trace",
@@ -104,3 +113,11 @@ def test_progress_on_request_and_never_with_quiet(smollm2_gguf: Path, tmp_path: 
     code, _, stderr = run(*args, "--progress")
     assert code == 0 and stderr.startswith("\rlayer 1/30\rlayer 2/30") and stderr.endswith("\rlayer 30/30\n")
     assert run(*args, "--progress", "-q")[2] == "" and run(*args)[2] == ""
+
+
+def test_payload_progress_on_request(tmp_path: Path) -> None:
+    from tests.runtimes import write_tiny_gguf
+
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", "llama")
+    code, _, stderr = run("trace", str(model), "--payload", "--progress")
+    assert (code, stderr) == (0, "\rlayer 1/2\rlayer 2/2\n")

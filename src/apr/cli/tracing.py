@@ -7,7 +7,7 @@ import functools
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import click
 from click.core import ParameterSource
@@ -30,11 +30,21 @@ from apr.report import text
 from apr.stages import ALIASES, STAGE_ORDER
 from apr.trace.estimate import parse_size
 from apr.trace.layout import default_output_dir
+from apr.trace.outdir import check_out_dir
 from apr.trace.plan import DEFAULT_LAYERS, TracePlan
 from apr.trace.prompt import DEFAULT_MAX_TOKENS, Prompt
 from apr.trace.run import ENGINES, KV_TYPES, PRECISIONS, TraceOptions, prepare_trace
 
 ENGINE_CHOICE = click.Choice(list(ENGINES))
+
+# `apr trace` options that the other modes would silently ignore: refused there, as --system without --chat
+SAVE_TENSOR_ONLY: Final = (
+    "save_tensor_dir", "save_tensor_layers", "save_tensor_mode", "save_tensor_positions", "max_disk"
+)  # fmt: skip
+FORWARD_ONLY: Final = (  # the layer skeleton (neither --save-tensor nor --payload) runs no forward pass
+    "prompt_text", "prompt_file", "tokens", "chat", "system", "max_tokens", "precision", "engine", "kv_type",
+    "lm_head_all", "progress",
+)  # fmt: skip
 
 
 class TokenIds(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2; 8.1 is allowed
@@ -266,9 +276,10 @@ def trace(
     Example:  apr trace model.gguf --save-tensor lm_head --chat --prompt "Hi" --system "Be brief."
     Example:  apr trace m-q4_k.gguf --save-tensor all --precision ggml --kv-type f16   # as llama.cpp runs it
     """
+    _check_mode(save_tensor is not None, payload)
     options = TraceOptions(engine, precision, lm_head_all, kv_type=kv_type)
     if save_tensor is None:
-        _trace_report(file, prompt, options, payload, layer_filter)
+        _trace_report(file, prompt, options, payload, layer_filter, progress)
         return
     # before any model I/O
     plan = TracePlan.from_cli(save_tensor, save_tensor_layers, save_tensor_positions, save_tensor_mode)
@@ -276,6 +287,7 @@ def trace(
     out_dir = save_tensor_dir or default_output_dir(file)
     quiet_header = wants_json()
     fmt = detect_format(file)
+    check_out_dir(out_dir)  # before the model loads: "." or a path under a file can never be written
     if not quiet_header:
         emit(text.render_trace_header(fmt.name, file, save_tensor, save_tensor_layers, out_dir))
     prepared = prepare_trace(file, prompt, options.engine)
@@ -289,8 +301,36 @@ def trace(
     show(outcome, jsonr.trace_outcome_doc, text.render_trace_outcome)
 
 
+def _check_mode(save_tensor: bool, payload: bool) -> None:
+    """Refuse an option that the mode `apr trace` runs in would ignore (a usage error, exit 2)."""
+    context = click.get_current_context()
+    given = {
+        p.name: p.opts[0]
+        for p in context.command.params
+        if p.name and context.get_parameter_source(p.name) is not ParameterSource.DEFAULT
+    }
+    if save_tensor and payload:
+        raise click.UsageError("give one of --save-tensor, --payload (got both).")
+    if save_tensor or payload:
+        if "layer_filter" in given:
+            raise click.UsageError(
+                "--layer filters the layer skeleton; it cannot take --save-tensor or --payload."
+            )
+    elif needless := [given[n] for n in FORWARD_ONLY if n in given]:
+        raise click.UsageError(
+            f"{needless[0]} applies to a forward pass; give --save-tensor or --payload too."
+        )
+    if not save_tensor and (needless := [given[n] for n in SAVE_TENSOR_ONLY if n in given]):
+        raise click.UsageError(f"{needless[0]} applies to --save-tensor; give --save-tensor too.")
+
+
 def _trace_report(
-    file: Path, prompt: Prompt, options: TraceOptions, payload: bool, layer_filter: str | None
+    file: Path,
+    prompt: Prompt,
+    options: TraceOptions,
+    payload: bool,
+    layer_filter: str | None,
+    progress: bool,
 ) -> None:
     """`apr trace --payload` (activation statistics) or the metadata-only layer skeleton."""
     # these modes' modules load only for them, not on every `apr trace`
@@ -301,8 +341,8 @@ def _trace_report(
 
     if payload:
         prepared = prepare_trace(file, prompt)
-        progress = Progress(prepared.model.config.n_layers, "layer")
-        report = run_payload(prepared, replace(options, on_layer=progress))
+        on_layer = Progress(prepared.model.config.n_layers, "layer", force=progress)
+        report = run_payload(prepared, replace(options, on_layer=on_layer))
         show(report, payload_report.to_doc, payload_report.render_text)
         return
     sk = skeleton(open_model(file), layer_filter)

@@ -4,6 +4,10 @@ in when complete, under a lock per directory.
     <parent>/.<name>.lock           held (flock) while a run writes <name>; a second run is refused
     <parent>/.<name>.apr-tmp-XXXX   the run being written; swapped with <parent>/<name> when complete
 
+A symlink is followed: the swap happens at its target, and the link stays as it was. The new directory
+takes the old one's permission bits and group (when the process may set it). The directory must be one a
+rename can replace: not a mount point, nor the current directory or one that holds it (check_out_dir).
+
 SIGINT, SIGTERM, a failed write (disk full) or an engine error remove the temporary directory; kill -9
 leaves it behind, and the next run into the same directory removes it. (While a directory is open, SIGTERM
 is handled as SIGINT is, by raising KeyboardInterrupt in the main thread, when its handler was the default
@@ -17,33 +21,46 @@ crash is not covered: files are not fsynced.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import shutil
-import signal
 import tempfile
-import threading
 from collections.abc import Iterable
 from pathlib import Path
-from types import FrameType
 from typing import Final
 
-from apr.atomicfile import held_signals
+from apr.atomicfile import blocking_file, held_signals
+from apr.dirswap import catch_sigterm, release_sigterm, swap_dirs, swap_target, take_mode
 from apr.errors import AprIOError, ValidationError
 from apr.stages import StageId
 from apr.trace import format as aprt
 from apr.trace.layout import MANIFEST_NAME, debris, is_layer_dir, stage_files, stage_id_for
 from apr.trace.stats import FILE_NAME as STATS_FILE
 
-AT_FDCWD: Final = -100
-RENAME_EXCHANGE: Final = 2
 TMP_INFIX: Final = ".apr-tmp-"
 
 
 def lock_path(out_dir: Path) -> Path:
-    return out_dir.parent / f".{out_dir.name}.lock"
+    """The lock of `out_dir` (of its target, when it is a symlink)."""
+    return _lock_file(Path(os.path.realpath(out_dir)))
+
+
+def _lock_file(real: Path) -> Path:
+    return real.parent / f".{real.name}.lock"
+
+
+def check_out_dir(out: Path) -> Path:
+    """Refuse, before any work, a trace directory that cannot be swapped in whole; return the real path
+    the swap happens at (a symlink's target, so the link itself stays)."""
+    if (blocker := blocking_file(out)) is not None:
+        raise AprIOError(f"cannot create {out}: {blocker} is not a directory")
+    return swap_target(
+        out,
+        f"output directory {out} exists and is not a directory",
+        f"cannot write a trace to {out}: it is {{why}}, and a trace directory is replaced whole "
+        "(choose another --save-tensor-dir)",
+    )
 
 
 def _cannot(what: str, path: Path, e: OSError) -> AprIOError:
@@ -54,7 +71,8 @@ class OutputDir:
     """`open()` → the temporary directory to write into; then `commit()` or `abort()`; always `close()`."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.path = out_dir
+        self.path = out_dir  # as given, for messages
+        self.real = out_dir  # where the swap happens (check_out_dir), from `open`
         self.tmp: Path | None = None
         self.stale: dict[StageId, Path] = {}
         self._lock_fd: int | None = None
@@ -62,15 +80,13 @@ class OutputDir:
 
     def open(self) -> Path:
         """Check the old directory, take the lock, clear what killed runs left, make the temp dir."""
-        out = self.path
-        if out.exists() and not out.is_dir():
-            raise ValidationError(f"output directory {out} exists and is not a directory")
+        out = self.real = check_out_dir(self.path)
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _cannot("create", out.parent, e) from None
-        self._lock_fd = _lock(lock_path(out), out)
-        self._sigterm = _catch_sigterm()
+            raise _cannot("create", self._parent_shown(), e) from None
+        self._lock_fd = _lock(_lock_file(out), self.path)
+        self._sigterm = catch_sigterm()
         try:
             return self._start()
         except BaseException:
@@ -78,43 +94,49 @@ class OutputDir:
             raise
 
     def _start(self) -> Path:
-        out = self.path
-        self.stale = stage_files(out)
+        out = self.real
+        self.stale = stage_files(self.path)  # through a symlink: the paths shown are the user's
         foreign = [p for p in self.stale.values() if not aprt.is_aprt(p)]
         if foreign:
             raise ValidationError(
                 f"{foreign[0]} is named like a stage file but is not an APRT file; "
                 "refusing to overwrite it (choose another --save-tensor-dir)"
             )
-        _check_writable(out, self.stale.values())
-        for left in out.parent.glob(f".{out.name}{TMP_INFIX}*"):  # a killed run's; we hold the lock
-            shutil.rmtree(left, ignore_errors=True)
+        _check_writable(self.path, self.stale.values())
+        # a killed run's (we hold the lock); next to a symlink too, where runs before links were followed
+        # left theirs (the link's name has no directory of its own, so no other run's temp is named so)
+        for where in {out, self.path.absolute()}:
+            for left in where.parent.glob(f".{where.name}{TMP_INFIX}*"):
+                _remove(left)
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}", dir=out.parent))
-            os.chmod(self.tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give it mkdir's permissions
+            take_mode(self.tmp, out)
         except OSError as e:
-            raise _cannot("write to", out.parent, e) from None
+            raise _cannot("write to", self._parent_shown(), e) from None
         return self.tmp
+
+    def _parent_shown(self) -> Path:
+        """The folder the temporary directory and the lock go in, as the user named it (unless a link's)."""
+        return self.real.parent if self.path.is_symlink() else self.path.parent
 
     def commit(self) -> None:
         """Carry the old directory's other files over, then swap the new trace in and drop the old one."""
         assert self.tmp is not None
-        out, tmp = self.path, self.tmp
+        out, tmp = self.real, self.tmp
         if out.is_dir():
             try:
                 _carry_over(out, tmp)
             except OSError as e:
-                raise _cannot("write", out, e) from None
+                raise _cannot("write", self.path, e) from None
         with held_signals():  # the swap and its bookkeeping happen whole, or not at all
             try:
                 if out.is_dir():
-                    if not _exchange(tmp, out):
-                        _swap_by_renames(tmp, out)
-                    shutil.rmtree(tmp, ignore_errors=True)  # now the old trace
+                    old = swap_dirs(tmp, out, f".{out.name}{TMP_INFIX}")
+                    shutil.rmtree(old, ignore_errors=True)  # the old trace
                 else:
                     os.rename(tmp, out)
             except OSError as e:
-                raise _cannot("write", out, e) from None
+                raise _cannot("write", self.path, e) from None
             self.tmp = None
 
     def abort(self) -> None:
@@ -126,28 +148,12 @@ class OutputDir:
         self.abort()
         if self._lock_fd is not None:
             with contextlib.suppress(OSError):
-                os.unlink(lock_path(self.path))  # before unlocking: see _lock
+                os.unlink(_lock_file(self.real))  # before unlocking: see _lock
             os.close(self._lock_fd)
             self._lock_fd = None
         if self._sigterm:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            release_sigterm()
             self._sigterm = False
-
-
-def _catch_sigterm() -> bool:
-    """Turn SIGTERM into KeyboardInterrupt (once; later ones are ignored until `close`), so the cleanup
-    that SIGINT gets runs. Only from the main thread, and only over the default handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-        return False
-    signal.signal(signal.SIGTERM, _terminated)
-    return True
-
-
-def _terminated(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
-    raise KeyboardInterrupt("terminated")
 
 
 def _check_writable(out: Path, stale: Iterable[Path]) -> None:
@@ -160,10 +166,14 @@ def _check_writable(out: Path, stale: Iterable[Path]) -> None:
             raise AprIOError(f"cannot remove stale trace file {p}: {os.strerror(errno.EACCES)}")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _remove(path: Path) -> None:
+    """Remove a killed run's leftover: a directory's tree, but only the link when it is a symlink (never
+    what it points at)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _lock(path: Path, out: Path) -> int:
@@ -208,28 +218,3 @@ def _carry_over(old: Path, new: Path) -> None:
             os.link(p, new / rel, follow_symlinks=False)
         except OSError:
             shutil.copy2(p, new / rel, follow_symlinks=False)
-
-
-# the C library through the process's own symbols (ctypes.util.find_library would run ldconfig: ~6 ms)
-_LIBC: Final = ctypes.CDLL(None, use_errno=True)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
-    fn = getattr(_LIBC, "renameat2", None)
-    if fn is None:
-        return False
-    if fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _swap_by_renames(tmp: Path, out: Path) -> None:
-    """old → a temp name, new → out, then the temp name holds the old trace (for the caller to remove)."""
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}", dir=out.parent))
-    os.rename(out, aside / "old")
-    os.rename(tmp, out)
-    os.rename(aside, tmp)

@@ -6,6 +6,8 @@ half-open `START..END` layer range of u32 with END > START. Whole-model stages i
 `embedding` (emitted as layer 0) is saved only when 0 is in the range. apr adds the prompt positions to keep
 (`Positions`, default all), `all` as a layer range (every layer of the model, resolved by `for_model`), and
 the save mode: `full` (APRT stage files, aprender's) or `stats` (per-position statistics, apr.trace.stats).
+It departs from aprender in one place: an empty or blank stage list, aprender's plan that saves nothing, is
+an error, as an empty token is (`--save-tensor ""` is a mistake, not a request for a trace of nothing).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from apr.errors import PlanError, StageParseError
@@ -71,20 +73,22 @@ class Positions:
 
     start: int | None = None
     end: int | None = None
+    text: str = field(default="", compare=False)  # as the user wrote it ("0..-0" is 0..0): for messages
 
     @classmethod
     def parse(cls, text: str) -> Positions:
         """`"-16.."` → Positions(-16, None); `"last"` → Positions(-1, None); `"all"` → Positions()."""
         word = text.strip().lower()
         if word in ("all", "last"):
-            return cls() if word == "all" else cls(-1)
+            return cls(text=word) if word == "all" else cls(-1, text=word)
         m = _POS_RE.match(text)
         if not m:
             raise PlanError(
                 f"save-tensor positions invalid ({json.dumps(text)}): expected START..END (END exclusive, "
                 "negative from the end, either side optional: 0..8, -16.., ..4), last or all"
             )
-        return cls(*(None if g is None else int(g) for g in m.groups()))
+        start, end = (None if g is None else int(g) for g in m.groups())
+        return cls(start, end, text.strip())
 
     @property
     def every(self) -> bool:
@@ -100,6 +104,8 @@ class Positions:
         return rows
 
     def __str__(self) -> str:
+        if self.text:
+            return self.text
         return "".join(
             ("" if self.start is None else str(self.start), "..", "" if self.end is None else str(self.end))
         )
@@ -124,6 +130,11 @@ class TracePlan:
         >>> TracePlan.from_cli("embedding,lm_head", "0..2").layers
         range(0, 2)
         """
+        if not stages.strip():  # aprender's empty plan, a run that saves nothing: see the module docstring
+            raise StageParseError(
+                "save-tensor stage list invalid: no stage given (comma-separated stage names, see "
+                "`apr stages`, or all)"
+            )
         if stages.strip().lower() == "all":
             parsed, all_stages = STAGE_ORDER, True
         else:
