@@ -72,7 +72,8 @@ USAGE = [
     (["trace", "m.gguf", "--save-tensor", "all", "--payload"],
      f"give one of --save-tensor, --payload (got both). {TRACE}"),
     (["trace", "m.gguf", "--payload", "--layer", "blk.1"],
-     f"--layer filters the layer skeleton; it cannot take --save-tensor or --payload. {TRACE}"),
+     f"--layer filters the layer skeleton; it cannot take --save-tensor or --payload (the layers "
+     f"--save-tensor saves: --save-tensor-layers). {TRACE}"),
 ]  # fmt: skip
 
 

@@ -314,7 +314,8 @@ def _check_mode(save_tensor: bool, payload: bool) -> None:
     if save_tensor or payload:
         if "layer_filter" in given:
             raise click.UsageError(
-                "--layer filters the layer skeleton; it cannot take --save-tensor or --payload."
+                "--layer filters the layer skeleton; it cannot take --save-tensor or --payload "
+                "(the layers --save-tensor saves: --save-tensor-layers)."
             )
     elif needless := [given[n] for n in FORWARD_ONLY if n in given]:
         raise click.UsageError(
