@@ -37,7 +37,7 @@ def test_inspect_verify_finds_a_corrupt_apr_footer(smollm2_apr: Path, tmp_path: 
     data[-100] ^= 0xFF  # a data byte: the header CRC still verifies, the footer CRC does not
     bad.write_bytes(bytes(data))
     code, out, _ = run("inspect", str(bad), "--verify", "--no-tensors")
-    assert code == 0 and "footer CRC32 MISMATCH" in out
+    assert code == 4 and "footer CRC32 MISMATCH" in out  # reported, then exit 4 (invalid format)
     code, out, _ = run("inspect", str(smollm2_apr), "--verify", "--no-tensors")
     assert "verified" in out
 

@@ -7,6 +7,7 @@ as the oracle for the golden-bytes test and to build every corrupt file.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import struct
 import tempfile
@@ -25,7 +26,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apr.errors import AprError, FormatError, NotFoundError, UnsupportedQuantError
-from apr.formats.apr import FORMAT, AprCheckpoint, open_apr
+from apr.formats.apr import FORMAT, AprCheckpoint, open_apr, verify_checkpoint
+from apr.formats.aprcodec import FooterCheck, FooterCrc, check_footer
 from apr.formats.aprmeta import encode_metadata, serde_float
 from apr.formats.aprwrite import AprTensor, metadata_for, write_apr
 from apr.formats.base import TokenizerSpec
@@ -563,6 +565,29 @@ def test_footer_crc_is_checked_on_demand(tmp_path: Path) -> None:
     )
     with pytest.raises(FormatError):
         open_apr(path, verify=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 5, 63, 64, 1 << 20])
+def test_the_footer_check_is_the_same_whatever_the_chunks(chunk: int) -> None:
+    """FooterCrc (which the trace's fingerprint feeds its sha256 chunks) is zlib's CRC32 of all but the
+    last 4 bytes against those 4, for chunks shorter than the footer too."""
+    blob = _flip(_valid(), DATA + 3)
+    crc = FooterCrc()
+    for i in range(0, len(blob), chunk):
+        crc.update(blob[i : i + chunk])
+    assert crc.result() == FooterCheck(int.from_bytes(blob[-4:], "little"), zlib.crc32(blob[:-4]), END)
+    assert check_footer(io.BytesIO(blob), len(blob), chunk) == crc.result()
+
+
+def test_a_checked_footer_is_remembered_by_the_open_file(tmp_path: Path) -> None:
+    """`apr inspect --verify` reports the check, then exits on it: one read of the file, not two."""
+    ck = _open(tmp_path, _flip(_valid(), DATA + 3))
+    first = ck.check_footer()
+    (tmp_path / "m.apr").write_bytes(b"")  # a second read would now see nothing
+    assert ck.check_footer() is first
+    with pytest.raises(FormatError, match="footer checksum mismatch"):
+        verify_checkpoint(ck)
+    verify_checkpoint(object())  # other formats keep no whole-file checksum
 
 
 def test_warnings_name_realizars_duplicate_field_trap(tmp_path: Path) -> None:

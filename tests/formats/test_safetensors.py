@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from apr.formats.config import QKLayout
 from apr.formats.safetensors import parse_header
 from apr.models import open_model
 from apr.quant.types import QuantType
+from tests.fixtures.zoo import ZooModel
 
 
 def test_every_tensor_equals_the_safetensors_package(smollm2_hf: Path) -> None:
@@ -194,3 +197,91 @@ def test_folder_without_config_is_a_clear_error(tmp_path: Path) -> None:
     save_file({"a": torch.ones(1)}, tmp_path / "w.safetensors")
     with pytest.raises(FormatError, match="no config.json next to the safetensors weights"):
         open_model(tmp_path / "w.safetensors")
+
+
+def _sharded(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """`tensors` split over two shards and an index, as transformers' save_pretrained writes them."""
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[:1], "model-00002-of-00002.safetensors": names[1:]}
+    for shard, part in halves.items():
+        save_file({n: tensors[n] for n in part}, folder / shard)
+    index = {"weight_map": {n: shard for shard, part in halves.items() for n in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_a_stale_model_safetensors_beside_a_sharded_index_is_refused(
+    zoo: Callable[[str], ZooModel], tmp_path: Path
+) -> None:
+    """transformers loads model.safetensors when it exists and apr read the index's shards: `apr trace DIR`
+    and `--engine transformers` traced different weights, silently. Such a folder is refused."""
+    folder = tmp_path / "hf"
+    shutil.copytree(zoo("llama").hf_dir, folder)
+    tensors = {k: torch.from_numpy(v) for k, v in load_file(folder / "model.safetensors").items()}
+    _sharded(folder, tensors)
+    save_file({k: v * 2 for k, v in tensors.items()}, folder / "model.safetensors")  # different weights
+    message = (
+        f"{folder}: holds both model.safetensors and model.safetensors.index.json (sharded weights); "
+        "transformers would load model.safetensors, apr the shards: remove the stale one"
+    )
+    for opens in (open_checkpoint, open_model):
+        with pytest.raises(FormatError) as e:
+            opens(folder)
+        assert str(e.value) == message
+    from apr.runtimes.transformers import run_transformers
+
+    with pytest.raises(FormatError) as e:  # the runtime's own loader checks too (a library caller)
+        run_transformers(folder, [1], lambda sid, x: None)
+    assert str(e.value) == message
+    (folder / "model.safetensors").unlink()  # the shards alone: what both load
+    assert {t.name for t in open_checkpoint(folder).tensors()} == set(tensors)
+
+
+def test_an_index_naming_only_model_safetensors_is_one_set_of_weights(tmp_path: Path) -> None:
+    save_file({"model.norm.weight": torch.ones(4)}, tmp_path / "model.safetensors")
+    index = {"weight_map": {"model.norm.weight": "model.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    assert open_checkpoint(tmp_path).read("model.norm.weight").tolist() == [1.0] * 4
+
+
+def test_unindexed_shards_beside_pytorch_weights_are_refused(tmp_path: Path) -> None:
+    """transformers never loads shards without their index: it takes pytorch_model.bin."""
+    _sharded(tmp_path, {"a": torch.ones(1), "b": torch.ones(1)})
+    (tmp_path / "model.safetensors.index.json").unlink()
+    (tmp_path / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    assert {t.name for t in open_checkpoint(tmp_path).tensors()} == {"a", "b"}
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FormatError) as e:
+        open_checkpoint(tmp_path)
+    assert str(e.value) == (
+        f"{tmp_path}: holds model-00001-of-00002.safetensors... without model.safetensors.index.json, and "
+        "pytorch_model.bin; transformers would load pytorch_model.bin, apr the shards: remove the stale one "
+        "or add the index"
+    )
+
+
+@pytest.mark.parametrize(
+    ("files", "holds"),
+    [
+        (("model.safetensors", "tokenizer.json"), "model.safetensors, tokenizer.json"),
+        (("tokenizer_config.json", "tokenizer.model"), "tokenizer.model, tokenizer_config.json"),
+    ],
+)
+def test_an_hf_folder_without_config_json_says_so(tmp_path: Path, files: tuple[str, ...], holds: str) -> None:
+    for name in files:
+        if name.endswith(".safetensors"):
+            save_file({"a": torch.ones(1)}, tmp_path / name)
+        else:
+            (tmp_path / name).write_text("{}")
+    with pytest.raises(FormatError) as e:
+        open_model(tmp_path)
+    assert str(e.value) == (
+        f"{tmp_path}: no config.json in this Hugging Face folder (it holds {holds}); "
+        "copy the model's config.json into it"
+    )
+
+
+def test_a_folder_of_something_else_is_still_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(FormatError, match="not a model file this tool can read"):
+        detect_format(tmp_path)

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from apr.errors import InferenceError, ValidationError
-from apr.runtimes.base import ForwardOrderTap, check_token_ids, missing_stages, model_stages
+from apr.runtimes.base import (
+    ENGINE_LLAMACPP,
+    ENGINE_TRANSFORMERS,
+    ForwardOrderTap,
+    check_loadable,
+    check_token_ids,
+    missing_stages,
+    model_stages,
+)
 from apr.stages import Stage, StageId
 from tests.runtimes import Recorder
 
@@ -47,3 +57,29 @@ def test_check_token_ids() -> None:
         check_token_ids([], 4)
     with pytest.raises(ValidationError, match=r"^token id -1 is outside the vocabulary \(size 4\)$"):
         check_token_ids([1, -1], 4)
+
+
+def test_a_runtime_is_refused_a_format_it_cannot_load(tmp_path: Path) -> None:
+    """Said up front, with how to get one it loads, not left to the runtime's loader ("not found", "invalid
+    magic")."""
+    (hf := tmp_path / "my-model").mkdir()
+    (single := hf / "model.safetensors").write_bytes(b"")
+    for engine, fmt, path in [
+        ("reference", "apr", tmp_path / "m.apr"),
+        (ENGINE_LLAMACPP, "gguf", tmp_path / "m.gguf"),
+        (ENGINE_TRANSFORMERS, "gguf", tmp_path / "m.gguf"),
+        (ENGINE_TRANSFORMERS, "safetensors", hf),
+    ]:
+        check_loadable(engine, path, fmt)
+    with pytest.raises(ValidationError) as e:
+        check_loadable(ENGINE_LLAMACPP, hf, "safetensors")
+    assert str(e.value) == (
+        f"{hf}: --engine llama.cpp runs .gguf files only, and this is a Hugging Face safetensors folder; "
+        f"make one with `apr export {hf} -o my-model.gguf --format gguf`"
+    )
+    with pytest.raises(ValidationError) as e:
+        check_loadable(ENGINE_TRANSFORMERS, single, "safetensors")
+    assert str(e.value) == (
+        f"{single}: --engine transformers loads a Hugging Face folder, not one .safetensors file of it; "
+        f"give the folder {hf}"
+    )

@@ -1,6 +1,8 @@
 """`apr export MODEL -o DIR --format safetensors`: an HF folder that transformers loads offline.
 
-Writes config.json, tokenizer.json (+ tokenizer_config.json) and model.safetensors. Tensors are streamed one
+Writes config.json, tokenizer.json (+ tokenizer_config.json) and model.safetensors. The folder is replaced
+whole (convert/outfolder.py): afterwards it holds exactly these files, and an existing folder is replaced
+only when it holds nothing but model-folder files (MODEL_FOLDER_FILES). Tensors are streamed one
 at a time (the safetensors header is computed from shapes first), so exporting never holds the model in
 memory. Quantized tensors are dequantized exactly (gguf-compatible dequantizers); Q/K rows stored in
 GGUF-interleaved order are permuted back to HF order; a tied lm_head is not written (tie_word_embeddings).
@@ -9,6 +11,7 @@ GGUF-interleaved order are permuted back to HF order; a tied lm_head is not writ
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +22,12 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.atomicfile import atomic_output, write_bytes_atomic
+from apr.convert.outfolder import replacing_folder
+from apr.convert.outputs import check_output
 from apr.errors import ValidationError
 from apr.formats import names
-from apr.formats.config import QKLayout, interleaved_to_hf
+from apr.formats.config import QKLayout, interleaved_to_hf, qk_heads
+from apr.formats.safetensors import CONFIG_JSON, INDEX_FILE, SINGLE_FILE, TOKENIZER_JSON
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
 from apr.models import Model
 from apr.models.config import ModelConfig
@@ -29,6 +35,17 @@ from apr.models.exchange import hf_config, hf_name
 
 DTYPES: Final[dict[str, tuple[str, npt.DTypeLike]]] = {"f32": ("F32", "<f4"), "f16": ("F16", "<f2")}
 HEADER_ALIGN: Final = 8
+TOKENIZER_CONFIG: Final = "tokenizer_config.json"
+# What a Hugging Face model folder holds (save_pretrained's files; a hub snapshot's weights, config and
+# tokenizer files) and what an earlier export wrote, temp files of a killed one included: an export
+# replaces a folder of only these whole; anything else there is the user's, and the export is refused.
+MODEL_FOLDER_FILES: Final = frozenset(
+    {CONFIG_JSON, "generation_config.json", SINGLE_FILE, INDEX_FILE, "pytorch_model.bin",
+     "pytorch_model.bin.index.json", TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json",
+     "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+     "chat_template.jinja", "chat_template.json"}
+)  # fmt: skip
+MODEL_FOLDER_NAMES: Final = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)|\..+\.tmp-.+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +61,7 @@ def _qk_heads(cfg: ModelConfig, name: str) -> int | None:
     """Heads to un-permute for attn_q / attn_k weights and biases of an interleaved checkpoint."""
     if cfg.qk_layout is not QKLayout.INTERLEAVED:
         return None
-    suffix = name.split(".", 2)[-1] if name.startswith("blk.") else ""
-    heads = {"attn_q.weight": cfg.n_heads, "attn_q.bias": cfg.n_heads, "attn_k.weight": cfg.n_kv_heads}
-    heads["attn_k.bias"] = cfg.n_kv_heads
-    return heads.get(suffix)
+    return qk_heads(name, cfg.n_heads, cfg.n_kv_heads)
 
 
 Plan = list[tuple[tuple[str, ...], str, tuple[int, ...]]]  # (canonical parts, HF name, shape)
@@ -91,14 +105,24 @@ def _write_safetensors(path: Path, plan: Plan, read: Callable[[str], npt.NDArray
             f.write(np.ascontiguousarray(block.reshape(shape), dtype=np_dtype).tobytes())
 
 
+def is_model_folder_file(name: str) -> bool:
+    return name in MODEL_FOLDER_FILES or MODEL_FOLDER_NAMES.fullmatch(name) is not None
+
+
 def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> ExportResult:
-    """Write an HF folder for `ckpt` into `out_dir` (created; existing files of the same names replaced)."""
+    """Write an HF folder for `ckpt` as `out_dir`: created, or an earlier model folder there replaced whole
+    (a folder holding other files is refused; a failed or interrupted export leaves it as it was)."""
+    check_output(
+        ckpt.path,
+        out_dir,
+        None,
+        "a Hugging Face export writes a folder: choose a folder name (a GGUF: NAME.gguf)",
+    )
     if not ckpt.variant.hf:
         raise ValidationError(f"cannot export architecture {ckpt.config.architecture!r} to Hugging Face")
     if dtype not in DTYPES:
         raise ValidationError(f"unknown export dtype {dtype!r} (choose from {', '.join(DTYPES)})")
     cfg = ckpt.config
-    spec = ckpt.tokenizer_spec()
     permuted: list[str] = []
 
     shift = cfg.norm_offset - ckpt.family.hooks.rms_norm_offset  # HF stores w of the family's (offset + w)
@@ -114,13 +138,22 @@ def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> Export
         return x
 
     plan = _tensor_plan(ckpt)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = [out_dir / "model.safetensors"]
-    _write_safetensors(files[0], plan, read, dtype)
-    bos, eos = (spec.bos_id, spec.eos_id) if spec else (None, None)
-    files.append(out_dir / "config.json")
-    write_bytes_atomic(files[-1], (json.dumps(hf_config(ckpt, bos, eos), indent=2) + "\n").encode())
     notes: list[str] = []
+    with replacing_folder(out_dir, is_model_folder_file) as tmp:
+        written = _write_folder(ckpt, tmp, plan, read, dtype, notes)
+    return ExportResult(out_dir, [out_dir / name for name in written], len(plan), permuted, notes)
+
+
+def _write_folder(
+    ckpt: Model, folder: Path, plan: Plan, read: Callable[[str], npt.NDArray[Any]], dt: str, notes: list[str]
+) -> list[str]:
+    """Write the folder's files; the names written, in order."""
+    spec = ckpt.tokenizer_spec()
+    _write_safetensors(folder / SINGLE_FILE, plan, read, dt)
+    bos, eos = (spec.bos_id, spec.eos_id) if spec else (None, None)
+    config = json.dumps(hf_config(ckpt, bos, eos), indent=2) + "\n"
+    write_bytes_atomic(folder / CONFIG_JSON, config.encode())
+    written = [SINGLE_FILE, CONFIG_JSON]
     if spec is not None:
         tok = build_tokenizer(spec)
         if tok.backend is None:
@@ -128,12 +161,12 @@ def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> Export
                 f"tokenizer not exported: a {spec.model} vocabulary cannot be written as tokenizer.json yet"
             )
         else:
-            files += _write_tokenizer(spec, tok, out_dir)
-    return ExportResult(out_dir, files, len(plan), permuted, notes)
+            written += _write_tokenizer(spec, tok, folder)
+    return written
 
 
-def _write_tokenizer(spec: Any, tok: Tokenizer, out_dir: Path) -> list[Path]:
-    tj, tc = out_dir / "tokenizer.json", out_dir / "tokenizer_config.json"
+def _write_tokenizer(spec: Any, tok: Tokenizer, out_dir: Path) -> list[str]:
+    tj, tc = out_dir / TOKENIZER_JSON, out_dir / TOKENIZER_CONFIG
     write_bytes_atomic(tj, tok.backend.to_str().encode())
     vocab = tok.backend.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
@@ -144,4 +177,4 @@ def _write_tokenizer(spec: Any, tok: Tokenizer, out_dir: Path) -> list[Path]:
     if spec.chat_template:
         conf["chat_template"] = spec.chat_template
     write_bytes_atomic(tc, (json.dumps(conf, indent=2, ensure_ascii=False) + "\n").encode())
-    return [tj, tc]
+    return [TOKENIZER_JSON, TOKENIZER_CONFIG]

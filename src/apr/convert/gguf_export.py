@@ -29,10 +29,11 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from apr.convert.outputs import check_output
 from apr.errors import AprIOError, FeatureDisabledError, ValidationError
 from apr.formats import gguf_meta as keys
 from apr.formats.base import TokenizerSpec
-from apr.formats.config import QKLayout, hf_to_interleaved, interleaved_to_hf
+from apr.formats.config import QKLayout, hf_to_interleaved, interleaved_to_hf, qk_heads
 from apr.models import Model
 from apr.models.base import ROPE_NORM
 from apr.models.exchange_gguf import ROPE_FREQS, gguf_architecture, gguf_metadata, rope_freqs
@@ -77,6 +78,7 @@ class GgufExportResult:
 
 def export_gguf(model: Model, out: Path, dtype: str = "f32") -> GgufExportResult:
     """Write `model` as a GGUF file at `out` (atomically: a failed export leaves nothing behind)."""
+    check_output(model.path, out, "gguf", "a GGUF export writes a .gguf file")
     if dtype.lower() not in GGUF_TYPES:
         raise ValidationError(f"unknown GGUF type {dtype!r} (choose from {', '.join(GGUF_TYPES)})")
     try:
@@ -115,6 +117,9 @@ def _replacing(out: Path) -> Any:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
         os.close(fd)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(name, 0o666 & ~mask)  # mkstemp makes 0600; give the file the permissions open() would
     except OSError as e:
         raise AprIOError(f"cannot write {out}: {e.strerror or e}") from e
     tmp = Path(name)
@@ -222,9 +227,7 @@ def _producer(model: Model, result: GgufExportResult) -> Callable[[GgufTensor], 
 def _qk_heads(model: Model, canonical: str) -> int | None:
     layer, key = _template(canonical)
     cfg = model.config
-    heads = {"blk.{i}.attn_q.weight": cfg.n_heads, "blk.{i}.attn_q.bias": cfg.n_heads}
-    heads |= {"blk.{i}.attn_k.weight": cfg.n_kv_heads, "blk.{i}.attn_k.bias": cfg.n_kv_heads}
-    return heads.get(key) if layer is not None else None
+    return qk_heads(key, cfg.n_heads, cfg.n_kv_heads) if layer is not None else None
 
 
 # ---- metadata ---------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ Exact by default.
 - Names: Qwen2/Qwen3 tensors get HF names (`qwen2_map_name`), LLaMA keeps GGUF names, as aprender does.
 - Types: F32, F16, BF16, Q4_K and Q6_K bytes pass through unchanged. Any other type is stored as the F32 of
   its exact dequantized values (aprender refuses these), unless `quantize` asks for Q4_K / Q6_K / Q8_0 —
-  then every 2-D weight whose rows fit the block size is (re)quantized; norms and biases stay F32.
+  then every weight of 2 or more dims (matrices, and MoE expert stacks (E, rows, cols) as aprender's
+  `dispatch_quantize` does: it skips norms, biases and tiny tensors, never by shape) is (re)quantized
+  row by row, as the type that fits its rows (`fitting_type`); 1-D norms and biases stay F32.
 - Tied embeddings: with no output.weight, the embedding is copied as lm_head.weight (tied_embeddings).
 - Completeness gate (GH-279): the family's strict tensor accounting (apr.models) — every role present,
   every tensor understood — runs when the source is opened.
@@ -21,6 +23,7 @@ from typing import Final
 
 import numpy as np
 
+from apr.convert.outputs import check_output
 from apr.errors import FormatError, ValidationError
 from apr.formats import names
 from apr.formats.aprcodec import CODE_OF
@@ -46,7 +49,7 @@ class ImportResult:
     converted: list[tuple[str, str, str]] = field(default_factory=list)  # (name, from type, to type)
     tied_lm_head: bool = False
     wanted: str | None = None  # the --quantize type
-    matrices: list[tuple[str, int, str]] = field(default_factory=list)  # (name, row length, type) quantized
+    matrices: list[tuple[str, int, str]] = field(default_factory=list)  # (name, row length, type) ≥ 2-D
 
 
 def _stored_name(model: Model, canonical: str) -> str:
@@ -56,10 +59,10 @@ def _stored_name(model: Model, canonical: str) -> str:
 
 
 def _target(t: TensorInfo, want: QuantType | None) -> QuantType:
-    """The type `t` is stored as: requantized (a matrix; as llama-quantize, another type when its rows do
-    not fit the requested one's blocks), passthrough, or F32 of its exact values."""
-    if want is not None and len(t.shape) == 2:
-        return fitting_type(want, t.shape[1], APR_STORABLE)
+    """The type `t` is stored as: requantized (a matrix or expert stack; as llama-quantize, another type
+    when its rows do not fit the requested one's blocks), passthrough, or F32 of its exact values."""
+    if want is not None and len(t.shape) >= 2:
+        return fitting_type(want, t.shape[-1], APR_STORABLE)
     return t.qtype if t.qtype in PASSTHROUGH else QuantType.F32
 
 
@@ -75,7 +78,10 @@ def _quant_target(quantize_to: str | None) -> QuantType | None:
     if quantize_to is None:
         return None
     if quantize_to.lower() not in QUANTIZE_TARGETS:
-        raise ValidationError(f"--quantize {quantize_to}: choose from {', '.join(QUANTIZE_TARGETS)}")
+        raise ValidationError(
+            f"--quantize {quantize_to}: an .apr file takes {', '.join(QUANTIZE_TARGETS)} "
+            "(other types: a .gguf output)"
+        )
     return QUANTIZE_TARGETS[quantize_to.lower()]
 
 
@@ -88,6 +94,7 @@ def _open_as(src: Path, fmt: str, command: str) -> Model:
 
 def import_gguf(src: Path, out: Path, quantize_to: str | None = None) -> ImportResult:
     """Convert a GGUF to .apr v2 with aprender's names (see the module docstring for the rules)."""
+    check_output(src, out, "apr", "apr import writes an .apr file: choose a name ending in .apr")
     model = _open_as(src, "gguf", "import")
     return write_converted(model, out, _quant_target(quantize_to), lambda t: _stored_name(model, t.name))
 
@@ -95,10 +102,17 @@ def import_gguf(src: Path, out: Path, quantize_to: str | None = None) -> ImportR
 def convert_apr(src: Path, out: Path, quantize_to: str | None = None) -> ImportResult:
     """`apr convert`: any model → .apr, tensors (re)quantized as asked; an .apr keeps its stored names,
     another format gets the names `apr import` gives."""
+    check_output(
+        src,
+        out,
+        "apr",
+        "apr convert writes an .apr file, or a GGUF for -o NAME.gguf (a Hugging Face folder: apr export)",
+    )
+    want = _quant_target(quantize_to)
     ckpt = open_model(src)
     if ckpt.format_name == "apr":
-        return write_converted(ckpt, out, _quant_target(quantize_to), lambda t: t.source_name or t.name)
-    return write_converted(ckpt, out, _quant_target(quantize_to), lambda t: _stored_name(ckpt, t.name))
+        return write_converted(ckpt, out, want, lambda t: t.source_name or t.name)
+    return write_converted(ckpt, out, want, lambda t: _stored_name(ckpt, t.name))
 
 
 def write_converted(
@@ -110,8 +124,8 @@ def write_converted(
     sources = list(ckpt.tensors())
     for t in sources:
         to = _target(t, want)
-        if want is not None and len(t.shape) == 2:
-            result.matrices.append((t.name, t.shape[1], to.name))
+        if want is not None and len(t.shape) >= 2:
+            result.matrices.append((t.name, t.shape[-1], to.name))
         tensors.append(AprTensor(stored(t), to, t.shape, _producer(ckpt, t, to)))  # type: ignore[arg-type]
         if to == t.qtype:
             result.passthrough.append(t.name)

@@ -5,7 +5,8 @@ Opening reads the 64-byte header, the JSON metadata and the tensor index, checks
 the family registry; no tensor data is touched. The footer CRC covers every byte of the file, so checking
 it means reading all of it: open does not (for a 7B file that is gigabytes of I/O before the first layer
 is traced, and aprender itself never checks it); `check_footer()` / `verify()` do, and
-`open_apr(path, verify=True)` does both.
+`open_apr(path, verify=True)` does both. A trace checks it on the read its sha256 fingerprint makes anyway
+(apr.trace.fingerprint, beside the forward pass), `apr convert` / `apr export` before converting.
 
 Tensors appear under their stored names (aprender stores HF names for Qwen2 imports and GGUF names for
 LLaMA imports; the family maps either spelling to its roles). Every read (`read`, `read_rows`, `raw`,
@@ -74,6 +75,7 @@ class AprCheckpoint:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._footer: FooterCheck | None = None
         where = str(path)
         self._file = TensorFile(path)  # held open until close(): see formats/tensorio.py
         try:
@@ -160,23 +162,30 @@ class AprCheckpoint:
         return tokenizer_from_metadata(self.full_metadata, str(self.path))
 
     def check_footer(self) -> FooterCheck:
-        """Stored vs computed footer CRC32 (reads the whole file once)."""
-        try:
-            with os.fdopen(os.dup(self._file.fileno()), "rb") as f:
-                return check_footer(f, self.file_size)
-        except OSError as e:
-            raise AprIOError(f"cannot read {self.path}: {e.strerror or e}") from None
+        """Stored vs computed footer CRC32: reads the whole file on the first call, and remembers the
+        result for this opened file (`apr inspect --verify` reports it, then exits on it)."""
+        if self._footer is None:
+            try:
+                with os.fdopen(os.dup(self._file.fileno()), "rb") as f:
+                    self._footer = check_footer(f, self.file_size)
+            except OSError as e:
+                raise AprIOError(f"cannot read {self.path}: {e.strerror or e}") from None
+        return self._footer
 
     def verify(self) -> None:
         """Raise FormatError unless the footer CRC32 matches every byte before it."""
         if not (check := self.check_footer()).ok:
-            raise FormatError(
-                f"{self.path}: footer checksum mismatch: stored 0x{check.stored:08x}, computed "
-                f"0x{check.computed:08x} over bytes [0, {self.file_size - 4}) (the file is corrupt)"
-            )
+            raise check.error(str(self.path))
 
     def close(self) -> None:
         self._file.close()
+
+
+def verify_checkpoint(ckpt: object) -> None:
+    """Raise FormatError when `ckpt` is an .apr file whose footer CRC fails (its remembered check: no second
+    read after `check_footer`); other formats keep no whole-file checksum, and pass."""
+    if isinstance(ckpt, AprCheckpoint):
+        ckpt.verify()
 
 
 def sniff(head: bytes, path: Path) -> bool:
@@ -201,5 +210,7 @@ FORMAT = Format(
     (".apr",),
     sniff,
     open_apr,
-    notes=("the footer CRC is checked by verify()/check_footer(), not when opening",),
+    notes=(
+        "the footer CRC is checked by verify()/check_footer() and by a trace's fingerprint, not when opening",
+    ),
 )

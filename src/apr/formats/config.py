@@ -8,7 +8,7 @@ same model up to that row permutation. (The model config itself is apr.models.co
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -21,6 +21,19 @@ class QKLayout(StrEnum):
     @property
     def rope_pairing(self) -> str:
         return "half-split" if self is QKLayout.HF else "adjacent"
+
+
+# the tensors whose rows are Q/K heads (the ones llama.cpp permutes), by their name after "blk.N."
+QK_HEAD_TENSORS: Final = {"attn_q.weight": "q", "attn_q.bias": "q", "attn_k.weight": "k", "attn_k.bias": "k"}
+
+
+def qk_heads(name: str, n_heads: int, n_kv_heads: int) -> int | None:
+    """The number of heads whose rows tensor `name` (canonical, "blk.N.attn_q.weight" or the template
+    "blk.{i}.attn_q.weight") holds when it is one of QK_HEAD_TENSORS; None for any other tensor."""
+    if not name.startswith("blk."):
+        return None
+    kind = QK_HEAD_TENSORS.get(name.split(".", 2)[-1])
+    return None if kind is None else n_heads if kind == "q" else n_kv_heads
 
 
 def interleaved_to_hf(x: npt.NDArray[Any], n_heads: int, axis: int = -1) -> npt.NDArray[Any]:

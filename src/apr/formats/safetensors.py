@@ -7,6 +7,13 @@ from each shard's descriptor, held open until `close` (formats/tensorio.py: a sh
 is a clean error, not SIGBUS), because the `safetensors` package's numpy path cannot return BF16 and
 exposes no byte offsets; apr never calls into that package, so no Rust panic of it can reach the user. Tests
 check every tensor against the `safetensors` package. Names stay HF's; the family maps them to roles.
+
+Which weight files a folder is: the ones transformers would load, or an error. transformers takes
+model.safetensors when it exists and the index only otherwise, and never loads unindexed shards (it falls back
+to pytorch_model.bin). A folder where that choice and the index disagree (a stale model.safetensors beside a
+sharded index, or unindexed shards beside pytorch_model.bin) is refused, so that `apr trace DIR` and
+`apr trace DIR --engine transformers` can never trace different weights. A folder that looks like an HF
+folder (weights or tokenizer files) but lacks config.json is this format's, and says what is missing.
 """
 
 from __future__ import annotations
@@ -33,6 +40,16 @@ CONFIG_JSON: Final = "config.json"
 TOKENIZER_JSON: Final = "tokenizer.json"
 SINGLE_FILE: Final = "model.safetensors"
 INDEX_FILE: Final = "model.safetensors.index.json"
+SHARD_GLOB: Final = "model-*-of-*.safetensors"
+TORCH_WEIGHTS: Final = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # transformers' next choice
+# files that make a folder an HF model folder even without config.json (then opening says it is missing)
+HF_MARKERS: Final = (
+    "*.safetensors",
+    INDEX_FILE,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+)
 MAX_HEADER: Final = 100 << 20
 MAX_CONFIG: Final = 16 << 20
 MAX_DIM: Final = 1 << 40  # no real tensor dimension comes close; past it numpy's int64 shapes overflow
@@ -106,18 +123,36 @@ def _tensor_info(path: Path, name: str, entry: Any, data_start: int, size: int) 
     return TensorInfo(name, qtype, shape, data_start + begin, need)
 
 
-def _shard_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_FILE
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of an HF folder, as transformers would load them (see the module docstring)."""
+    index, single = folder / INDEX_FILE, folder / SINGLE_FILE
     if index.is_file():
         weight_map = want(load_object(index), "weight_map", dict, str(index))
         files = sorted({check(v, str, f"{index}: 'weight_map' value") for v in weight_map.values()})
+        if single.is_file() and files != [SINGLE_FILE]:
+            raise FormatError(
+                f"{folder}: holds both {SINGLE_FILE} and {INDEX_FILE} (sharded weights); transformers "
+                f"would load {SINGLE_FILE}, apr the shards: remove the stale one"
+            )
         return [confined(folder, f, str(index)) for f in files]
-    if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
-    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    if single.is_file():
+        return [single]
+    shards = sorted(folder.glob(SHARD_GLOB))
+    if shards and (other := next((n for n in TORCH_WEIGHTS if (folder / n).is_file()), None)):
+        raise FormatError(
+            f"{folder}: holds {shards[0].name}... without {INDEX_FILE}, and {other}; transformers "
+            f"would load {other}, apr the shards: remove the stale one or add the index"
+        )
     if shards:
         return shards
     raise FormatError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} in this folder")
+
+
+def check_weight_files(folder: Path) -> None:
+    """Raise FormatError when apr and transformers would load different weights from `folder` (a folder
+    without safetensors weights passes: transformers may load it, apr refuses it when opening)."""
+    if any(map(Path.is_file, (folder / INDEX_FILE, folder / SINGLE_FILE))) or any(folder.glob(SHARD_GLOB)):
+        weight_files(folder)
 
 
 class HFSource:
@@ -200,9 +235,14 @@ class SafetensorsCheckpoint:
 def open_safetensors(path: Path) -> SafetensorsCheckpoint:
     folder = path if path.is_dir() else path.parent
     if not (folder / CONFIG_JSON).exists():
+        if path.is_dir():
+            raise FormatError(
+                f"{folder}: no {CONFIG_JSON} in this Hugging Face folder (it holds {_markers(folder)}); "
+                f"copy the model's {CONFIG_JSON} into it"
+            )
         raise FormatError(f"{folder}: no {CONFIG_JSON} next to the safetensors weights")
     hf_cfg = load_object(folder / CONFIG_JSON, MAX_CONFIG)
-    paths = [path] if path.is_file() else _shard_files(folder)
+    paths = [path] if path.is_file() else weight_files(folder)
     tensors: dict[str, TensorInfo] = {}
     where: dict[str, TensorFile] = {}
     opened: list[TensorFile] = []
@@ -226,13 +266,14 @@ def open_safetensors(path: Path) -> SafetensorsCheckpoint:
     return SafetensorsCheckpoint(folder, HFSource(hf_cfg), meta, tensors, where)
 
 
+def _markers(folder: Path) -> str:
+    found = sorted({p.name for pattern in HF_MARKERS for p in folder.glob(pattern) if p.is_file()})
+    return ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+
+
 def _sniff(head: bytes, path: Path) -> bool:
     if path.is_dir():
-        return (path / CONFIG_JSON).is_file() and (
-            (path / SINGLE_FILE).is_file()
-            or (path / INDEX_FILE).is_file()
-            or any(path.glob("model-*-of-*.safetensors"))
-        )
+        return (path / CONFIG_JSON).is_file() or bool(_markers(path))
     return path.suffix == ".safetensors" and len(head) >= 9 and head[8:9] == b"{"
 
 

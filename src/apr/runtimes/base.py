@@ -11,13 +11,16 @@ A runtime (transformers, llama.cpp) runs one prefill forward pass over given tok
     ffn_gate, ffn_up, ffn_silu, ffn_swigl (S, I)          lm_head (S, V), every position
 
 What a runtime cannot expose is listed in `RuntimeRun.unavailable`, with the reason in `notes`; it is never
-silently missing and never recomputed. This module knows nothing of torch or ggml.
+silently missing and never recomputed. Which model formats each runtime loads is the table `LOADS`; any other
+is refused up front by `check_loadable` (a ValidationError saying how to get one it loads), never left to
+the runtime's own loader. This module knows nothing of torch or ggml.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -31,6 +34,50 @@ ENGINE_TRANSFORMERS: Final = "transformers"
 ENGINE_LLAMACPP: Final = "llama.cpp"
 
 Array = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class Loads:
+    """The model formats (apr.formats names) a runtime loads, said for a user, and how to get one."""
+
+    formats: tuple[str, ...]
+    said: str  # "runs .gguf files only"
+    hint: str  # a command making one, with {model} and {stem}
+
+
+LOADS: Final[dict[str, Loads]] = {
+    ENGINE_LLAMACPP: Loads(
+        ("gguf",), "runs .gguf files only", "apr export {model} -o {stem}.gguf --format gguf"
+    ),
+    ENGINE_TRANSFORMERS: Loads(
+        ("safetensors", "gguf"),
+        "loads Hugging Face folders and .gguf files only",
+        "apr export {model} -o {stem}-hf/",
+    ),
+}
+FORMAT_NOUNS: Final = {"safetensors": "a Hugging Face safetensors folder", "apr": "an .apr file"}
+
+
+def check_loadable(engine: str, path: Path, format_name: str) -> None:
+    """Raise ValidationError when the runtime `engine` cannot load a `format_name` model (the reference
+    engine, and a name not in `LOADS`, load everything apr reads). transformers loads an HF folder, not one
+    .safetensors file of it: the folder is what it would load, whatever else the folder holds."""
+    loads = LOADS.get(engine)
+    if loads is None:
+        return
+    if format_name in loads.formats:
+        if engine == ENGINE_TRANSFORMERS and format_name == "safetensors" and not path.is_dir():
+            raise ValidationError(
+                f"{path}: --engine {engine} loads a Hugging Face folder, not one .safetensors file of it; "
+                f"give the folder {path.parent}"
+            )
+        return
+    noun = FORMAT_NOUNS.get(format_name, f"a {format_name} model")
+    stem = (path.resolve().name if path.is_dir() else path.stem) or "model"
+    hint = loads.hint.format(model=path, stem=stem)
+    raise ValidationError(
+        f"{path}: --engine {engine} {loads.said}, and this is {noun}; make one with `{hint}`"
+    )
 
 
 @dataclass(frozen=True, slots=True)

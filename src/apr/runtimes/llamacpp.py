@@ -41,12 +41,14 @@ from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 from apr.errors import AprError, InferenceError, ModelLoadError, NotFoundError, ValidationError
+from apr.formats import detect_format
 from apr.formats.config import QKLayout
 from apr.models.common import LLAMA_NODES
 from apr.runtimes.base import (
     ENGINE_LLAMACPP,
     ForwardOrderTap,
     RuntimeRun,
+    check_loadable,
     check_token_ids,
     missing_stages,
     model_stages,
@@ -85,7 +87,7 @@ def run_llamacpp(
     """Run `token_ids` through llama.cpp (one prefill decode, CPU) and tap every stage it exposes.
 
     Args:
-        model_path: a .gguf file.
+        model_path: a .gguf file (another format raises ValidationError: `runtimes/base.py` LOADS).
         token_ids: the prompt, already tokenized (no BOS is added).
         tap: called as `tap(StageId, float32 array)` for every stage, in forward order.
         n_threads: llama.cpp threads; fixed so runs repeat bit for bit.
@@ -103,8 +105,11 @@ def run_llamacpp(
     ggml, log = bind()
     llama = ggml.llama_cpp
     path = Path(model_path)
-    if not path.is_file():
+    if not path.exists():
         raise NotFoundError(f"model not found: {path}")
+    check_loadable(
+        ENGINE_LLAMACPP, path, detect_format(path).name
+    )  # a folder or .apr: say so, not "load failed"
     if n_threads < 1:
         raise ValidationError(f"n_threads must be >= 1, got {n_threads}")
     if kv_type not in KV_TYPES:

@@ -33,13 +33,16 @@ from apr.errors import (
     NotFoundError,
     ValidationError,
 )
+from apr.formats import detect_format
 from apr.formats.config import QKLayout
+from apr.formats.safetensors import check_weight_files
 from apr.models.base import HookMap
 from apr.models.common import LLAMA_LAYER_HOOKS
 from apr.panics import HeldStderr, is_panic
 from apr.runtimes.base import (
     ENGINE_TRANSFORMERS,
     RuntimeRun,
+    check_loadable,
     check_token_ids,
     missing_stages,
     model_stages,
@@ -178,6 +181,9 @@ def _register_attention(transformers: Any) -> None:
 def _load(transformers: Any, torch: Any, path: Path, dtype: Any) -> Any:
     if not path.exists():
         raise NotFoundError(f"model not found: {path}")
+    check_loadable(ENGINE_TRANSFORMERS, path, detect_format(path).name)
+    if path.is_dir():
+        check_weight_files(path)  # transformers and apr would load different weights: refused
     kwargs: dict[str, Any] = {
         "dtype": torch.float32,
         "attn_implementation": ATTN_IMPLEMENTATION,

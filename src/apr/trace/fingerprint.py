@@ -13,6 +13,12 @@ began and every key is the same after hashing as before (nothing changed under t
 that is not what apr writes, or that cannot be read or written, is ignored: the model is hashed as if there
 were no cache. Writes are atomic (apr.atomicfile: a temporary file renamed over it); concurrent runs may
 each write, and the last one wins, which loses at most a cache entry, never gives a wrong one.
+
+The same read checks an .apr file's footer CRC32 (formats/aprcodec.py `FooterCrc`, fed the chunks the sha256
+reads; a file is one by its magic), and the verdict is kept in the cache entry beside the hash: a file found
+corrupt stays corrupt while its keys are unchanged. `intact(path)` is the fingerprint of a model whose
+checksum holds, else a FormatError naming the file and the mismatch: a trace takes it beside its forward
+pass and commits nothing when it fails; `apr convert` / `apr export` take `check_intact` before converting.
 """
 
 from __future__ import annotations
@@ -22,23 +28,39 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from apr.atomicfile import write_bytes_atomic
 from apr.errors import AprError
+from apr.formats.aprcodec import MAGIC as APR_MAGIC
+from apr.formats.aprcodec import FooterCheck, FooterCrc
 from apr.formats.files import read_regular
 
 HASH_CHUNK: Final = 8 << 20
 CACHE_ENV: Final = "APR_CACHE"
 CACHE_OFF: Final = "off"
 CACHE_NAME: Final = "fingerprints.json"
-CACHE_SCHEMA: Final = "apr-fingerprints/1"
+CACHE_SCHEMA: Final = "apr-fingerprints/2"  # 2: entries carry the footer verdict
 MAX_ENTRIES: Final = 256  # the most recently used are kept
 MAX_CACHE_BYTES: Final = 1 << 20  # a larger file is not apr's: ignored
 RACY_NS = 2_000_000_000  # a module variable: tests shorten it
 
 FileKey = list[Any]  # [relative name, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns]
+CRC_MAX: Final = 1 << 32
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    sha256: str
+    bytes: int
+    footer: FooterCheck | None = None  # an .apr file's footer CRC32; None: the model keeps no such checksum
+
+    def check(self, path: Path) -> None:
+        """Raise FormatError (naming `path` and the mismatch) when the model's checksum failed."""
+        if self.footer is not None and not self.footer.ok:
+            raise self.footer.error(str(path))
 
 
 def cache_file() -> Path | None:
@@ -57,8 +79,9 @@ def model_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
-def fingerprint(path: Path) -> tuple[str, int]:
-    """sha256 and size of a model file; for a folder, of its files (name + content) in name order."""
+def fingerprint(path: Path) -> Fingerprint:
+    """sha256 and size of a model file (for a folder, of its files: name + content, in name order), and
+    an .apr file's footer check, from one read or from the cache."""
     files = model_files(path)
     store = cache_file()
     if store is None:
@@ -70,24 +93,62 @@ def fingerprint(path: Path) -> tuple[str, int]:
     if hit is not None and hit["files"] == before:
         if next(reversed(entries)) != where:
             _save(store, entries, where, hit)  # marks it the most recently used
-        return hit["sha256"], hit["bytes"]
-    sha, total = _hash(path, files)
+        footer = hit["footer"]
+        return Fingerprint(hit["sha256"], hit["bytes"], None if footer is None else FooterCheck(*footer))
+    got = _hash(path, files)
     settled = all(started - key[-1] >= RACY_NS for key in before)
     if settled and _keys(path, files) == before:
-        _save(store, entries, where, {"files": before, "sha256": sha, "bytes": total})
-    return sha, total
+        f = got.footer
+        footer = None if f is None else [f.stored, f.computed, f.covered]
+        _save(
+            store,
+            entries,
+            where,
+            {"files": before, "sha256": got.sha256, "bytes": got.bytes, "footer": footer},
+        )
+    return got
 
 
-def _hash(path: Path, files: list[Path]) -> tuple[str, int]:
+def intact(path: Path) -> Fingerprint:
+    """`fingerprint(path)` of a model whose whole-file checksum holds; FormatError when it does not."""
+    got = fingerprint(path)
+    got.check(path)
+    return got
+
+
+def check_intact(path: Path) -> None:
+    """Raise FormatError when `path` is an .apr file whose footer CRC fails, from the cache or from one read
+    that fills it (a later trace of the file reads nothing more). Other models keep no whole-file checksum:
+    nothing is read."""
+    if path.is_file() and _is_apr(path):
+        intact(path)
+
+
+def _is_apr(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(APR_MAGIC)) == APR_MAGIC
+    except OSError:
+        return False  # opening the model says why, in its own words
+
+
+def _hash(path: Path, files: list[Path]) -> Fingerprint:
     h, total, folder = hashlib.sha256(), 0, path.is_dir()
+    crc: FooterCrc | None = None
     for f in files:
         if folder:
             h.update(f.relative_to(path).as_posix().encode() + b"\0")
         with f.open("rb") as fh:
-            while chunk := fh.read(HASH_CHUNK):
+            chunk = fh.read(HASH_CHUNK)
+            if not folder and chunk.startswith(APR_MAGIC):  # the magic alone: a bad header still counts
+                crc = FooterCrc()
+            while chunk:
                 h.update(chunk)
+                if crc is not None:
+                    crc.update(chunk)
                 total += len(chunk)
-    return h.hexdigest(), total
+                chunk = fh.read(HASH_CHUNK)
+    return Fingerprint(h.hexdigest(), total, None if crc is None else crc.result())
 
 
 def _keys(path: Path, files: list[Path]) -> list[FileKey]:
@@ -120,10 +181,22 @@ def _valid(entry: Any) -> bool:
     sha, size = entry.get("sha256"), entry.get("bytes")
     if not (isinstance(sha, str) and len(sha) == 64 and isinstance(size, int) and size >= 0):
         return False
+    if not _valid_footer(entry.get("footer", False), size):
+        return False
     return all(
         isinstance(k, list) and len(k) == 6 and isinstance(k[0], str) and all(type(v) is int for v in k[1:])
         for k in entry["files"]
     )
+
+
+def _valid_footer(footer: Any, size: int) -> bool:
+    """None (no checksum), or [stored, computed, covered] as `FooterCheck` holds them."""
+    if footer is None:
+        return True
+    if not (isinstance(footer, list) and len(footer) == 3 and all(type(v) is int for v in footer)):
+        return False
+    stored, computed, covered = (int(v) for v in footer)
+    return 0 <= stored < CRC_MAX and 0 <= computed < CRC_MAX and 0 <= covered <= size
 
 
 def _save(store: Path, entries: dict[str, dict[str, Any]], where: str, entry: dict[str, Any]) -> None:

@@ -2,7 +2,13 @@
 
 `prepare_trace` opens the model and tokenizes the prompt (cheap); `PreparedTrace.run` runs the chosen engine
 with a tap. Engines are a table: the reference numpy engine (default), transformers and llama.cpp (optional
-extras, imported only when chosen). Every engine reports how it ran (`EngineRun`); the writer records it.
+extras, imported only when chosen); a runtime is refused, before any work, a model format it cannot load
+(apr.runtimes.base `check_loadable`). Every engine reports how it ran (`EngineRun`); the writer records it.
+
+The model's bytes are fingerprinted beside the forward pass (apr.trace.fingerprint `intact`: sha256, and an
+.apr file's footer CRC32 on the same read). A model whose checksum fails raises FormatError before the
+trace directory is swapped in: a corrupt file leaves no trace behind. `engine_fn`'s engines (a payload
+report) run beside the same check of an .apr file (and hash nothing else).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from apr.formats.config import QKLayout
 from apr.models import Model, open_model
 from apr.models.generic import NAME as GENERIC
 from apr.runtimes import ENGINE_LLAMACPP, ENGINE_TRANSFORMERS, RuntimeRun
+from apr.runtimes.base import check_loadable
 from apr.stages import Tap
 from apr.trace.estimate import DiskEstimate, estimate_disk
-from apr.trace.fingerprint import fingerprint
+from apr.trace.fingerprint import check_intact, intact
 from apr.trace.manifest import RunInfo
 from apr.trace.plan import TracePlan
 from apr.trace.prompt import Prompt, encode_prompt
@@ -127,6 +134,7 @@ def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt:
         raise ValidationError(
             f"--engine transformers keeps its KV cache in f32; drop --kv-type {opt.kv_type}"
         )
+    check_loadable(ENGINE_TRANSFORMERS, path, model.format_name)
     from apr.runtimes.transformers import run_transformers  # a reference trace does not load it
 
     stages = [n.stage for n in model.graph()]
@@ -146,6 +154,7 @@ def _transformers(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt:
 def _llamacpp(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, opt: TraceOptions) -> EngineRun:
     if opt.precision != "f32":
         raise ValidationError(f"--engine llama.cpp computes in f32 only; drop --precision {opt.precision}")
+    check_loadable(ENGINE_LLAMACPP, path, model.format_name)
     from apr.runtimes.llamacpp import run_llamacpp  # a reference trace does not load it
 
     stages = [n.stage for n in model.graph()]
@@ -171,6 +180,23 @@ ENGINES: Final[dict[str, EngineFn]] = {
 
 
 def engine_fn(opt: TraceOptions) -> EngineFn:
+    """The engine `opt` names, run beside the model's integrity check (`check_intact`: an .apr file's footer
+    CRC, from the fingerprint cache or one read that fills it; other formats read nothing): a model whose
+    checksum fails raises FormatError once the pass is done, before its result reaches the caller."""
+    run_engine = _engine(opt)
+
+    def checked(path: Path, model: Model, ids: tuple[int, ...], tap: Tap, o: TraceOptions) -> EngineRun:
+        with ThreadPoolExecutor(1, thread_name_prefix="apr-crc32") as pool:
+            with held_signals():
+                check = pool.submit(check_intact, path)
+            eng = run_engine(path, model, ids, tap, o)
+            held_result(check)
+        return eng
+
+    return checked
+
+
+def _engine(opt: TraceOptions) -> EngineFn:
     if opt.engine not in ENGINES:
         raise ValidationError(f"unknown engine {opt.engine!r} (choose from {', '.join(ENGINES)})")
     if opt.precision not in PRECISIONS:
@@ -238,16 +264,19 @@ class PreparedTrace:
         cfg = self.model.config
         plan = plan.for_model(cfg.n_layers, self.model.stages())
         self.estimate_disk(plan, out_dir, opt).check()  # ValidationError: over the free space / max_disk
-        run_engine = engine_fn(opt)
+        run_engine = _engine(opt)
+        check_loadable(opt.engine, self.path, self.model.format_name)  # before the writer and the hash
         base = EngineRun(opt.engine, "", cfg.qk_layout)
         writer = TraceWriter(out_dir, plan, self.run_info(base, opt))
         # hashing the model (seconds for a 7B file) overlaps the forward pass: hashlib releases the GIL
         with writer, ThreadPoolExecutor(1, thread_name_prefix="apr-sha256") as pool:
             with held_signals():  # not inside the executor's locks: its shutdown would wait on them
-                digest = pool.submit(fingerprint, self.path)
+                digest = pool.submit(intact, self.path)
             eng = run_engine(self.path, self.model, self.token_ids, writer, opt)
+            # raises (a corrupt .apr: FormatError) inside the writer's block, so nothing is committed
+            model_bytes = held_result(digest)
             # the manifest records how the engine actually ran, and which model bytes it ran on
-            writer.run = self.run_info(eng, opt, *held_result(digest))
+            writer.run = self.run_info(eng, opt, model_bytes.sha256, model_bytes.bytes)
         return TraceOutcome(writer.result, writer.run, eng)
 
 
@@ -267,5 +296,10 @@ def prepare_trace(path: Path, prompt: Prompt | str, engine: str = "reference") -
     """
     request = Prompt(prompt) if isinstance(prompt, str) else prompt
     model = open_model(path, runtime_only=engine != "reference")  # a runtime runs what no family declares
+    try:
+        check_loadable(engine, path, model.format_name)
+    except BaseException:
+        model.close()
+        raise
     enc = encode_prompt(request, model)
     return PreparedTrace(path, model, enc.tokenizer, request, enc.token_ids, enc.chat_text)
