@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from apr.atomicfile import write_bytes_atomic
+from apr.atomicfile import check_writable_path, write_bytes_atomic
 from apr.cli.app import (
     COSINE,
     NON_NEGATIVE,
@@ -63,6 +63,12 @@ from apr.trace.run import PRECISIONS
     help="Exit 1 when any compared stage diverges or MoE routing differs (an error when no stage could be "
     "compared).",
 )
+@click.option(
+    "--no-data",
+    is_flag=True,
+    help="Two models: compare names, shapes and types only, not the tensors' data (by default both files "
+    "are read in full).",
+)
 def diff(
     a: Path,
     b: Path,
@@ -71,12 +77,15 @@ def diff(
     min_cos: float | None,
     max_rel: float | None,
     check: bool,
+    no_data: bool,
 ) -> None:
     """Compare two models, two trace directories or two stage files (APRT).
 
     \b
-    Two models (any formats): config, tokenizer and tensor set, before any forward pass
-    (--check: exit 1 when they differ in more than storage and types).
+    Two models (any formats): config, tokenizer (and how both encode a set of probe texts), tensor
+    set and tensor data, before any forward pass (--check: exit 1 when they differ in more than
+    storage and types; what could not be compared, such as the data of tensors of different types,
+    is named in the verdict and does not fail it).
     Two directories: one row per common stage in forward order, first divergence marked.
     Two files: aprender's max|diff|, RMS, cosine and top-N report, element by element; stage
     files of apr traces are aligned (Q/K layout, positions) as in directory mode, and a Q/K
@@ -86,7 +95,8 @@ def diff(
     """
     tolerance = Tolerance.from_options(min_cos, max_rel)
     if is_model(a) and is_model(b):  # one model against a trace: the trace checks below say what it is
-        found = diff_models(open_model(a), open_model(b))
+        on = lambda label, n: Progress(n, label)  # noqa: E731
+        found = diff_models(open_model(a), open_model(b), data=not no_data, progress=on)
         show(found, model_diff_report.to_doc, model_diff_report.render_text)
         if check and found.differs:
             exit_diverged()
@@ -207,6 +217,8 @@ def bisect_cmd(
     Example:  apr bisect model-q8_0.gguf model-q8_0.gguf --engine-b llama.cpp --precision-a ggml
     """
     model = ToleranceModel(floor=floor, growth=growth)
+    if report_path is not None:
+        check_writable_path(report_path)  # before both runs, not after them
     found = diff_models(open_model(a), open_model(b)) if is_model(a) and is_model(b) else None
     if found is not None and not wants_json():
         emit(model_diff_report.render_text(found) + "\n")

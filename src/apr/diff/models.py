@@ -1,24 +1,31 @@
 """`apr diff MODEL_A MODEL_B`: what differs between two checkpoints before any forward pass.
 
-Three comparisons, as values (report/model_diff.py renders them):
+Four comparisons, as values (report/model_diff.py renders them):
 
 - config: every ModelConfig field (RoPE scaling field by field), each difference marked as changing the
   math or only how the file stores the same math (Q/K row order, Gemma's stored 1 + w, Llama 3's scaling
   as a `rope_freqs` tensor);
-- tokenizer: vocabulary size, the special ids and flags, the first differing token and merge;
-- tensors under canonical names: missing in B, extra in B, a different shape, a different type.
+- tokenizer: vocabulary size, the special ids and flags, the first differing token and merge, and how
+  both tokenizers encode a fixed set of probe texts (diff/tokenizer_probe.py);
+- tensors under canonical names: missing in B, extra in B, a different shape, a different type;
+- tensor data: every tensor both store alike, read in full (diff/tensor_data.py; `data=False` skips it).
 
-Nothing here reads tensor data.
+The verdict is one of VERDICTS: "differ", "same" only when everything was compared, "unverified" when
+nothing compared differs but something could not be compared (data of different types, a tokenizer that
+cannot be built): never "same" on a part that was not looked at.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
+from apr.diff.tensor_data import DataCheck, compare_data, paired_names, skip_data
+from apr.diff.tokenizer_probe import ProbeCheck, probe_tokenizers
 from apr.errors import AprError
 from apr.formats import detect_format
 from apr.formats.base import TokenizerSpec
@@ -33,6 +40,8 @@ STORAGE_FIELDS: Final = {
 }
 HF_TOKENIZER: Final = "tokenizer.json"  # TokenizerSpec.model of an HF folder's tokenizer
 TOKENIZER_FIELDS: Final = ("bos_id", "eos_id", "add_bos", "add_eos", "add_space_prefix")
+VERDICTS: Final = ("differ", "same", "unverified")
+ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (label, total) → on_item(i)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +61,18 @@ class TokenizerDiff:
     first_type: tuple[int, str, str] | None = None  # (id, A's GGUF token type, B's)
     merges: tuple[int, int] = (0, 0)
     first_merge: tuple[int, str, str] | None = None  # (rank, A's, B's)
+    probes: ProbeCheck | None = None  # None: a side has no tokenizer
 
     @property
     def differs(self) -> bool:
         sizes = self.a_size != self.b_size or self.merges[0] != self.merges[1]
-        return sizes or bool(self.fields or self.first_token or self.first_type or self.first_merge)
+        encodes = self.probes is not None and bool(self.probes.differ)
+        vocab = bool(self.fields or self.first_token or self.first_type or self.first_merge)
+        return sizes or vocab or encodes
+
+    @property
+    def verified(self) -> bool:
+        return self.probes is None or not self.probes.problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +93,7 @@ class ModelDiff:
     tokenizer: TokenizerDiff
     tensors: list[TensorDiff]
     tensor_counts: tuple[int, int]
+    data: DataCheck
 
     @property
     def math_config(self) -> list[FieldDiff]:
@@ -86,7 +103,14 @@ class ModelDiff:
     def differs(self) -> bool:
         """A difference that changes what the models compute (types only change precision)."""
         structural = any(t.kind != "type" for t in self.tensors)
-        return bool(self.math_config) or self.tokenizer.differs or structural
+        return bool(self.math_config) or self.tokenizer.differs or structural or self.data.differs
+
+    @property
+    def verdict(self) -> str:
+        """One of VERDICTS: "same" only when nothing was left uncompared."""
+        if self.differs:
+            return "differ"
+        return "same" if self.tokenizer.verified and not self.data.skipped else "unverified"
 
 
 def is_model(path: Path) -> bool:
@@ -98,8 +122,20 @@ def is_model(path: Path) -> bool:
     return True
 
 
-def diff_models(a: Model, b: Model) -> ModelDiff:
-    """Config, tokenizer and tensor-set differences of two opened models (no tensor data read)."""
+def diff_models(
+    a: Model, b: Model, *, data: bool = True, progress: ProgressFactory | None = None
+) -> ModelDiff:
+    """Config, tokenizer, tensor-set and (unless `data` is False) tensor-data differences of two opened
+    models; `progress(label, tensors)` hears of each tensor whose data is compared.
+
+    >>> diff_models(open_model("a.apr"), open_model("b.apr")).verdict  # doctest: +SKIP
+    'same'
+    """
+    if data:
+        on_tensor = None if progress is None else progress("tensor data", len(paired_names(a, b)))
+        found = compare_data(a, b, on_tensor)
+    else:
+        found = skip_data(a, b)
     return ModelDiff(
         str(a.path),
         str(b.path),
@@ -109,6 +145,7 @@ def diff_models(a: Model, b: Model) -> ModelDiff:
         diff_tokenizers(a.tokenizer_spec(), b.tokenizer_spec()),
         _diff_tensors(a, b),
         (len(a.tensors()), len(b.tensors())),
+        found,
     )
 
 
@@ -151,6 +188,7 @@ def diff_tokenizers(a: TokenizerSpec | None, b: TokenizerSpec | None) -> Tokeniz
         _first_difference(a.token_types, b.token_types) if both_gguf else None,
         (len(a.merges), len(b.merges)) if merges else (0, 0),
         _first_difference(a.merges, b.merges) if merges else None,
+        probe_tokenizers(a, b),
     )
 
 

@@ -23,7 +23,7 @@ from apr.diff.bisect import BisectResult
 from apr.diff.bisect_summary import layer_summary
 from apr.diff.growth import GrowthRow
 from apr.diff.isolate import isolate_summary
-from apr.diff.models import ModelDiff
+from apr.diff.models import ModelDiff, TokenizerDiff
 from apr.report import routing
 from apr.report.bisect import verdict
 from apr.report.numfmt import short
@@ -69,10 +69,17 @@ def _config_section(found: ModelDiff | None) -> str:
                 "tokenizer",
                 f"{t.a_size} tokens",
                 f"{t.b_size} tokens",
-                "first token " + (str(t.first_token) if t.first_token else "-"),
+                _tokenizer_difference(t),
             )
         )
     return "<h2>Config differences</h2>" + _table(rows, ("field", "A", "B", "what it means"))
+
+
+def _tokenizer_difference(t: TokenizerDiff) -> str:
+    if t.first_token or t.probes is None or not t.probes.differ:
+        return "first token " + (str(t.first_token) if t.first_token else "-")
+    p = t.probes.differ[0]
+    return f"encodes the {p.name!r} probe differently from position {p.position}"
 
 
 def _rule(r: BisectResult) -> str:

@@ -5,10 +5,19 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Final
 
-from apr.diff.models import FieldDiff, ModelDiff, TensorDiff
+from apr.diff.models import FieldDiff, ModelDiff, TensorDiff, TokenizerDiff
+from apr.diff.tensor_data import DataCheck, DataDiff
+from apr.diff.tokenizer_probe import ProbeCheck, ProbeDiff
+from apr.report.numfmt import json_float, short
 
 SCHEMA: Final = "apr-model-diff-v1"
 LISTED: Final = 8  # tensors named per kind of difference in text (all of them in JSON)
+IDS_SHOWN: Final = 6  # ids of each side shown from the first differing position of a probe
+VERDICT_TEXT: Final = {
+    "differ": "the models differ in what they compute",
+    "same": "no difference in the math",
+    "unverified": "no difference found in what was compared",
+}
 
 
 def _value(v: Any) -> str:
@@ -42,6 +51,94 @@ def _tensor_lines(tensors: list[TensorDiff]) -> list[str]:
     return out
 
 
+def _pair(a: int, b: int, what: str) -> str:
+    return f"{a} {what}" if a == b else f"{a} → {b} {what}"
+
+
+def _tokenizer_lines(t: TokenizerDiff) -> list[str]:
+    if t.a_size is None and t.b_size is None:
+        return ["tokenizer: neither side has one"]
+    if t.a_size is None or t.b_size is None:
+        return [f"tokenizer: {'A' if t.a_size is None else 'B'} has none"]
+    sizes = f"{_pair(t.a_size, t.b_size, 'tokens')}, {_pair(t.merges[0], t.merges[1], 'merges')}"
+    probes = t.probes
+    if not t.differs and t.verified:
+        encoded = f"; {probes.compared} probe texts encode alike" if probes else ""
+        return [f"tokenizer: identical ({sizes}{encoded})"]
+    head = "differs" if t.differs else "same vocabulary, encoding not compared"
+    out = [f"tokenizer: {head} ({sizes})"]
+    out += [_field_line(f) for f in t.fields]
+    if t.first_token:
+        i, a, b = t.first_token
+        out.append(f"  first differing token: id {i}: {a!r} → {b!r}")
+    if t.first_type:
+        i, a, b = t.first_type
+        out.append(f"  first differing token type: id {i}: {a} → {b}")
+    if t.first_merge:
+        i, a, b = t.first_merge
+        out.append(f"  first differing merge: rank {i}: {a!r} → {b!r}")
+    return out + ([] if probes is None else _probe_lines(probes))
+
+
+def _probe_lines(p: ProbeCheck) -> list[str]:
+    out = []
+    if p.differ:
+        first = p.differ[0]
+        out.append(
+            f"  encodes the {first.name!r} probe {_short_text(first.text)} differently at position "
+            f"{first.position}: A {_ids_at(first.a_ids, first)} → B {_ids_at(first.b_ids, first)}"
+        )
+        if len(p.differ) > 1:
+            out.append("  also encoded differently: " + ", ".join(repr(x.name) for x in p.differ[1:]))
+    return out + [f"  not compared: {problem}" for problem in p.problems]
+
+
+def _short_text(text: str, n: int = 32) -> str:
+    return repr(text if len(text) <= n else text[:n] + "…")
+
+
+def _ids_at(ids: tuple[int, ...], d: ProbeDiff) -> str:
+    shown = list(ids[d.position : d.position + IDS_SHOWN])
+    return (
+        ("[…, " if d.position else "[")
+        + ", ".join(map(str, shown))
+        + (", …]" if d.position + IDS_SHOWN < len(ids) else "]")
+    )
+
+
+def _data_lines(c: DataCheck) -> list[str]:
+    parts = []
+    if c.compared or not c.skipped:
+        state = "identical" if not c.differ else f"{len(c.differ)} differ{'s' * (len(c.differ) == 1)}"
+        parts.append(f"{c.compared} tensors compared, {state}")
+    parts += [f"{n} not compared: {why}" for why, n in Counter(why for _, why in c.skipped).items()]
+    out = ["tensor data: " + "; ".join(parts)]
+    out += [f"    {x.name}: {_data_difference(x)}" for x in c.differ[:LISTED]]
+    if len(c.differ) > LISTED:
+        out.append(f"    ... and {len(c.differ) - LISTED} more")
+    return out
+
+
+def _data_difference(x: DataDiff) -> str:
+    how = "values differ" if x.how == "values" else "bytes differ"
+    if x.max_abs is None:
+        return f"{how} (values not read)"
+    if x.max_abs == 0.0:
+        return f"{how}, values equal (+0/−0 or NaN payloads: the same math)"
+    return f"{how}, max |a − b| {short(x.max_abs)}"
+
+
+def verdict_line(d: ModelDiff) -> str:
+    """The verdict as one sentence (text and JSON give the same one)."""
+    out = VERDICT_TEXT[d.verdict]
+    if d.verdict != "unverified":
+        return out
+    why = [f"the data of {n} tensors ({why})" for why, n in Counter(w for _, w in d.data.skipped).items()]
+    if not d.tokenizer.verified:
+        why.append("the tokenizers' encoding (a side could not tokenize)")
+    return f"{out}; not compared: " + "; ".join(why)
+
+
 def render_text(d: ModelDiff) -> str:
     out = [
         f"A: {d.a} ({d.formats[0]}, {d.architectures[0]}, {d.tensor_counts[0]} tensors)",
@@ -49,32 +146,41 @@ def render_text(d: ModelDiff) -> str:
         "config: " + ("identical" if not d.config else f"{len(d.config)} fields differ"),
     ]
     out += [_field_line(f) for f in d.config]
-    t = d.tokenizer
-    if t.a_size is None or t.b_size is None:
-        out.append(f"tokenizer: {'A' if t.a_size is None else 'B'} has none")
-    elif not t.differs:
-        out.append(f"tokenizer: identical ({t.a_size} tokens, {t.merges[0]} merges)")
-    else:
-        out.append(f"tokenizer: {t.a_size} → {t.b_size} tokens, {t.merges[0]} → {t.merges[1]} merges")
-        out += [_field_line(f) for f in t.fields]
-        if t.first_token:
-            i, a, b = t.first_token
-            out.append(f"  first differing token: id {i}: {a!r} → {b!r}")
-        if t.first_type:
-            i, a, b = t.first_type
-            out.append(f"  first differing token type: id {i}: {a} → {b}")
-        if t.first_merge:
-            i, a, b = t.first_merge
-            out.append(f"  first differing merge: rank {i}: {a!r} → {b!r}")
+    out += _tokenizer_lines(d.tokenizer)
     out.append("tensors: " + ("identical names, shapes and types" if not d.tensors else ""))
     out += _tensor_lines(d.tensors)
-    verdict = "the models differ in what they compute" if d.differs else "no difference in the math"
-    out.append(f"=> {verdict}" + ("" if d.differs or not d.tensors else " (types differ: precision only)"))
+    out += _data_lines(d.data)
+    out.append(f"=> {verdict_line(d)}")
     return "\n".join(line.rstrip() for line in out) + "\n"
 
 
 def _field_doc(f: FieldDiff) -> dict[str, Any]:
     return {"field": f.name, "a": f.a, "b": f.b, "storage_only": bool(f.storage), "why": f.storage or None}
+
+
+def _probes_doc(p: ProbeCheck | None) -> dict[str, Any] | None:
+    if p is None:
+        return None
+    differ = [
+        {"probe": x.name, "text": x.text, "position": x.position, "a": list(x.a_ids), "b": list(x.b_ids)}
+        for x in p.differ
+    ]
+    return {"compared": p.compared, "differ": differ, "not_compared": list(p.problems)}
+
+
+def _data_doc(c: DataCheck) -> dict[str, Any]:
+    differ = [
+        {
+            "name": x.name,
+            "how": x.how,
+            "values_read": x.max_abs is not None,
+            "max_abs": None if x.max_abs is None else json_float(x.max_abs),
+            "changes_math": x.changes_math,
+        }
+        for x in c.differ
+    ]
+    skipped = [{"name": n, "why": why} for n, why in c.skipped]
+    return {"compared": c.compared, "differ": differ, "not_compared": skipped}
 
 
 def to_doc(d: ModelDiff) -> dict[str, Any]:
@@ -84,6 +190,8 @@ def to_doc(d: ModelDiff) -> dict[str, Any]:
         "a": {"path": d.a, "format": d.formats[0], "architecture": d.architectures[0]},
         "b": {"path": d.b, "format": d.formats[1], "architecture": d.architectures[1]},
         "differs": d.differs,
+        "verdict": d.verdict,
+        "verdict_text": verdict_line(d),
         "config": [_field_doc(f) for f in d.config],
         "tokenizer": {
             "size": [t.a_size, t.b_size],
@@ -98,6 +206,8 @@ def to_doc(d: ModelDiff) -> dict[str, Any]:
             "first_merge": None
             if t.first_merge is None
             else dict(zip(("rank", "a", "b"), t.first_merge, strict=True)),
+            "probes": _probes_doc(t.probes),
         },
         "tensors": [{"name": x.name, "kind": x.kind, "a": x.a or None, "b": x.b or None} for x in d.tensors],
+        "data": _data_doc(d.data),
     }
