@@ -166,3 +166,31 @@ def test_bisect_refuses_traces_that_share_no_stage(tmp_path: Path) -> None:
         f"error: the traces share no stage, so there is nothing to check: {a} holds blk.0.embedding; "
         f"{b} holds lm_head\n",
     )
+
+
+RAN = "is a trace directory, already run."
+OWN_PROMPT = "cannot apply: a trace directory brings its own prompt (a model beside it runs on it)."
+TRACE_SIDE_FLAGS = [
+    (("--engine-a", "llama.cpp"), "both", f"--engine-a applies to a model; A {RAN}"),
+    (("--precision-b", "ggml"), "b", f"--precision-b applies to a model; B {RAN}"),
+    (("--prompt", "Hi"), "a", f"--prompt {OWN_PROMPT}"),
+    (("--tokens", "1,2"), "b", f"--tokens {OWN_PROMPT}"),
+    (("--progress",), "both", "--progress applies when a side runs; both sides are trace directories."),
+]
+
+
+@pytest.mark.parametrize(("flag", "traces", "message"), TRACE_SIDE_FLAGS)
+def test_flags_a_trace_directory_side_would_ignore_are_usage_errors(
+    tmp_path: Path, flag: tuple[str, ...], traces: str, message: str
+) -> None:
+    t = write_stages(tmp_path / "t", StageId(Stage.EMBEDDING, 0))
+    model = tmp_path / "m.gguf"  # never opened: the check comes first
+    a, b = (t, t) if traces == "both" else (t, model) if traces == "a" else (model, t)
+    assert run("bisect", str(a), str(b), *flag) == (2, "", f"error: {message} Try 'apr bisect --help'.\n")
+
+
+def test_keep_with_two_trace_directories_is_refused_and_makes_nothing(tmp_path: Path) -> None:
+    t = write_stages(tmp_path / "t", StageId(Stage.EMBEDDING, 0))
+    code, _, stderr = run("bisect", str(t), str(t), "--keep", str(tmp_path / "kept"))
+    assert code == 2 and "--keep applies when a side runs" in stderr
+    assert not (tmp_path / "kept").exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Final, NoReturn, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from apr.errors import AprError, ExitCode
 from apr.report import json as jsonr
@@ -113,6 +114,17 @@ def show(result: R, doc: Callable[[R], dict[str, Any]], render: Callable[[R], st
         click.echo(jsonr.dumps(doc(result)))
     else:
         emit(render(result))
+
+
+def given_options() -> dict[str, str]:
+    """The options the user gave the running command (parameter name → its flag), defaults left out: for
+    the checks that refuse a flag the mode a command runs in would ignore."""
+    context = click.get_current_context()
+    return {
+        p.name: p.opts[0]
+        for p in context.command.params
+        if p.name and context.get_parameter_source(p.name) is not ParameterSource.DEFAULT
+    }
 
 
 def exit_diverged() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Final
 
 import click
 
@@ -15,13 +16,14 @@ from apr.cli.app import (
     cli,
     emit,
     exit_diverged,
+    given_options,
     path_arg,
     path_type,
     show,
     wants_json,
 )
 from apr.cli.tracing import ENGINE_CHOICE, prompt_options
-from apr.diff.bisect import PHASES, SideSpec
+from apr.diff.bisect import PHASES, SideSpec, is_trace_dir
 from apr.diff.bisect import bisect as run_bisect
 from apr.diff.compare import Tolerance, diff_stage_files, diff_traces, require_compared
 from apr.diff.growth import ToleranceModel
@@ -216,6 +218,7 @@ def bisect_cmd(
     Example:  apr bisect model-f32.gguf model-q4_k.gguf --engine-b llama.cpp --report report.html
     Example:  apr bisect model-q8_0.gguf model-q8_0.gguf --engine-b llama.cpp --precision-a ggml
     """
+    _check_trace_sides(a, b)
     model = ToleranceModel(floor=floor, growth=growth)
     if report_path is not None:
         check_writable_path(report_path)  # before both runs, not after them
@@ -239,3 +242,28 @@ def bisect_cmd(
     show(result, lambda r: bisect_report.to_doc(r) | extra, bisect_report.render_text)
     if result.growth.first_jump is not None or result.diff.routing_changed:
         exit_diverged()
+
+
+PROMPT_OPTIONS: Final = ("prompt_text", "prompt_file", "tokens", "chat", "system", "max_tokens")
+RUN_OPTIONS: Final = {"a": ("engine_a", "precision_a"), "b": ("engine_b", "precision_b")}
+
+
+def _check_trace_sides(a: Path, b: Path) -> None:
+    """Refuse (usage error) what `bisect` would ignore for a side that is a trace directory, already run:
+    its engine and precision; the prompt (a model beside a trace runs on the trace's own prompt); and, when
+    both are traces, --keep and --progress (nothing runs)."""
+    traces = {side: is_trace_dir(p) for side, p in (("a", a), ("b", b))}
+    if not any(traces.values()):
+        return
+    given = given_options()
+    for side, is_trace in traces.items():
+        if is_trace and (flag := next((given[n] for n in RUN_OPTIONS[side] if n in given), None)):
+            raise click.UsageError(
+                f"{flag} applies to a model; {side.upper()} is a trace directory, already run."
+            )
+    if prompt := next((given[n] for n in PROMPT_OPTIONS if n in given), None):
+        raise click.UsageError(
+            f"{prompt} cannot apply: a trace directory brings its own prompt (a model beside it runs on it)."
+        )
+    if all(traces.values()) and (idle := next((given[n] for n in ("keep", "progress") if n in given), None)):
+        raise click.UsageError(f"{idle} applies when a side runs; both sides are trace directories.")

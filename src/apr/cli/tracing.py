@@ -18,6 +18,7 @@ from apr.cli.app import (
     Progress,
     cli,
     emit,
+    given_options,
     path_arg,
     path_type,
     show,
@@ -303,12 +304,7 @@ def trace(
 
 def _check_mode(save_tensor: bool, payload: bool) -> None:
     """Refuse an option that the mode `apr trace` runs in would ignore (a usage error, exit 2)."""
-    context = click.get_current_context()
-    given = {
-        p.name: p.opts[0]
-        for p in context.command.params
-        if p.name and context.get_parameter_source(p.name) is not ParameterSource.DEFAULT
-    }
+    given = given_options()
     if save_tensor and payload:
         raise click.UsageError("give one of --save-tensor, --payload (got both).")
     if save_tensor or payload:
