@@ -1,6 +1,7 @@
 """Atomic file output: write to a temporary sibling, fsync, then rename over the final name.
 
-A killed writer leaves at most a `.<name>.tmp-*` file, never a half-written file under the final name.
+A killed writer leaves at most a `.<name>.tmp-*` file, never a half-written file under the final name; SIGINT
+and SIGTERM (in the main thread, over SIGTERM's default action) remove it too, and only kill -9 leaves it.
 The temporary name is an implementation detail: a failure to create, write or rename it is reported as
 `AprIOError("cannot write <final path>: <reason>")`, never with the temp file's name.
 """
@@ -18,6 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO, Final, TypeVar
 
+from apr.dirswap import catch_sigterm, release_sigterm
 from apr.errors import AprIOError
 
 T = TypeVar("T")
@@ -112,6 +114,7 @@ def atomic_output(path: Path, *, fsync: bool = False) -> Iterator[AtomicFile]:
     with _naming(path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     f = os.fdopen(fd, "wb")
+    sigterm = catch_sigterm()  # SIGTERM, as SIGINT, then removes the temp file (below) instead of leaving it
     try:
         with _naming(path):
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
@@ -128,6 +131,9 @@ def atomic_output(path: Path, *, fsync: bool = False) -> Iterator[AtomicFile]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        if sigterm:
+            release_sigterm()
 
 
 @contextlib.contextmanager
