@@ -235,3 +235,10 @@ def test_diff_of_two_aprender_moe_traces(tmp_path: Path) -> None:
         diff_traces(read_trace(tmp_path / "a"), read_trace(tmp_path / "b")), ToleranceModel(), ({}, {})
     )
     assert growth.first_jump is not None and str(growth.first_jump.diff.sid) == "blk.1.moe_router"
+
+
+def test_a_missing_side_is_file_not_found_whatever_the_other_is(smollm2_gguf: Path, tmp_path: Path) -> None:
+    """QA: a model against a missing path was read as an APRT stage file (exit 4, about the model)."""
+    gone = tmp_path / "nonexist"
+    for args in ((smollm2_gguf, gone), (gone, smollm2_gguf)):
+        assert run("diff", *map(str, args)) == (3, "", f"error: File not found: {gone}\n")

@@ -139,3 +139,25 @@ def test_apr_converted_to_gguf_runs_in_llamacpp(
     assert code == 0 and "273 tensors copied byte for byte" in out_text, err
     ids = list(PROMPT_IDS)
     assert np.array_equal(llamacpp_logits(out, ids), llamacpp_logits(smollm2_f32_gguf, ids))
+
+
+PRE_TEXT = "Hello world, 12 cats and 1000 dogs!\n\n  It's   naïve: 你好 🙂 x=3.14"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "granite"])
+def test_an_hf_byte_level_tokenizer_exports_with_the_pre_tokenizer_that_encodes_like_it(
+    family: str, zoo: Any, tmp_path: Path
+) -> None:
+    """QA: every HF tokenizer.json was written as pre 'default' (GPT-2's split), so Qwen2's single-digit split
+    was lost. The oracles: llama.cpp's tokenizer on the exported GGUF against transformers' on the folder."""
+    from transformers import AutoTokenizer
+
+    z: ZooModel = zoo(family)
+    out = tmp_path / f"{family}.gguf"
+    export_gguf(open_model(z.hf_dir), out)
+    hf_ids = AutoTokenizer.from_pretrained(z.hf_dir)(PRE_TEXT, add_special_tokens=False)["input_ids"]
+    llm = llama_cpp.Llama(str(out), n_ctx=64, verbose=False, vocab_only=True)
+    try:
+        assert llm.tokenize(PRE_TEXT.encode(), add_bos=False, special=False) == hf_ids
+    finally:
+        llm.close()

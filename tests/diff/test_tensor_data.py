@@ -81,3 +81,33 @@ def test_a_changed_row_of_an_interleaved_q_is_found_in_hf_order(zoo: Any, tmp_pa
     assert found.max_abs is not None and found.max_abs > 0 and d.differs
     code, out, _ = run("diff", str(edited), str(z.hf_dir), "--check")
     assert code == 1 and "    blk.1.attn_q.weight: values differ, max |a − b| " in out
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen3"])
+def test_tied_embeddings_against_their_import_are_the_same_math(
+    zoo: Any, tmp_path: Path, family: str
+) -> None:
+    """`apr import` writes a tied GGUF's lm_head out as output.weight: storage only, its data compared
+    with the other side's token_embd (QA: SmolLM2, gemma2, gemma3, qwen3 against their .apr said differ)."""
+    gguf, imported = zoo(family).gguf, tmp_path / "m.apr"
+    assert run("import", str(gguf), "-o", str(imported))[0] == 0
+    found = diff_models(open_model(gguf), open_model(imported))
+    assert [(t.name, t.kind) for t in found.tensors] == [("output.weight", "tied")]
+    assert (found.verdict, found.data.differ, found.data.skipped) == ("same", [], [])
+    code, out, _ = run("diff", str(gguf), str(imported), "--check")
+    assert code == 0 and out.endswith("=> no difference in the math\n"), out
+    faulted = scale_tensor(gguf, tmp_path / "f.gguf", "token_embd.weight", rows=slice(3, 4))
+    names = [d.name for d in diff_models(open_model(faulted), open_model(imported)).data.differ]
+    assert names == ["token_embd.weight", "token_embd.weight (B: output.weight, tied)"]
+
+
+def test_llama3_rope_freqs_against_the_hf_rope_scaling_is_storage_only(zoo: Any, tmp_path: Path) -> None:
+    """QA: a Llama 3 GGUF (scaling as rope_freqs.weight, no factor) against its HF folder said differ."""
+    z: ZooModel = zoo("llama3")
+    found = diff_models(open_model(z.gguf), open_model(z.hf_dir))
+    assert found.verdict == "same", [d for d in found.config if not d.storage]
+    assert [(t.name, t.kind) for t in found.tensors] == [("rope_freqs.weight", "stored")]
+    off = scale_tensor(z.gguf, tmp_path / "off.gguf", "rope_freqs.weight", 1.01)
+    changed = diff_models(open_model(off), open_model(z.hf_dir))
+    assert changed.verdict == "differ"
+    assert "rope_scaling.factor" in [d.name for d in changed.math_config]

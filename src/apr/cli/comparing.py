@@ -29,7 +29,7 @@ from apr.diff.compare import Tolerance, diff_stage_files, diff_traces, require_c
 from apr.diff.growth import ToleranceModel
 from apr.diff.models import diff_models, is_model
 from apr.diff.stats import diff_stats
-from apr.errors import MismatchError
+from apr.errors import MismatchError, NotFoundError
 from apr.models import open_model
 from apr.report import bisect as bisect_report
 from apr.report import html as html_report
@@ -96,6 +96,8 @@ def diff(
               apr diff model.gguf model-hf/
     """
     tolerance = Tolerance.from_options(min_cos, max_rel)
+    if missing := next((p for p in (a, b) if not (p.exists() or p.is_symlink())), None):
+        raise NotFoundError(f"File not found: {missing}")  # before any side is read as what it is not
     if is_model(a) and is_model(b):  # one model against a trace: the trace checks below say what it is
         on = lambda label, n: Progress(n, label)  # noqa: E731
         found = diff_models(open_model(a), open_model(b), data=not no_data, progress=on)

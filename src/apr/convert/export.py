@@ -67,6 +67,9 @@ def _qk_heads(cfg: ModelConfig, name: str) -> int | None:
 Plan = list[tuple[tuple[str, ...], str, tuple[int, ...]]]  # (canonical parts, HF name, shape)
 
 
+UNEXPORTED: Final = "stacked MoE experts (*_exps) and Llama 3's rope_freqs"
+
+
 def _tensor_plan(ckpt: Model) -> Plan:
     """Every HF tensor to write, in name order: canonical tensors that share an HF name (Phi-3's fused
     qkv_proj, gate_up_proj) are its row blocks, in role order."""
@@ -76,7 +79,10 @@ def _tensor_plan(ckpt: Model) -> Plan:
             continue
         hf = hf_name(ckpt, t.name)
         if hf is None:
-            raise ValidationError(f"tensor {t.name} has no Hugging Face name; cannot export it")
+            raise ValidationError(
+                f"tensor {t.name} has no Hugging Face name; cannot export it (apr export writes the HF "
+                f"tensors of dense decoders: {UNEXPORTED} are not exported yet)"
+            )
         groups.setdefault(hf, []).append((t.name, t.shape))
     plan: Plan = []
     for hf, parts in groups.items():

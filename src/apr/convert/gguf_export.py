@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -267,6 +267,39 @@ def _spm_type(token: str, hf_type: int) -> int:
     return BYTE if hf_type == NORMAL and BYTE_TOKEN.fullmatch(token) else hf_type
 
 
+# llama.cpp pre-tokenizers tried first for an HF byte-level BPE vocabulary, then every other one it has
+PRE_FIRST: Final = (
+    "default", "llama-bpe", "qwen2", "qwen35", "deepseek-v3", "smollm", "olmo", "dbrx", "tekken"
+)  # fmt: skip
+
+
+def gguf_pre(spec: TokenizerSpec, types: list[int]) -> str:
+    """The llama.cpp pre-tokenizer (`tokenizer.ggml.pre`) under which the GGUF's byte-level BPE encodes
+    the probe texts (apr.formats.tokenizer_probe) exactly as the HF tokenizer does — llama.cpp's converter
+    picks it likewise, by the ids of a test text. ValidationError when none does: a GGUF that tokenizes
+    differently from its source is never written."""
+    from apr.formats.tokenizer_pre import PRE_TOKENIZERS
+    from apr.formats.tokenizer_probe import probe_tokenizers
+
+    base = replace(spec, model="gpt2", token_types=types, json_path=None)
+    tried: list[str] = []
+    first = None
+    for pre in dict.fromkeys([*PRE_FIRST, *sorted(PRE_TOKENIZERS)]):
+        if pre not in PRE_TOKENIZERS and pre != "default":
+            continue
+        check = probe_tokenizers(spec, replace(base, pre=pre))
+        if check.compared and not check.differ and not check.problems:
+            return pre
+        first = first or check
+        tried.append(pre)
+    probe = None if first is None or not first.differ else first.differ[0].name
+    shown = "" if probe is None else f" (with 'default', the {probe!r} probe differs)"
+    raise ValidationError(
+        f"no llama.cpp pre-tokenizer encodes like this tokenizer.json{shown}, of the {len(tried)} tried: "
+        "a GGUF of it would tokenize differently from its source, so none is written"
+    )
+
+
 def tokenizer_metadata(spec: TokenizerSpec, vocab_size: int, notes: list[str]) -> dict[str, Any]:
     """The `tokenizer.ggml.*` keys of a tokenizer, padded to the model's vocabulary as the converter pads."""
     tokens, types = list(spec.tokens), list(spec.token_types) or [NORMAL] * len(spec.tokens)
@@ -275,9 +308,10 @@ def tokenizer_metadata(spec: TokenizerSpec, vocab_size: int, notes: list[str]) -
         model = keys.SPM if SPM_BYTE_TOKEN in tokens else "gpt2"
         if model == keys.SPM:  # tokenizer.json has no types for byte pieces; GGUF marks them BYTE
             types = [_spm_type(tok, t) for tok, t in zip(tokens, types, strict=True)]
+        pre = "default" if model == keys.SPM else gguf_pre(spec, types)
         notes.append(
             f"tokenizer written as GGUF {model!r} from tokenizer.json"
-            + (": scores from token order" if model == keys.SPM else ": pre-tokenizer 'default'")
+            + (": scores from token order" if model == keys.SPM else f": pre-tokenizer {pre!r}")
         )
     scores = list(spec.scores) or [
         -float(i) if t == NORMAL else 0.0 for i, t in enumerate(types)
@@ -288,7 +322,7 @@ def tokenizer_metadata(spec: TokenizerSpec, vocab_size: int, notes: list[str]) -
         scores.append(0.0)
     out: dict[str, Any] = {
         keys.TOKENIZER_MODEL: model,
-        keys.TOKENIZER_PRE: spec.pre if spec.model == "gpt2" else "default",
+        keys.TOKENIZER_PRE: spec.pre if spec.model == "gpt2" else pre if model == "gpt2" else "default",
         keys.TOKENS: tokens,
         keys.TOKEN_TYPE: types,
     }

@@ -18,19 +18,21 @@ cannot be built): never "same" on a part that was not looked at.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
-from apr.diff.tensor_data import DataCheck, compare_data, paired_names, skip_data
-from apr.diff.tokenizer_probe import ProbeCheck, probe_tokenizers
+from apr.diff.tensor_data import DataCheck, compare_data, paired_names, skip_data, tied_lm_head
 from apr.errors import AprError
 from apr.formats import detect_format
 from apr.formats.base import TokenizerSpec
+from apr.formats.names import OUTPUT
+from apr.formats.tokenizer_probe import ProbeCheck, probe_tokenizers
 from apr.models import Model
 from apr.models.config import ModelConfig, RopeScaling
+from apr.models.exchange_gguf import rope_freqs
 
 # fields whose difference is how a format stores the same math, not a different model
 STORAGE_FIELDS: Final = {
@@ -41,6 +43,8 @@ STORAGE_FIELDS: Final = {
 HF_TOKENIZER: Final = "tokenizer.json"  # TokenizerSpec.model of an HF folder's tokenizer
 TOKENIZER_FIELDS: Final = ("bos_id", "eos_id", "add_bos", "add_eos", "add_space_prefix")
 VERDICTS: Final = ("differ", "same", "unverified")
+STORAGE_KINDS: Final = ("type", "tied", "stored")  # tensor differences that do not change the math
+ROPE_FREQS: Final = "rope_freqs.weight"
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (label, total) → on_item(i)
 
 
@@ -78,7 +82,8 @@ class TokenizerDiff:
 @dataclass(frozen=True, slots=True)
 class TensorDiff:
     name: str  # canonical
-    kind: str  # "missing" (in B), "extra" (in B), "shape", "type"
+    kind: str  # "missing" (in B), "extra" (in B), "shape", "type", "tied" (output.weight against token_embd),
+    # "stored" (rope_freqs.weight on one side, the same scaling in the other's config)
     a: str  # "Q4_K [576, 49152]" or "" when absent
     b: str
 
@@ -102,7 +107,7 @@ class ModelDiff:
     @property
     def differs(self) -> bool:
         """A difference that changes what the models compute (types only change precision)."""
-        structural = any(t.kind != "type" for t in self.tensors)
+        structural = any(t.kind not in STORAGE_KINDS for t in self.tensors)
         return bool(self.math_config) or self.tokenizer.differs or structural or self.data.differs
 
     @property
@@ -136,17 +141,37 @@ def diff_models(
         found = compare_data(a, b, on_tensor)
     else:
         found = skip_data(a, b)
+    config, tensors = diff_configs(a.config, b.config), _diff_tensors(a, b)
+    if (why := _rope_freqs_storage(a, b)) is not None:  # Llama 3 scaling as a tensor on one side
+        config = [replace(d, storage=why) if d.name.startswith("rope_scaling.") else d for d in config]
+        tensors = [replace(t, kind="stored") if t.name == ROPE_FREQS else t for t in tensors]
     return ModelDiff(
         str(a.path),
         str(b.path),
         (a.format_name, b.format_name),
         (a.config.architecture, b.config.architecture),
-        diff_configs(a.config, b.config),
+        config,
         diff_tokenizers(a.tokenizer_spec(), b.tokenizer_spec()),
-        _diff_tensors(a, b),
+        tensors,
         (len(a.tensors()), len(b.tensors())),
         found,
     )
+
+
+def _rope_freqs_storage(a: Model, b: Model) -> str | None:
+    """Why the rope_scaling differences are storage only, when one side stores Llama 3's scaling as the
+    rope_freqs tensor (a GGUF: no factor, no original context) and it equals, to float32 rounding, the
+    divisors the other side's rope_scaling gives (as llama.cpp's converter computes them); else None."""
+    for x, y, side in ((a, b, "A"), (b, a, "B")):
+        sx, sy = x.config.rope_scaling, y.config.rope_scaling
+        held = any(t.name == ROPE_FREQS for t in x.tensors())
+        if not (sx.freq_factors and sy.kind == "llama3" and not sy.freq_factors and held):
+            continue
+        want = rope_freqs(y.config)
+        got = x.read(ROPE_FREQS)
+        if want is not None and got.shape == want.shape and np.allclose(got, want, rtol=1e-6, atol=0.0):
+            return f"Llama 3 scaling stored as {side}'s rope_freqs tensor, equal to the other's rope_scaling"
+    return None
 
 
 def diff_configs(a: ModelConfig, b: ModelConfig) -> list[FieldDiff]:
@@ -206,6 +231,10 @@ def _describe(t: Any) -> str:
 def _diff_tensors(a: Model, b: Model) -> list[TensorDiff]:
     ta, tb = {t.name: t for t in a.tensors()}, {t.name: t for t in b.tensors()}
     out = []
+    if (tied := tied_lm_head(a, b)) is not None:  # one side's output.weight is the other's token_embd
+        a_side, b_side = (f"{n} {_describe(x[n])}" for n, x in zip(tied, (ta, tb), strict=True))
+        out.append(TensorDiff(OUTPUT, "tied", a_side, b_side))
+        ta, tb = ({n: t for n, t in x.items() if n != OUTPUT} for x in (ta, tb))
     for name, t in ta.items():
         other = tb.get(name)
         if other is None:

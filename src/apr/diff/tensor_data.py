@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from apr.formats.config import QKLayout, interleaved_to_hf, qk_heads
+from apr.formats.names import OUTPUT, TOKEN_EMBD
 from apr.models import Model
 
 CHUNK_BYTES: Final = 16 << 20  # stored bytes per side per comparison step
@@ -70,17 +71,31 @@ def compare_data(a: Model, b: Model, on_tensor: OnTensor | None = None) -> DataC
     compared = 0
     differ: list[DataDiff] = []
     skipped: list[tuple[str, str]] = []
-    for i, name in enumerate(paired_names(a, b)):
-        if a.info(name).qtype != b.info(name).qtype:
-            skipped.append((name, TYPES_DIFFER))
+    tied = tied_lm_head(a, b)
+    pairs = [(n, n) for n in paired_names(a, b)] + ([tied] if tied is not None else [])
+    for i, (name, name_b) in enumerate(pairs):
+        shown = name if name == name_b else f"{name} (B: {name_b}, tied)"
+        if a.info(name).qtype != b.info(name_b).qtype:
+            skipped.append((shown, TYPES_DIFFER))
         else:
             compared += 1
             detail = sum(d.how == "bytes" for d in differ) < DETAILED
-            if (found := _compare(a, b, name, detail)) is not None:
-                differ.append(found)
+            if (found := _compare(a, b, name, detail, name_b)) is not None:
+                differ.append(DataDiff(shown, found.max_abs, found.how))
         if on_tensor is not None:
             on_tensor(i)
     return DataCheck(compared, differ, skipped)
+
+
+def tied_lm_head(a: Model, b: Model) -> tuple[str, str] | None:
+    """(A's name, B's name) of the lm_head matrix when one side stores it as output.weight and the other
+    has none, so computes its logits with token_embd (tied embeddings, as apr's engine does): the same
+    math stored differently (`apr import` writes a tied GGUF's lm_head out)."""
+    ta, tb = {t.name: t for t in a.tensors()}, {t.name: t for t in b.tensors()}
+    for x, y, pair in ((ta, tb, (OUTPUT, TOKEN_EMBD)), (tb, ta, (TOKEN_EMBD, OUTPUT))):
+        if OUTPUT in x and OUTPUT not in y and TOKEN_EMBD in y and y[TOKEN_EMBD].shape == x[OUTPUT].shape:
+            return pair
+    return None
 
 
 def paired_names(a: Model, b: Model) -> list[str]:
@@ -89,14 +104,16 @@ def paired_names(a: Model, b: Model) -> list[str]:
     return [t.name for t in a.tensors() if t.name in tb and tb[t.name].shape == t.shape]
 
 
-def _compare(a: Model, b: Model, name: str, detail: bool) -> DataDiff | None:
-    transforms = _transforms(a, b, name)
+def _compare(a: Model, b: Model, name: str, detail: bool, name_b: str | None = None) -> DataDiff | None:
+    """A's `name` against B's `name_b` (default: the same name)."""
+    nb = name_b or name
+    transforms = _transforms(a, b, name) if nb == name else None
     if transforms is not None:
         m = _max_abs(a, b, name, transforms)
         return None if m == 0.0 else DataDiff(name, m, "values")
-    if _same_bytes(a, b, name):
+    if _same_bytes(a, b, name, nb):
         return None
-    return DataDiff(name, _max_abs(a, b, name, (_keep, _keep)) if detail else None)
+    return DataDiff(name, _max_abs(a, b, name, (_keep, _keep), nb) if detail else None)
 
 
 def _keep(x: F32) -> F32:
@@ -127,12 +144,12 @@ def _shift(offset: float) -> Transform:
     return lambda x: x + np.float32(offset)
 
 
-def _same_bytes(a: Model, b: Model, name: str) -> bool:
+def _same_bytes(a: Model, b: Model, name: str, name_b: str) -> bool:
     n = a.info(name).nbytes
-    if b.info(name).nbytes != n:
+    if b.info(name_b).nbytes != n:
         return False
     return all(
-        np.array_equal(_raw(a, name, i, min(n, i + CHUNK_BYTES)), _raw(b, name, i, min(n, i + CHUNK_BYTES)))
+        np.array_equal(_raw(a, name, i, min(n, i + CHUNK_BYTES)), _raw(b, name_b, i, min(n, i + CHUNK_BYTES)))
         for i in range(0, n, CHUNK_BYTES)
     )
 
@@ -150,11 +167,15 @@ def _raw(m: Model, name: str, start: int, stop: int) -> npt.NDArray[np.uint8]:
     return np.concatenate(pieces)
 
 
-def _max_abs(a: Model, b: Model, name: str, transforms: tuple[Transform, Transform]) -> float:
-    """max |a − b| of the values (0.0 when all equal, NaN facing NaN counting as equal)."""
+def _max_abs(
+    a: Model, b: Model, name: str, transforms: tuple[Transform, Transform], name_b: str | None = None
+) -> float:
+    """max |a − b| of the values of A's `name` and B's `name_b` (default the same; 0.0 when all equal,
+    NaN facing NaN counting as equal)."""
     worst = 0.0
     for rows in _row_chunks(a, name):
-        x, y = (f(_values(m, name, rows)) for m, f in zip((a, b), transforms, strict=True))
+        sides = zip((a, b), (name, name_b or name), transforms, strict=True)
+        x, y = (f(_values(m, n, rows)) for m, n, f in sides)
         same = (x == y) | (np.isnan(x) & np.isnan(y))
         if same.all():
             continue

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 from apr.diff.models import FieldDiff, ModelDiff, TensorDiff, TokenizerDiff
 from apr.diff.tensor_data import DataCheck, DataDiff
-from apr.diff.tokenizer_probe import ProbeCheck, ProbeDiff
+from apr.formats.tokenizer_probe import ProbeCheck, ProbeDiff
 from apr.report.numfmt import json_float, short
 
 SCHEMA: Final = "apr-model-diff-v1"
@@ -31,9 +31,17 @@ def _field_line(d: FieldDiff) -> str:
 
 def _tensor_lines(tensors: list[TensorDiff]) -> list[str]:
     out = []
-    for kind in ("missing", "extra", "shape", "type"):
+    for kind in ("missing", "extra", "shape", "type", "tied", "stored"):
         group = [t for t in tensors if t.kind == kind]
         if not group:
+            continue
+        if kind == "stored":
+            t = group[0]
+            out.append(f"  {t.name}: {t.a or '-'}  →  {t.b or '-'}   (storage only: the rope_scaling above)")
+            continue
+        if kind == "tied":
+            t = group[0]
+            out.append(f"  lm_head: {t.a}  →  {t.b}   (storage only: tied embeddings, one side stores them)")
             continue
         if kind == "type":
             pairs = Counter((t.a.split()[0], t.b.split()[0]) for t in group)
