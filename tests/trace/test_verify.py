@@ -122,3 +122,8 @@ def test_an_unfinished_run_directory_is_not_a_bare_trace(tmp_path: Path) -> None
     (run_dir / "manifest.json").unlink()
     with pytest.raises(TraceFormatError, match=r"interrupted apr run's files \(\.t\.apr-tmp-x1y2\)"):
         read_trace(run_dir)
+
+
+def test_read_trace_takes_a_str_path_as_open_checkpoint_does(tmp_path: Path) -> None:
+    a = write_trace(tmp_path / "a")
+    assert read_trace(str(a)).path == read_trace(a).path == a

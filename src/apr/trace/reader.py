@@ -102,11 +102,12 @@ def is_stats_dir(path: Path) -> bool:
         return False
 
 
-def read_trace(path: Path, stages: Collection[StageId] | None = None) -> Trace:
+def read_trace(path: Path | str, stages: Collection[StageId] | None = None) -> Trace:
     """Open a trace directory written by apr (manifest.json) or by aprender (layout only).
 
     `stages`: check and list only these stages' files (a single-file drill-down need not hash a whole
     multi-GB trace); None: every file the manifest lists."""
+    path = Path(path)
     stat_path(path)  # not found, or a symlink loop, said as such
     if not path.is_dir():
         raise NotFoundError(f"Not a directory: {path}")
