@@ -12,6 +12,8 @@ from apr.report.numfmt import json_float, short
 
 SCHEMA: Final = "apr-model-diff-v1"
 LISTED: Final = 8  # tensors named per kind of difference in text (all of them in JSON)
+# tensor differences of these kinds (apr.diff.models) are the same math stored differently
+STORAGE_NOTES: Final = {"tied": "tied embeddings, one side stores them", "stored": "the rope_scaling above"}
 IDS_SHOWN: Final = 6  # ids of each side shown from the first differing position of a probe
 VERDICT_TEXT: Final = {
     "differ": "the models differ in what they compute",
@@ -35,13 +37,11 @@ def _tensor_lines(tensors: list[TensorDiff]) -> list[str]:
         group = [t for t in tensors if t.kind == kind]
         if not group:
             continue
-        if kind == "stored":
-            t = group[0]
-            out.append(f"  {t.name}: {t.a or '-'}  →  {t.b or '-'}   (storage only: the rope_scaling above)")
-            continue
-        if kind == "tied":
-            t = group[0]
-            out.append(f"  lm_head: {t.a}  →  {t.b}   (storage only: tied embeddings, one side stores them)")
+        if kind in STORAGE_NOTES:
+            out += [
+                f"  {t.name}: {t.a or '-'}  →  {t.b or '-'}   (storage only: {STORAGE_NOTES[kind]})"
+                for t in group
+            ]
             continue
         if kind == "type":
             pairs = Counter((t.a.split()[0], t.b.split()[0]) for t in group)
