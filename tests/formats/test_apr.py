@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from apr.errors import AprError, FormatError, NotFoundError, UnsupportedQuantError
 from apr.formats.apr import FORMAT, AprCheckpoint, open_apr, verify_checkpoint
-from apr.formats.aprcodec import FooterCheck, FooterCrc, check_footer
+from apr.formats.aprfooter import FooterCheck, FooterCrc, check_footer
 from apr.formats.aprmeta import encode_metadata, serde_float
 from apr.formats.aprwrite import AprTensor, metadata_for, write_apr
 from apr.formats.base import TokenizerSpec

@@ -39,10 +39,9 @@ from apr.formats.aprcodec import (
     MAGIC,
     PACKING,
     AprHeader,
-    FooterCheck,
-    check_footer,
     read_container,
 )
+from apr.formats.aprfooter import FooterCheck, check_footer
 from apr.formats.aprmeta import (
     AprSource,
     decode_metadata,

@@ -14,7 +14,7 @@ that is not what apr writes, or that cannot be read or written, is ignored: the 
 were no cache. Writes are atomic (apr.atomicfile: a temporary file renamed over it); concurrent runs may
 each write, and the last one wins, which loses at most a cache entry, never gives a wrong one.
 
-The same read checks an .apr file's footer CRC32 (formats/aprcodec.py `FooterCrc`, fed the chunks the sha256
+The same read checks an .apr file's footer CRC32 (formats/aprfooter.py `FooterCrc`, fed the chunks the sha256
 reads; a file is one by its magic), and the verdict is kept in the cache entry beside the hash: a file found
 corrupt stays corrupt while its keys are unchanged. `intact(path)` is the fingerprint of a model whose
 checksum holds, else a FormatError naming the file and the mismatch: a trace takes it beside its forward
@@ -35,7 +35,7 @@ from typing import Any, Final
 from apr.atomicfile import write_bytes_atomic
 from apr.errors import AprError
 from apr.formats.aprcodec import MAGIC as APR_MAGIC
-from apr.formats.aprcodec import FooterCheck, FooterCrc
+from apr.formats.aprfooter import FooterCheck, FooterCrc
 from apr.formats.files import read_regular
 
 HASH_CHUNK: Final = 8 << 20
