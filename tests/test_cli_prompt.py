@@ -304,3 +304,25 @@ def test_bisect_runs_a_model_on_a_traces_recorded_tokens(
     trace_json(z.gguf, tmp_path / "t", "--tokens", ",".join(map(str, ids)), stages="all")
     code, stdout, _ = run("bisect", str(tmp_path / "t"), str(z.hf_dir), "--json")  # no tokenizer run on B
     assert code == 0 and json.loads(stdout)["token_ids"] == ids
+
+
+def test_token_ids_are_decoded_with_the_models_own_tokenizer(zoo: Callable[[str], ZooModel]) -> None:
+    """A prompt of ids builds no tokenizer to encode, but the top-5 it shows are decoded with the model's
+    (bisect's `text`, payload's quoted text), as transformers decodes them; they used to be bare ids."""
+    import transformers
+
+    z = zoo("llama")
+    tok = transformers.AutoTokenizer.from_pretrained(z.hf_dir)
+    ids = ",".join(map(str, z.token_ids()))
+    code, out, err = run("bisect", str(z.hf_dir), str(z.gguf), "--tokens", ids, "--json")
+    assert code in (0, 1), err
+    top = json.loads(out)["logits"]["top_k_last"]
+    for side in ("a", "b"):
+        assert [x["text"] for x in top[side]] == [tok.decode([x["id"]]) for x in top[side]]
+    code, stdout, err = run("trace", str(z.hf_dir), "--payload", "--tokens", ids)
+    assert code == 0, err
+    lines = stdout.split("Top 5 predictions:\n")[1].splitlines()[:5]
+    for line in lines:
+        m = re.fullmatch(r"    token_id=(\d+), logit=-?\d+\.\d{4}  (.+)", line)
+        assert m is not None, line
+        assert m[2] == repr(tok.decode([int(m[1])]))

@@ -29,18 +29,24 @@ def free(path: Path) -> int:
 
 def test_save_tensor_output_matches_aprender(smollm2_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "t"
+    before = free(tmp_path)  # the run reads it in between: other processes' writes and deletes move it
     code, stdout, stderr = run(
         "trace", str(smollm2_gguf), "--save-tensor", "embedding,lm_head", "--save-tensor-dir", str(out)
     )
+    shown = {human(before), human(free(tmp_path))}
     estimate = 12 + 4 * 7 * 576 + 12 + 4 * 49152 + 2 * MANIFEST_PER_FILE
     assert (code, stderr) == (0, "")
+    disk = f"Disk:         ~{human(estimate)} estimated ("
+    seen = stdout[stdout.index(disk) + len(disk) :].split(" free)\n", 1)[0]
+    assert seen in shown, (seen, shown)
+    stdout = stdout.replace(f"({seen} free)", "(FREE free)", 1)
     assert stdout.startswith(
         "=== apr trace --save-tensor (GGUF) ===\n"
         f"Model:        {smollm2_gguf}\nStages:       embedding,lm_head\nLayers:       0..1\n"
         f"Output dir:   {out}\n\n"
         'Test prompt:  "What is 2+2?"\n'
         "Token ids:    [1780, 314, 216, 34, 27, 34, 47] (7 tokens)\n\n"
-        f"Disk:         ~{human(estimate)} estimated ({human(free(tmp_path))} free)\n\n"
+        f"Disk:         ~{human(estimate)} estimated (FREE free)\n\n"
         "Wrote 2 stage tensor file(s):\n"
         f"  {out}/layer-0/embedding.bin ({12 + 4 * 7 * 576} bytes)\n"
         f"  {out}/lm_head.bin ({12 + 4 * 49152} bytes)\n"

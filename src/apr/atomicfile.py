@@ -2,6 +2,9 @@
 
 A killed writer leaves at most a `.<name>.tmp-*` file, never a half-written file under the final name; SIGINT
 and SIGTERM (in the main thread, over SIGTERM's default action) remove it too, and only kill -9 leaves it.
+The next write of the same name removes such a leftover: a writer holds an flock on its temporary file until
+the rename (the kernel drops it when the process dies), so a `.<name>.tmp-*` file whose lock can be taken,
+and which is older than the moment between its creation and its lock, is a dead writer's.
 The temporary name is an implementation detail: a failure to create, write or rename it is reported as
 `AprIOError("cannot write <final path>: <reason>")`, never with the temp file's name.
 """
@@ -10,10 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import glob
 import os
 import signal
+import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -23,6 +30,9 @@ from apr.dirswap import catch_sigterm, release_sigterm
 from apr.errors import AprIOError
 
 T = TypeVar("T")
+
+TMP_INFIX: Final = ".tmp-"  # .<name>.tmp-XXXX: the file being written
+DEAD_AFTER_S: Final = 2.0  # a temp file whose lock is free is a dead writer's once it is this old
 
 # `signal.signal` without its enum wrapping: the C function `signal.signal` itself calls, which returns
 # the old handler as is (an int for SIG_DFL/SIG_IGN). signal.signal converts it with `Handlers(value)`,
@@ -112,19 +122,21 @@ def atomic_output(path: Path, *, fsync: bool = False) -> Iterator[AtomicFile]:
     """
     make_parent(path)
     with _naming(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_INFIX}", dir=path.parent)
     f = os.fdopen(fd, "wb")
     sigterm = catch_sigterm()  # SIGTERM, as SIGINT, then removes the temp file (below) instead of leaving it
     try:
         with _naming(path):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours until the rename: see remove_dead_temps
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+        remove_dead_temps(path)
         yield AtomicFile(f, path)
         with _naming(path):
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
-            f.close()
             os.replace(tmp, path)
+            f.close()
     except BaseException:
         with contextlib.suppress(OSError):
             f.close()
@@ -134,6 +146,27 @@ def atomic_output(path: Path, *, fsync: bool = False) -> Iterator[AtomicFile]:
     finally:
         if sigterm:
             release_sigterm()
+
+
+def remove_dead_temps(path: Path) -> None:
+    """Remove the temporary files killed writers of `path` left: those whose flock can be taken (no live
+    writer holds it) and that are older than `DEAD_AFTER_S` (a writer takes its lock just after creating
+    the file). Best effort: what cannot be opened or removed stays."""
+    now = time.time()
+    for left in path.parent.glob(f".{glob.escape(path.name)}{TMP_INFIX}*"):
+        try:
+            fd = os.open(left, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > DEAD_AFTER_S:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(left)
+        except OSError:  # BlockingIOError: a live writer's
+            pass
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

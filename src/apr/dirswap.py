@@ -7,6 +7,10 @@ that is a file or `unswappable` (the root, a mount point, the current directory 
 `take_mode` gives the new directory the old one's permission bits and group; `swap_dirs` is the swap
 itself (renameat2's RENAME_EXCHANGE, or two renames where the filesystem lacks it); `catch_sigterm` makes
 SIGTERM raise KeyboardInterrupt as SIGINT does while the temporary directory exists, so it is removed.
+
+A run holds `<parent>/.<name>.lock` (flock, `take_lock`) while it writes `<name>`, so a second run into
+the same directory is refused rather than mixed in, and under that lock `remove_leftovers` clears the
+`.<name>.apr-tmp-*` siblings a killed run (kill -9) left behind.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
+import glob
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -28,6 +35,7 @@ from apr.errors import AprIOError, ValidationError
 
 AT_FDCWD: Final = -100
 RENAME_EXCHANGE: Final = 2
+TMP_INFIX: Final = ".apr-tmp-"  # <parent>/.<name>.apr-tmp-XXXX: the directory being written
 
 
 def real_target(out: Path) -> Path:
@@ -142,3 +150,54 @@ def release_sigterm() -> None:
 def _terminated(signum: int, frame: FrameType | None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
     raise KeyboardInterrupt("terminated")
+
+
+def lock_file(real: Path) -> Path:
+    """The lock of the directory at `real` (a real path: a symlink's target)."""
+    return real.parent / f".{real.name}.lock"
+
+
+def take_lock(real: Path, out: Path, instead: str) -> int:
+    """flock `lock_file(real)` and return its descriptor; another run holding it is an AprIOError naming
+    `out` and ending "wait for it or {instead}". The kernel releases the lock when the process dies, even
+    by kill -9. A holder unlinks the file before unlocking (`drop_lock`), so a lock taken on an unlinked
+    file is retried on the new one."""
+    path = lock_file(real)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise AprIOError(f"cannot write to {path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AprIOError(
+                f"another apr run is writing {out} (it holds {path}); wait for it or {instead}"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def drop_lock(real: Path, fd: int) -> None:
+    """Release a `take_lock`: the file is unlinked first (see there), then unlocked."""
+    with contextlib.suppress(OSError):
+        os.unlink(lock_file(real))
+    os.close(fd)
+
+
+def remove_leftovers(*targets: Path) -> None:
+    """Remove the temporary directories killed runs left beside each target (call with its lock held: no
+    live run's directory is named so). Only a link is removed where one is a symlink, never what it
+    points at."""
+    for where in targets:
+        for left in where.parent.glob(f".{glob.escape(where.name)}{TMP_INFIX}*"):
+            if left.is_dir() and not left.is_symlink():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    left.unlink()

@@ -65,6 +65,15 @@ def contents(d: Path) -> dict[str, bytes]:
             ["convert", "m.apr", "-o", "c4.apr", "--quantize", "f16"],
             "--quantize f16: an .apr file takes q4_k, q6_k, q8_0 (other types: a .gguf output)",
         ),
+        (  # the trailing / says folder: neither written as the file out.gguf nor as an HF folder so named
+            ["export", "m.gguf", "-o", "out.gguf/"],
+            "-o out.gguf/ names a folder, but a folder named out.gguf would pass for a gguf file: choose a "
+            "folder name without a model suffix",
+        ),
+        (
+            ["export", "m.gguf", "-o", "out/", "--format", "gguf"],
+            "-o out/ names a folder, but --format gguf writes one file: name the file",
+        ),
     ],
 )
 def test_refused_outputs_change_nothing(
@@ -92,3 +101,34 @@ def test_export_to_a_gguf_name_writes_a_gguf(models: Path) -> None:
     assert open_model(models / "plain").format_name == "apr"
     assert run("export", str(models / "m.gguf"), "-o", str(models / "plain.d"), "--format", "gguf")[0] == 0
     assert open_model(models / "plain.d").format_name == "gguf"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["import", "m.gguf", "-o", "out/"],
+        ["convert", "m.apr", "-o", "out/", "--quantize", "q8_0"],
+        ["bisect", "m.gguf", "m.gguf", "--report", "out/"],
+    ],
+    ids=["import", "convert", "bisect-report"],
+)
+def test_a_file_output_ending_in_a_slash_is_a_usage_error(
+    models: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """`-o out/` used to write the file `out` (pathlib drops the slash)."""
+    monkeypatch.chdir(models)
+    before = contents(models)
+    code, out, err = run(*args)
+    option = "'-o' / '--output'" if args[0] != "bisect" else "'--report'"
+    assert (code, out) == (2, "")
+    assert err.startswith(
+        f"error: Invalid value for {option}: out/ names a folder (it ends in /), but this writes one file: "
+        "name the file."
+    ), err
+    assert contents(models) == before and not (models / "out").exists()
+
+
+def test_export_to_a_name_ending_in_a_slash_writes_a_folder(models: Path) -> None:
+    code, _, err = run("export", str(models / "m.gguf"), "-o", f"{models / 'new'}/")
+    assert code == 0, err
+    assert open_model(models / "new").format_name == "safetensors"

@@ -138,3 +138,18 @@ def test_report_screenshot_is_not_blank(report: Path, tmp_path: Path) -> None:
     ink = (px.astype(np.int32).sum(axis=2) < 600).mean()  # neither white nor near-white
     colors = len(np.unique(px.reshape(-1, 3)[::7], axis=0))
     assert ink > 0.03 and colors > 50, (ink, colors)
+
+
+def test_report_names_tensor_type_differences(zoo: Any, report: Path, tmp_path: Path) -> None:
+    """Config and tokenizer equal but the weights requantized: the report says so (it used to say only
+    "identical" for config and tokenizer); the same-types report says the tensors are identical."""
+    assert "<p>Tensors: identical names, shapes and types.</p>" in report.read_text()
+    z: ZooModel = zoo("llama")
+    q8, page = tmp_path / "q8.gguf", tmp_path / "q8.html"
+    assert run("convert", str(z.gguf), "-o", str(q8), "--quantize", "q8_0")[0] == 0
+    code, _, err = run("bisect", str(z.gguf), str(q8), "--report", str(page))
+    assert code in (0, 1), err
+    html = page.read_text()
+    assert "<p>Config and tokenizer: identical.</p><p>Tensors: type differs: " in html
+    shown = re.search(r"type differs: (\d+) tensors \(\w+ → Q8_0 ×(\d+)\)", html)
+    assert shown is not None and shown[1] == shown[2] and int(shown[1]) > 0

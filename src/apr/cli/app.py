@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -40,6 +41,26 @@ def path_arg(name: str) -> Callable[[F], F]:
 
 def path_type() -> click.Path:
     return click.Path(path_type=Path, readable=False)
+
+
+class FileOutput(click.Path):
+    """An output that is one file: a value ending in a path separator names a folder, and is a usage
+    error rather than a file written under the folder's name (Path would drop the separator)."""
+
+    def __init__(self) -> None:
+        super().__init__(path_type=Path, readable=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.endswith(("/", os.sep)):
+            self.fail(
+                f"{value} names a folder (it ends in /), but this writes one file: name the file.", param, ctx
+            )
+        return super().convert(value, param, ctx)
+
+
+def names_folder(value: str) -> bool:
+    """Whether an output written as `value` names a folder by its trailing separator."""
+    return value.endswith(("/", os.sep))
 
 
 class Threshold(click.FloatRange):

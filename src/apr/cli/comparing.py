@@ -12,6 +12,7 @@ from apr.cli.app import (
     COSINE,
     NON_NEGATIVE,
     POSITIVE,
+    FileOutput,
     Progress,
     cli,
     emit,
@@ -160,7 +161,7 @@ def _stats_diff(a: Path, b: Path, tolerance: Tolerance, check: bool) -> bool:
 @click.option(
     "--report",
     "report_path",
-    type=path_type(),
+    type=FileOutput(),
     help="Also write a self-contained HTML report with per-layer charts.",
 )
 @click.option(

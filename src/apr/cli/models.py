@@ -10,7 +10,7 @@ from typing import ParamSpec
 
 import click
 
-from apr.cli.app import cli, path_arg, path_type, show
+from apr.cli.app import FileOutput, cli, names_folder, path_arg, show
 from apr.convert.export import DTYPES, export_safetensors
 from apr.convert.gguf_export import GGUF_TYPES, export_gguf
 from apr.convert.importer import QUANTIZE_TARGETS, convert_apr, import_gguf
@@ -81,7 +81,7 @@ def _exit_if_corrupt(ckpt: object) -> None:
 @cli.command("import")
 @path_arg("source")
 @click.option(
-    "-o", "--output", type=path_type(), help="Output .apr file (default: SOURCE with the suffix .apr)."
+    "-o", "--output", type=FileOutput(), help="Output .apr file (default: SOURCE with the suffix .apr)."
 )
 @click.option(
     "--quantize",
@@ -104,7 +104,7 @@ def import_(source: Path, output: Path | None, quantize: str | None, verbose: bo
 @cli.command()
 @path_arg("file")
 @click.option(
-    "-o", "--output", type=path_type(), required=True, help="Output .apr file, or .gguf (by its suffix)."
+    "-o", "--output", type=FileOutput(), required=True, help="Output .apr file, or .gguf (by its suffix)."
 )
 @click.option(
     "--quantize",
@@ -134,9 +134,10 @@ def convert(file: Path, output: Path, quantize: str, verbose: bool) -> None:
 @click.option(
     "-o",
     "--output",
-    type=path_type(),
+    metavar="PATH",
     required=True,
-    help="Output folder (replaced whole if it holds only model files), or .gguf file.",
+    help="Output folder (replaced whole if it holds only model files), or .gguf file (a name ending in "
+    "/ is a folder).",
 )
 @click.option(
     "--format",
@@ -152,7 +153,7 @@ def convert(file: Path, output: Path, quantize: str, verbose: bool) -> None:
     help="safetensors: f32, f16; gguf: every choice (1-D tensors stay F32).",
 )
 @whole_tensors
-def export(model: Path, output: Path, fmt: str | None, dtype: str) -> None:
+def export(model: Path, output: str, fmt: str | None, dtype: str) -> None:
     """Write MODEL (.gguf, HF folder, .apr) as a Hugging Face folder or as a GGUF llama.cpp runs.
 
     \b
@@ -161,12 +162,13 @@ def export(model: Path, output: Path, fmt: str | None, dtype: str) -> None:
     Example:  apr export smollm2.gguf -o smollm2-hf/
               apr export smollm2-hf/ -o smollm2-q8.gguf --dtype q8_0
     """
+    out = Path(output)  # drops a trailing /: names_folder keeps what it said
     check_intact(model)  # an .apr whose footer CRC fails is refused, not exported
-    if export_format(output, fmt) == "gguf":
-        show(export_gguf(open_model(model), output, dtype), jsonr.gguf_export_doc, text.render_gguf_export)
+    if export_format(out, fmt, folder=names_folder(output)) == "gguf":
+        show(export_gguf(open_model(model), out, dtype), jsonr.gguf_export_doc, text.render_gguf_export)
         return
     show(
-        export_safetensors(open_model(model), output, dtype),
+        export_safetensors(open_model(model), out, dtype),
         jsonr.export_doc,
         text.render_export,
     )

@@ -1,10 +1,13 @@
 """An export's output folder, replaced whole: written into a temporary sibling and swapped in when complete.
 
-    <parent>/.<name>.tmp-XXXX   the folder being written; swapped with <parent>/<name> when complete
+    <parent>/.<name>.lock           held (flock) while an export writes <name>; a second run is refused
+    <parent>/.<name>.apr-tmp-XXXX   the folder being written; swapped with <parent>/<name> when complete
 
 <name> then holds exactly what this export wrote (no tokenizer, shard or index of an earlier model left
 beside new weights), and until the swap it holds the previous folder exactly as it was: an error, Ctrl-C or
-SIGTERM removes the temporary folder; kill -9 leaves it behind (hidden). The swap is one rename
+SIGTERM removes the temporary folder; kill -9 leaves it behind (hidden), and the next export (or trace)
+into <name> removes it. The lock and the temporary folder are a trace directory's (apr.trace.outdir), so
+an export and a trace into one folder at once are refused too. The swap is one rename
 (renameat2's RENAME_EXCHANGE over an existing folder; two renames where the filesystem lacks it), with
 SIGINT and SIGTERM held. Only a folder that holds nothing but files the caller says it may replace is
 replaced; anything else in it is the user's, so the export is refused naming it (the check is repeated
@@ -25,7 +28,17 @@ from pathlib import Path
 from typing import Final
 
 from apr.atomicfile import held_signals
-from apr.dirswap import catch_sigterm, release_sigterm, swap_dirs, swap_target, take_mode
+from apr.dirswap import (
+    TMP_INFIX,
+    catch_sigterm,
+    drop_lock,
+    release_sigterm,
+    remove_leftovers,
+    swap_dirs,
+    swap_target,
+    take_lock,
+    take_mode,
+)
 from apr.errors import AprIOError, ValidationError
 
 SHOWN: Final = 3  # files named in a refusal
@@ -42,7 +55,19 @@ def replacing_folder(out: Path, replaceable: Callable[[str], bool]) -> Iterator[
     real = _check_target(out, replaceable)
     try:
         real.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}.tmp-", dir=real.parent))
+    except OSError as e:
+        raise AprIOError(f"cannot write {out}: {e.strerror or e}") from None
+    lock = take_lock(real, out, "choose another output folder")
+    try:
+        remove_leftovers(real)
+        yield from _written(out, real, replaceable)
+    finally:
+        drop_lock(real, lock)
+
+
+def _written(out: Path, real: Path, replaceable: Callable[[str], bool]) -> Iterator[Path]:
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}{TMP_INFIX}", dir=real.parent))
     except OSError as e:
         raise AprIOError(f"cannot write {out}: {e.strerror or e}") from None
     sigterm = catch_sigterm()
@@ -52,7 +77,7 @@ def replacing_folder(out: Path, replaceable: Callable[[str], bool]) -> Iterator[
         _refuse_foreign(out, real, replaceable)  # a file the user added while the export ran
         with held_signals():  # the swap and the removal of the old folder happen whole
             if real.is_dir():
-                old = swap_dirs(tmp, real, f".{real.name}.tmp-")
+                old = swap_dirs(tmp, real, f".{real.name}{TMP_INFIX}")
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, real)

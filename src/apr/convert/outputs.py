@@ -16,9 +16,21 @@ def named_format(path: Path) -> str | None:
     return next((f.name for f in formats() if suffix in f.suffixes), None)
 
 
-def export_format(out: Path, fmt: str | None) -> str:
+def export_format(out: Path, fmt: str | None, *, folder: bool = False) -> str:
     """`apr export`'s format: `--format` when given, else gguf for a name ending in .gguf, else an HF folder.
-    A `--format` that the name's suffix contradicts (gguf vs another model suffix) is refused."""
+    `folder`: the name was written with a trailing / (`x.gguf/`), so it names a folder whatever its suffix.
+    A `--format` that the name's suffix (or slash) contradicts (gguf vs another model suffix) is refused."""
+    if folder:
+        if fmt == "gguf":
+            raise ValidationError(
+                f"-o {out}/ names a folder, but --format gguf writes one file: name the file"
+            )
+        if out.suffix and named_format(out) is not None:
+            raise ValidationError(
+                f"-o {out}/ names a folder, but a folder named {out.name} would pass for a "
+                f"{named_format(out)} file: choose a folder name without a model suffix"
+            )
+        return "safetensors"
     named = named_format(out)
     if fmt is None:
         return "gguf" if named == "gguf" else "safetensors"

@@ -370,5 +370,5 @@ def _logits(a: Trace, b: Trace) -> LogitAgreement | None:
 
 
 def _decode(side: PreparedTrace | Trace, ids: list[int]) -> list[str]:
-    tok = side.tokenizer if isinstance(side, PreparedTrace) else None
+    tok = side.decoder() if isinstance(side, PreparedTrace) else None
     return [tok.decode([i]) for i in ids] if tok is not None else []

@@ -26,6 +26,7 @@ from apr.diff.isolate import isolate_summary
 from apr.diff.models import ModelDiff, TokenizerDiff
 from apr.report import routing
 from apr.report.bisect import verdict
+from apr.report.model_diff import tensor_summary
 from apr.report.numfmt import short
 from apr.report.svg import PAD_B, PAD_L, PAD_R, PAD_T, W, color, el, esc, log_axis, log_chart, svg
 from apr.stages import STAGE_ORDER, Stage, StageId
@@ -56,8 +57,9 @@ def _side(r: BisectResult, i: int) -> str:
 def _config_section(found: ModelDiff | None) -> str:
     if found is None:
         return "<p class=dim>Model-level diff: not available (a side is a trace directory).</p>"
+    tensors = _tensors_line(found)
     if not found.config and not found.tokenizer.differs:
-        return "<p>Config and tokenizer: identical.</p>"
+        return "<p>Config and tokenizer: identical.</p>" + tensors
     rows = [
         (d.name, str(d.a), str(d.b), "storage only: " + d.storage if d.storage else "changes the math")
         for d in found.config
@@ -72,7 +74,15 @@ def _config_section(found: ModelDiff | None) -> str:
                 _tokenizer_difference(t),
             )
         )
-    return "<h2>Config differences</h2>" + _table(rows, ("field", "A", "B", "what it means"))
+    return "<h2>Config differences</h2>" + _table(rows, ("field", "A", "B", "what it means")) + tensors
+
+
+def _tensors_line(found: ModelDiff) -> str:
+    """The tensors' names, shapes and types: identical, or each kind of difference on one line."""
+    lines = [line for line, _ in tensor_summary(found.tensors)]
+    if not lines:
+        return "<p>Tensors: identical names, shapes and types.</p>"
+    return "<p>Tensors: " + "; ".join(esc(x) for x in lines) + ".</p>"
 
 
 def _tokenizer_difference(t: TokenizerDiff) -> str:

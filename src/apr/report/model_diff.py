@@ -31,31 +31,40 @@ def _field_line(d: FieldDiff) -> str:
     return f"  {d.name:<28} {_value(d.a):>14}  →  {_value(d.b)}{note}"
 
 
-def _tensor_lines(tensors: list[TensorDiff]) -> list[str]:
-    out = []
-    for kind in ("missing", "extra", "shape", "type", "tied", "stored"):
+TENSOR_KINDS: Final = ("missing", "extra", "shape", "type", "tied", "stored")
+KIND_LABELS: Final = {"missing": "only in A", "extra": "only in B", "shape": "shape differs"}
+
+
+def tensor_summary(tensors: list[TensorDiff]) -> list[tuple[str, list[TensorDiff]]]:
+    """One headline per kind of tensor difference present, with the tensors it covers (the HTML report's
+    lines; the text report lists names under some)."""
+    out: list[tuple[str, list[TensorDiff]]] = []
+    for kind in TENSOR_KINDS:
         group = [t for t in tensors if t.kind == kind]
         if not group:
             continue
         if kind in STORAGE_NOTES:
             out += [
-                f"  {t.name}: {t.a or '-'}  →  {t.b or '-'}   (storage only: {STORAGE_NOTES[kind]})"
+                (f"{t.name}: {t.a or '-'}  →  {t.b or '-'}   (storage only: {STORAGE_NOTES[kind]})", [t])
                 for t in group
             ]
-            continue
-        if kind == "type":
+        elif kind == "type":
             pairs = Counter((t.a.split()[0], t.b.split()[0]) for t in group)
-            out.append(
-                f"  type differs: {len(group)} tensors ("
-                + ", ".join(f"{a} → {b} ×{n}" for (a, b), n in pairs.most_common())
-                + ")"
-            )
-            continue
-        label = {"missing": "only in A", "extra": "only in B", "shape": "shape differs"}[kind]
-        out.append(f"  {label}: {len(group)} tensors")
-        out += [f"    {t.name}: {t.a or '-'}  →  {t.b or '-'}" for t in group[:LISTED]]
-        if len(group) > LISTED:
-            out.append(f"    ... and {len(group) - LISTED} more")
+            shown = ", ".join(f"{a} → {b} ×{n}" for (a, b), n in pairs.most_common())
+            out.append((f"type differs: {len(group)} tensors ({shown})", group))
+        else:
+            out.append((f"{KIND_LABELS[kind]}: {len(group)} tensors", group))
+    return out
+
+
+def _tensor_lines(tensors: list[TensorDiff]) -> list[str]:
+    out = []
+    for line, group in tensor_summary(tensors):
+        out.append(f"  {line}")
+        if group[0].kind in KIND_LABELS:
+            out += [f"    {t.name}: {t.a or '-'}  →  {t.b or '-'}" for t in group[:LISTED]]
+            if len(group) > LISTED:
+                out.append(f"    ... and {len(group) - LISTED} more")
     return out
 
 

@@ -61,7 +61,8 @@ def render_text(r: PayloadReport) -> str:
             f"Range: [{lg.min:.4f}, {lg.max:.4f}]  Mean: {lg.mean:.4f}",
             "  Top 5 predictions:",
         ]
-        shown = p.tokenizer.decode if p.tokenizer else None  # None: token ids given, no tokenizer built
+        tok = p.decoder()  # for token ids, the model's own tokenizer; None: the model has none
+        shown = tok.decode if tok else None
         out += [
             f"    token_id={t}, logit={v:.4f}" + (f"  {shown([t])!r}" if shown else "") for t, v in r.top_k
         ]

@@ -20,34 +20,36 @@ crash is not covered: files are not fsynced.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Final
 
 from apr.atomicfile import blocking_file, held_signals
-from apr.dirswap import catch_sigterm, release_sigterm, swap_dirs, swap_target, take_mode
+from apr.dirswap import (
+    TMP_INFIX,
+    catch_sigterm,
+    drop_lock,
+    lock_file,
+    release_sigterm,
+    remove_leftovers,
+    swap_dirs,
+    swap_target,
+    take_lock,
+    take_mode,
+)
 from apr.errors import AprIOError, ValidationError
 from apr.stages import StageId
 from apr.trace import format as aprt
 from apr.trace.layout import MANIFEST_NAME, debris, is_layer_dir, stage_files, stage_id_for
 from apr.trace.stats import FILE_NAME as STATS_FILE
 
-TMP_INFIX: Final = ".apr-tmp-"
-
 
 def lock_path(out_dir: Path) -> Path:
     """The lock of `out_dir` (of its target, when it is a symlink)."""
-    return _lock_file(Path(os.path.realpath(out_dir)))
-
-
-def _lock_file(real: Path) -> Path:
-    return real.parent / f".{real.name}.lock"
+    return lock_file(Path(os.path.realpath(out_dir)))
 
 
 def check_out_dir(out: Path) -> Path:
@@ -85,7 +87,7 @@ class OutputDir:
             out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _cannot("create", self._parent_shown(), e) from None
-        self._lock_fd = _lock(_lock_file(out), self.path)
+        self._lock_fd = take_lock(out, self.path, "choose another --save-tensor-dir")
         self._sigterm = catch_sigterm()
         try:
             return self._start()
@@ -105,9 +107,7 @@ class OutputDir:
         _check_writable(self.path, self.stale.values())
         # a killed run's (we hold the lock); next to a symlink too, where runs before links were followed
         # left theirs (the link's name has no directory of its own, so no other run's temp is named so)
-        for where in {out, self.path.absolute()}:
-            for left in where.parent.glob(f".{where.name}{TMP_INFIX}*"):
-                _remove(left)
+        remove_leftovers(*{out, self.path.absolute()})
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}", dir=out.parent))
             take_mode(self.tmp, out)
@@ -147,9 +147,7 @@ class OutputDir:
     def close(self) -> None:
         self.abort()
         if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(_lock_file(self.real))  # before unlocking: see _lock
-            os.close(self._lock_fd)
+            drop_lock(self.real, self._lock_fd)
             self._lock_fd = None
         if self._sigterm:
             release_sigterm()
@@ -164,40 +162,6 @@ def _check_writable(out: Path, stale: Iterable[Path]) -> None:
     for p in stale:
         if not os.access(p.parent, os.W_OK | os.X_OK):
             raise AprIOError(f"cannot remove stale trace file {p}: {os.strerror(errno.EACCES)}")
-
-
-def _remove(path: Path) -> None:
-    """Remove a killed run's leftover: a directory's tree, but only the link when it is a symlink (never
-    what it points at)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def _lock(path: Path, out: Path) -> int:
-    """flock the lock file (released by the kernel when the process dies, even by kill -9). A holder
-    unlinks the file before unlocking, so a lock taken on an unlinked file is retried on the new one."""
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as e:
-            raise _cannot("write to", path.parent, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AprIOError(
-                f"another apr run is writing {out} (it holds {path}); wait for it or choose another "
-                "--save-tensor-dir"
-            ) from None
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
 
 
 def _carry_over(old: Path, new: Path) -> None:

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 from apr.atomicfile import held_result, held_signals
 from apr.engine.weights import Weights
-from apr.errors import ValidationError
+from apr.errors import AprError, ValidationError
 from apr.formats.config import QKLayout
 from apr.models import Model, open_model
 from apr.models.generic import NAME as GENERIC
@@ -214,6 +214,17 @@ class PreparedTrace:
     request: Prompt
     token_ids: tuple[int, ...]
     chat_text: str | None = None  # the rendered chat template the ids come from (a chat prompt)
+    _model_tok: Tokenizer | None = field(default=None, init=False, repr=False)
+    _model_tok_built: bool = field(default=False, init=False, repr=False)
+
+    def decoder(self) -> Tokenizer | None:
+        """What shows token ids as text: the prompt's tokenizer, or for a prompt of token ids the model's
+        own, built on first use. None when the model has none or apr refuses it (ids are shown bare)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if not self._model_tok_built:
+            self._model_tok, self._model_tok_built = _model_tokenizer(self.model), True
+        return self._model_tok
 
     @property
     def prompt(self) -> str:
@@ -285,6 +296,18 @@ class TraceOutcome:
     result: TraceResult
     run: RunInfo
     engine: EngineRun
+
+
+def _model_tokenizer(model: Model) -> Tokenizer | None:
+    try:
+        spec = model.tokenizer_spec()
+        if spec is None:
+            return None
+        from apr.formats.tokenizer import build_tokenizer
+
+        return build_tokenizer(spec)
+    except AprError:  # a tokenizer apr does not support: only the display of ids goes without it
+        return None
 
 
 def prepare_trace(path: Path, prompt: Prompt | str, engine: str = "reference") -> PreparedTrace:
