@@ -27,18 +27,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
+from apr import dirswap
 from apr.atomicfile import held_signals
-from apr.dirswap import (
-    TMP_INFIX,
-    catch_sigterm,
-    drop_lock,
-    release_sigterm,
-    remove_leftovers,
-    swap_dirs,
-    swap_target,
-    take_lock,
-    take_mode,
-)
 from apr.errors import AprIOError, ValidationError
 
 SHOWN: Final = 3  # files named in a refusal
@@ -57,27 +47,27 @@ def replacing_folder(out: Path, replaceable: Callable[[str], bool]) -> Iterator[
         real.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise AprIOError(f"cannot write {out}: {e.strerror or e}") from None
-    lock = take_lock(real, out, "choose another output folder")
+    lock = dirswap.take_lock(real, out, "choose another output folder")
     try:
-        remove_leftovers(real)
+        dirswap.remove_leftovers(real)
         yield from _written(out, real, replaceable)
     finally:
-        drop_lock(real, lock)
+        dirswap.drop_lock(real, lock)
 
 
 def _written(out: Path, real: Path, replaceable: Callable[[str], bool]) -> Iterator[Path]:
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}{TMP_INFIX}", dir=real.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{real.name}{dirswap.TMP_INFIX}", dir=real.parent))
     except OSError as e:
         raise AprIOError(f"cannot write {out}: {e.strerror or e}") from None
-    sigterm = catch_sigterm()
+    sigterm = dirswap.catch_sigterm()
     try:
-        take_mode(tmp, real)
+        dirswap.take_mode(tmp, real)
         yield tmp
         _refuse_foreign(out, real, replaceable)  # a file the user added while the export ran
         with held_signals():  # the swap and the removal of the old folder happen whole
             if real.is_dir():
-                old = swap_dirs(tmp, real, f".{real.name}{TMP_INFIX}")
+                old = dirswap.swap_dirs(tmp, real, f".{real.name}{dirswap.TMP_INFIX}")
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.rename(tmp, real)
@@ -89,12 +79,12 @@ def _written(out: Path, real: Path, replaceable: Callable[[str], bool]) -> Itera
         raise
     finally:
         if sigterm:
-            release_sigterm()
+            dirswap.release_sigterm()
 
 
 def _check_target(out: Path, replaceable: Callable[[str], bool]) -> Path:
     """The real path to swap at; refuses a file, an unswappable folder and one holding the user's files."""
-    real = swap_target(
+    real = dirswap.swap_target(
         out,
         f"output folder {out} exists and is not a directory",
         f"cannot export to {out}: it is {{why}}, and an export replaces its folder whole "
