@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
-from apr import dirswap
+import apr.dirswap as dirswap
 from apr.atomicfile import held_signals
 from apr.errors import AprIOError, ValidationError
 
