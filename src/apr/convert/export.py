@@ -6,6 +6,9 @@ only when it holds nothing but model-folder files (MODEL_FOLDER_FILES). Tensors 
 at a time (the safetensors header is computed from shapes first), so exporting never holds the model in
 memory. Quantized tensors are dequantized exactly (gguf-compatible dequantizers); Q/K rows stored in
 GGUF-interleaved order are permuted back to HF order; a tied lm_head is not written (tie_word_embeddings).
+A stacked expert tensor (E, out, in) is written as its E per-expert tensors, under the names the family's
+roles give them (save_pretrained's: `experts.{e}.w1`), read one expert at a time. config.json is refused
+when it holds a value the family's own HF reader refuses (what apr would not open, it does not write).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from apr.convert.outfolder import replacing_folder
 from apr.convert.outputs import check_output
 from apr.errors import ValidationError
 from apr.formats import names
+from apr.formats.base import TensorInfo, TokenizerSpec
 from apr.formats.config import QKLayout, interleaved_to_hf, qk_heads
 from apr.formats.safetensors import CONFIG_JSON, INDEX_FILE, SINGLE_FILE, TOKENIZER_JSON
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
 from apr.models import Model
 from apr.models.config import ModelConfig
 from apr.models.exchange import hf_config, hf_name
+from apr.models.expert_stacks import expert_names
 
 DTYPES: Final[dict[str, tuple[str, npt.DTypeLike]]] = {"f32": ("F32", "<f4"), "f16": ("F16", "<f2")}
 HEADER_ALIGN: Final = 8
@@ -64,36 +69,57 @@ def _qk_heads(cfg: ModelConfig, name: str) -> int | None:
     return qk_heads(name, cfg.n_heads, cfg.n_kv_heads)
 
 
-Plan = list[tuple[tuple[str, ...], str, tuple[int, ...]]]  # (canonical parts, HF name, shape)
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """A row block of an HF tensor: a canonical tensor, or one expert of a stacked (E, out, in) one."""
+
+    name: str
+    expert: int | None = None
 
 
-UNEXPORTED: Final = "stacked MoE experts (*_exps) and Llama 3's rope_freqs"
+Plan = list[tuple[tuple[Piece, ...], str, tuple[int, ...]]]  # (row blocks, HF name, shape)
+
+
+UNEXPORTED: Final = "Llama 3's rope_freqs and fused expert gate/up stacks (ffn_gate_up_exps)"
 
 
 def _tensor_plan(ckpt: Model) -> Plan:
     """Every HF tensor to write, in name order: canonical tensors that share an HF name (Phi-3's fused
-    qkv_proj, gate_up_proj) are its row blocks, in role order."""
-    groups: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    qkv_proj, gate_up_proj) are its row blocks, in role order; a stacked expert tensor is E HF tensors."""
+    experts = expert_names(ckpt.family.roles(ckpt.config), ckpt.config)
+    groups: dict[str, list[tuple[Piece, tuple[int, ...]]]] = {}
     for t in ckpt.tensors():
         if t.name == names.OUTPUT and ckpt.config.tied_embeddings:
             continue
-        hf = hf_name(ckpt, t.name)
-        if hf is None:
-            raise ValidationError(
-                f"tensor {t.name} has no Hugging Face name; cannot export it (apr export writes the HF "
-                f"tensors of dense decoders: {UNEXPORTED} are not exported yet)"
-            )
-        groups.setdefault(hf, []).append((t.name, t.shape))
+        for piece, hf, shape in _pieces(ckpt, t, experts.get(t.name)):
+            groups.setdefault(hf, []).append((piece, shape))
     plan: Plan = []
     for hf, parts in groups.items():
         rows = sum(shape[0] for _, shape in parts)
         plan.append(
-            (tuple(n for n, _ in parts), hf, (rows, *parts[0][1][1:]) if len(parts) > 1 else parts[0][1])
+            (tuple(p for p, _ in parts), hf, (rows, *parts[0][1][1:]) if len(parts) > 1 else parts[0][1])
         )
     return sorted(plan, key=lambda p: p[1])
 
 
-def _write_safetensors(path: Path, plan: Plan, read: Callable[[str], npt.NDArray[Any]], dt: str) -> None:
+def _pieces(
+    ckpt: Model, t: TensorInfo, per_expert: tuple[str, ...] | None
+) -> list[tuple[Piece, str, tuple[int, ...]]]:
+    """(piece, HF name, shape) of each HF tensor `t` is written as."""
+    if per_expert is not None:
+        assert len(per_expert) == t.shape[0], (t.name, t.shape)  # accounting checked (E, out, in)
+        return [(Piece(t.name, e), hf, t.shape[1:]) for e, hf in enumerate(per_expert)]
+    hf = hf_name(ckpt, t.name)
+    # a stack of experts without per-expert HF names (transformers 5's fused gate_up_proj) is not split yet
+    if hf is None or len(t.shape) > 2:
+        raise ValidationError(
+            f"tensor {t.name} has no Hugging Face name; cannot export it (apr export writes the "
+            f"tensors {ckpt.variant.hf[0]} has: {UNEXPORTED} are not exported yet)"
+        )
+    return [(Piece(t.name), hf, t.shape)]
+
+
+def _write_safetensors(path: Path, plan: Plan, read: Callable[[Piece], npt.NDArray[Any]], dt: str) -> None:
     st_dtype, np_dtype = DTYPES[dt]
     itemsize = np.dtype(np_dtype).itemsize
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -133,8 +159,9 @@ def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> Export
 
     shift = cfg.norm_offset - ckpt.family.hooks.rms_norm_offset  # HF stores w of the family's (offset + w)
 
-    def read(name: str) -> npt.NDArray[Any]:
-        x = ckpt.read(name)
+    def read(piece: Piece) -> npt.NDArray[Any]:
+        name, e = piece.name, piece.expert
+        x = ckpt.read(name) if e is None else ckpt.read_rows(name, slice(e, e + 1))[0]
         if shift and name.endswith("norm.weight"):
             x = x + np.float32(shift)
         heads = _qk_heads(cfg, name)
@@ -144,21 +171,41 @@ def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> Export
         return x
 
     plan = _tensor_plan(ckpt)
+    spec = ckpt.tokenizer_spec()
+    config = _config_json(ckpt, spec)
     notes: list[str] = []
     with replacing_folder(out_dir, is_model_folder_file) as tmp:
-        written = _write_folder(ckpt, tmp, plan, read, dtype, notes)
+        written = _write_folder(ckpt, tmp, plan, read, dtype, spec, config, notes)
     return ExportResult(out_dir, [out_dir / name for name in written], len(plan), permuted, notes)
 
 
+def _config_json(ckpt: Model, spec: TokenizerSpec | None) -> dict[str, Any]:
+    """config.json of the export, refused when the family's HF reader would refuse a value of it."""
+    bos, eos = (spec.bos_id, spec.eos_id) if spec else (None, None)
+    config = hf_config(ckpt, bos, eos)
+    for key, why in ckpt.family.hf_refuse.items():
+        value = config.get(key)
+        if value is not None and (reason := why(value)) is not None:
+            raise ValidationError(
+                f"cannot export {ckpt.config.architecture!r} to Hugging Face: its config.json would say "
+                f"'{key}' = {value!r}: {reason} is not implemented"
+            )
+    return config
+
+
 def _write_folder(
-    ckpt: Model, folder: Path, plan: Plan, read: Callable[[str], npt.NDArray[Any]], dt: str, notes: list[str]
+    ckpt: Model,
+    folder: Path,
+    plan: Plan,
+    read: Callable[[Piece], npt.NDArray[Any]],
+    dt: str,
+    spec: TokenizerSpec | None,
+    config: dict[str, Any],
+    notes: list[str],
 ) -> list[str]:
     """Write the folder's files; the names written, in order."""
-    spec = ckpt.tokenizer_spec()
     _write_safetensors(folder / SINGLE_FILE, plan, read, dt)
-    bos, eos = (spec.bos_id, spec.eos_id) if spec else (None, None)
-    config = json.dumps(hf_config(ckpt, bos, eos), indent=2) + "\n"
-    write_bytes_atomic(folder / CONFIG_JSON, config.encode())
+    write_bytes_atomic(folder / CONFIG_JSON, (json.dumps(config, indent=2) + "\n").encode())
     written = [SINGLE_FILE, CONFIG_JSON]
     if spec is not None:
         tok = build_tokenizer(spec)
@@ -171,7 +218,7 @@ def _write_folder(
     return written
 
 
-def _write_tokenizer(spec: Any, tok: Tokenizer, out_dir: Path) -> list[str]:
+def _write_tokenizer(spec: TokenizerSpec, tok: Tokenizer, out_dir: Path) -> list[str]:
     tj, tc = out_dir / TOKENIZER_JSON, out_dir / TOKENIZER_CONFIG
     write_bytes_atomic(tj, tok.backend.to_str().encode())
     vocab = tok.backend.get_vocab()

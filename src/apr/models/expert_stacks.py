@@ -1,6 +1,6 @@
 """HF checkpoints that store one tensor per expert (`experts.{e}.w1`): each layer's set seen as one stacked
 (E, out, in) tensor, as GGUF stores it, whose TensorInfo names its parts (Model reads only the experts
-asked for)."""
+asked for) — and, for `apr export`, the way back: the per-expert HF names a stacked tensor is written as."""
 
 from __future__ import annotations
 
@@ -52,3 +52,14 @@ def stack_experts(
         elif name not in stacked_parts:
             out[name] = info
     return out
+
+
+def expert_names(roles: tuple[TensorRole, ...], cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """The inverse of `stack_experts`: each stacked canonical tensor of a role whose HF spelling is per
+    expert (`hf` has `{e}`: what save_pretrained writes) → its experts' HF names, in expert order."""
+    return {
+        role.name.format(i=layer): tuple(role.hf.format(i=layer, e=e) for e in range(cfg.n_experts))
+        for role in roles
+        if "{e}" in role.hf
+        for layer in range(cfg.n_layers)
+    }

@@ -22,12 +22,14 @@ transformers 5's in-memory parameters `mlp.experts.gate_up_proj` (E, 2·F, D), g
 Not implemented, refused by name: dense FFN layers between MoE layers (Qwen's `decoder_sparse_step` > 1,
 `mlp_only_layers`), sliding-window layers (`use_sliding_window`). Legend: T tokens, D hidden, E experts,
 k experts per token, F expert FFN width, S shared-expert width, Te tokens routed to expert e.
+
+Each variant's transformers class (names, attention tensors it lacks or always has): `moe_hf.HF_CLASSES`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -41,6 +43,7 @@ from apr.models import common, decoder, llama, sources
 from apr.models.base import (
     OPTIONAL,
     PREV_OUTPUT,
+    REQUIRED,
     ROPE_NEOX,
     ROPE_NORM,
     Family,
@@ -51,13 +54,21 @@ from apr.models.base import (
     Variant,
 )
 from apr.models.config import ModelConfig
+from apr.models.moe_hf import HF_CLASSES, HF_FUSED_DOWN, HF_FUSED_GATE_UP, QWEN_MLP, HFClass
 from apr.models.params import COMMON, Param, typed
 from apr.stages import Stage, Tap
 
 Array = npt.NDArray[Any]
 IN, OUT, ITEM = common.IN, common.OUT, common.ITEM
 
-N_EXPERTS: Final = Param("n_experts", "{arch}.expert_count", ("num_local_experts", "num_experts"))
+# written as num_experts, the one key all three transformers configs take (Mixtral's and Qwen3-MoE's map it
+# to num_local_experts; Qwen2-MoE knows no other); `.apr` metadata keeps num_local_experts
+N_EXPERTS: Final = Param(
+    "n_experts",
+    "{arch}.expert_count",
+    ("num_experts", "num_local_experts"),
+    ("num_local_experts", "num_experts"),
+)
 
 
 def _has_experts(source: ConfigSource) -> bool:
@@ -67,8 +78,8 @@ def _has_experts(source: ConfigSource) -> bool:
 
 VARIANTS: Final = (
     Variant("mixtral", ("llama",), ("MixtralForCausalLM",), ROPE_NORM, claims=_has_experts),
-    Variant("qwen2moe", ("qwen2moe",), ("Qwen2MoeForCausalLM",), ROPE_NEOX),
-    Variant("qwen3moe", ("qwen3moe",), ("Qwen3MoeForCausalLM",), ROPE_NEOX),
+    Variant("qwen2moe", ("qwen2moe",), ("Qwen2MoeForCausalLM",), ROPE_NEOX, hf_model_type="qwen2_moe"),
+    Variant("qwen3moe", ("qwen3moe",), ("Qwen3MoeForCausalLM",), ROPE_NEOX, hf_model_type="qwen3_moe"),
 )
 SHARED_EXPERT: Final = frozenset({"qwen2moe"})
 # renormalised top-k weights where the file cannot say: MixtralTopKRouter always; llama.cpp per architecture
@@ -112,6 +123,7 @@ def finish(
             f"{values['n_experts']} experts"
         )
     _check_expert_tensors(present, where)
+    _check_together(variant, present, where)
     window = values["sliding_window"]
     if source.kind == "hf" and source.get("use_sliding_window") is False:
         window = 0  # Qwen stores a window it does not use
@@ -147,59 +159,52 @@ def _check_expert_tensors(present: frozenset[str], where: str) -> None:
         raise ModelLoadError(f"{where}: tensor {missing.format(i=0)} is missing")
 
 
-@dataclass(frozen=True, slots=True)
-class HFExperts:
-    """Where a variant's HF checkpoints keep the router and the per-expert matrices (`{e}`: the expert)."""
+def _check_together(variant: Variant, present: frozenset[str], where: str) -> None:
+    """Tensors the variant's transformers class builds from one config flag are all there or none: a part of
+    such a set is no model transformers can build (nor can `apr export` write it), so it is refused."""
+    for group in HF_CLASSES[variant.name].together:
+        if (have := sorted(group & present)) and (missing := sorted(group - present)):
+            raise ModelLoadError(
+                f"{where}: tensor {missing[0].format(i=0)} is missing ({have[0].format(i=0)} is "
+                f"present, and {variant.hf[0]} has {len(group)} such tensors or none)"
+            )
 
-    router: str
-    gate: str
-    up: str
-    down: str
-    router_alt: str = ""  # transformers 5's name when it renamed the block (Mixtral: mlp)
 
-
-_MIXTRAL, _QWEN = "model.layers.{i}.block_sparse_moe.", "model.layers.{i}.mlp."
-HF_EXPERTS: Final = {
-    "mixtral": HFExperts(
-        _MIXTRAL + "gate.weight",
-        _MIXTRAL + "experts.{e}.w1.weight",
-        _MIXTRAL + "experts.{e}.w3.weight",
-        _MIXTRAL + "experts.{e}.w2.weight",
-        router_alt=_QWEN + "gate.weight",
-    ),
-    "qwen2moe": HFExperts(
-        _QWEN + "gate.weight",
-        _QWEN + "experts.{e}.gate_proj.weight",
-        _QWEN + "experts.{e}.up_proj.weight",
-        _QWEN + "experts.{e}.down_proj.weight",
-    ),
-}
-HF_EXPERTS["qwen3moe"] = HF_EXPERTS["qwen2moe"]
-HF_FUSED_GATE_UP: Final = _QWEN + "experts.gate_up_proj"  # transformers 5: (E, 2·F, D), gate rows first
-HF_FUSED_DOWN: Final = _QWEN + "experts.down_proj"  # (E, D, F)
+def _attention_roles(c: ModelConfig, hf: HFClass) -> tuple[TensorRole, ...]:
+    """llama's roles without its dense FFN, each as the variant's transformers class holds it."""
+    out = []
+    for r in llama.roles(c):
+        if r.name in DENSE_FFN:
+            continue
+        if r.name in hf.lacks:
+            r = dataclasses.replace(r, hf="")
+        elif r.name in hf.always:
+            r = dataclasses.replace(r, presence=REQUIRED)
+        out.append(r)
+    return tuple(out)
 
 
 def roles(c: ModelConfig) -> tuple[TensorRole, ...]:
     D, E, F, S = c.hidden_size, c.n_experts, c.expert_ffn, c.shared_expert_ffn
-    hf = HF_EXPERTS[c.architecture]
+    hf = HF_CLASSES[c.architecture]
     shared = (
         (
-            TensorRole(SHARED_GATE, _QWEN + "shared_expert_gate.weight", lambda _: (1, D)),
+            TensorRole(SHARED_GATE, QWEN_MLP + "shared_expert_gate.weight", lambda _: (1, D)),
             TensorRole(
-                "blk.{i}.ffn_gate_shexp.weight", _QWEN + "shared_expert.gate_proj.weight", lambda _: (S, D)
+                "blk.{i}.ffn_gate_shexp.weight", QWEN_MLP + "shared_expert.gate_proj.weight", lambda _: (S, D)
             ),
             TensorRole(
-                "blk.{i}.ffn_up_shexp.weight", _QWEN + "shared_expert.up_proj.weight", lambda _: (S, D)
+                "blk.{i}.ffn_up_shexp.weight", QWEN_MLP + "shared_expert.up_proj.weight", lambda _: (S, D)
             ),
             TensorRole(
-                "blk.{i}.ffn_down_shexp.weight", _QWEN + "shared_expert.down_proj.weight", lambda _: (D, S)
+                "blk.{i}.ffn_down_shexp.weight", QWEN_MLP + "shared_expert.down_proj.weight", lambda _: (D, S)
             ),
         )
         if c.architecture in SHARED_EXPERT
         else ()
     )
     return (
-        *(r for r in llama.roles(c) if r.name not in DENSE_FFN),  # embeddings, attention, norms
+        *_attention_roles(c, hf),  # embeddings, attention, norms
         TensorRole(ROUTER, hf.router, lambda _: (E, D), hf_alt=hf.router_alt),
         TensorRole(GATE_EXPS, hf.gate, lambda _: (E, F, D), OPTIONAL),
         TensorRole(UP_EXPS, hf.up, lambda _: (E, F, D), OPTIONAL),
@@ -342,6 +347,7 @@ FAMILY: Final = Family(
     ggml_nodes=GGML_NODES,
     ignorable=(Ignorable(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", "RoPE buffer, recomputed"),),
     gguf_keys=sources.ROPE_GGUF_KEYS,
+    hf_extra=lambda c: HF_CLASSES[c.architecture].config(c),
     hf_refuse={
         "hidden_act": _refuse_act,
         "use_sliding_window": lambda v: (
