@@ -19,7 +19,9 @@ statistics of every stage, then the window in full), its peak RSS and the larges
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -85,19 +87,53 @@ def du(path: Path) -> int:
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file())
 
 
+# A trace of at most this size stays on disk until the bench ends, see `apr_case`.
+KEEP_UNTIL_END: Final = 256 << 20
+# ext4's inode flags (linux/fs.h): FS_IOC_GETFLAGS / FS_IOC_SETFLAGS on a long, and "top of a directory
+# hierarchy", which makes the allocator spread the directories made in it over the block groups
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
+
+
+def spread_subdirectories(path: Path) -> bool:
+    """Mark `path` as the top of a directory hierarchy (`chattr +T`): ext4 then puts each directory made
+    in it into a block group of its own choosing (Orlov), not beside `path`. False where the filesystem
+    does not take the flag. Why the bench wants it: `apr_case`."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, flags)
+        value = int.from_bytes(flags, sys.byteorder) | FS_TOPDIR_FL
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, value.to_bytes(8, sys.byteorder))
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def apr_case(
-    model: Path, case: Case, ids: Sequence[int], src: Path | None, out_dir: Path | None = None
+    model: Path, case: Case, ids: Sequence[int], src: Path | None, scratch: Path
 ) -> tuple[bench.Proc, int]:
-    """One `apr trace` process of the case, and the bytes its trace took on disk (written under
-    `out_dir`, default the system's temporary directory)."""
+    """One `apr trace` process of the case, and the bytes its trace took on disk (written into a fresh
+    directory under `scratch`).
+
+    What a trace's 484 file creates cost depends on the filesystem's recent past, not on apr. On ext4
+    without a journal (this machine's root filesystem), allocating an inode skips, one buffer lookup each,
+    every free inode of the block group deleted in the last 60 s (360 s while its inode-table block is
+    dirty; fs/ext4/ialloc.c, `recently_deleted`): after a test run or the previous bench run, 484 creates
+    in a fresh directory under /tmp took 0.35–0.6 s of system time, against ~12 ms in a block group with no
+    recent deletions (a journaled ext4 never checks). So `scratch` spreads its directories over the block
+    groups (`spread_subdirectories`), and a trace of up to KEEP_UNTIL_END bytes is left for the bench's end
+    to delete, so that this run's deletion does not slow the next run's creates."""
     if src is not None:
         os.environ["PYTHONPATH"] = str(src)  # the children import apr from there
-    with tempfile.TemporaryDirectory(prefix="apr-long-", dir=out_dir) as d:
-        out = Path(d) / "trace"
-        args = ["--quiet", "trace", str(model), "--tokens", ",".join(map(str, ids)), "--save-tensor"]
-        args += [case.stages, "--save-tensor-layers", "0..30", *case.extra, "--save-tensor-dir", str(out)]
-        proc = bench.run_process(bench.APR_CHILD, args)
-        size = du(out)
+    out = Path(tempfile.mkdtemp(prefix="run-", dir=scratch)) / "trace"
+    args = ["--quiet", "trace", str(model), "--tokens", ",".join(map(str, ids)), "--save-tensor"]
+    args += [case.stages, "--save-tensor-layers", "0..30", *case.extra, "--save-tensor-dir", str(out)]
+    proc = bench.run_process(bench.APR_CHILD, args)
+    size = du(out)
+    if size > KEEP_UNTIL_END:
+        shutil.rmtree(out.parent)  # the 484 creates are noise beside these runs' seconds
     os.environ.pop("PYTHONPATH", None)
     return proc, size
 
@@ -142,21 +178,8 @@ def bisect_rows(model: Path, n: int, src: Path | None) -> list[bench.Row]:
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--src", type=Path, help="run apr from this source tree (its src/ folder)")
-    parser.add_argument("--runs", type=int, default=1, help="best of N (default 1)")
-    parser.add_argument("--only", default="7,512,2048", help="prompt lengths (default 7,512,2048)")
-    parser.add_argument("--skip-positions", action="store_true", help="no --save-tensor-positions case")
-    parser.add_argument("--bisect", action="store_true", help="also `apr bisect` at each length")
-    parser.add_argument("--bisect-only", action="store_true", help="only the bisect rows")
-    out_help = "write the traces under this directory (default: the system's temporary directory)"
-    parser.add_argument("--out-dir", type=Path, help=out_help)
-    args = parser.parse_args(argv)
-    lengths = {int(n) for n in args.only.split(",")}
-    bench.compile_apr(args.src)
-    model = models.smollm2_gguf()
-    bench.warm(model)
+def trace_rows(model: Path, lengths: set[int], args: argparse.Namespace, scratch: Path) -> list[bench.Row]:
+    """The trace cases' rows: each case's apr and llama.cpp processes by turns, traces under `scratch`."""
     rows: list[bench.Row] = []
     reference: dict[int, list[bench.Proc]] = {}  # every llama.cpp run of a length, over the cases
     for case in CASES:
@@ -169,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = []
         for _ in range(args.runs):  # by turns: a machine that slows down mid-case slows both sides
             reference.setdefault(case.tokens, []).append(bench.llamacpp(model, ids, 1))
-            runs.append(apr_case(model, case, ids, args.src, args.out_dir))
+            runs.append(apr_case(model, case, ids, args.src, scratch))
         ours, size = fastest([r for r, _ in runs]), runs[-1][1]
         theirs = fastest(reference[case.tokens])
         what = f"SmolLM2 Q4_1, {case.tokens} tokens, 30 layers, {case.label}"
@@ -190,12 +213,34 @@ def main(argv: list[str] | None = None) -> None:
                 disk_row, f"≤ {case.disk_target >> 20} written", size <= case.disk_target
             )
         rows += [time_row, disk_row]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--src", type=Path, help="run apr from this source tree (its src/ folder)")
+    parser.add_argument("--runs", type=int, default=1, help="best of N (default 1)")
+    parser.add_argument("--only", default="7,512,2048", help="prompt lengths (default 7,512,2048)")
+    parser.add_argument("--skip-positions", action="store_true", help="no --save-tensor-positions case")
+    parser.add_argument("--bisect", action="store_true", help="also `apr bisect` at each length")
+    parser.add_argument("--bisect-only", action="store_true", help="only the bisect rows")
+    out_help = "write the traces under this directory (default: the system's temporary directory)"
+    parser.add_argument("--out-dir", type=Path, help=out_help)
+    args = parser.parse_args(argv)
+    lengths = {int(n) for n in args.only.split(",")}
+    bench.compile_apr(args.src)
+    model = models.smollm2_gguf()
+    bench.warm(model)
+    rows: list[bench.Row] = []
+    with tempfile.TemporaryDirectory(prefix="apr-long-", dir=args.out_dir) as scratch:
+        spread = spread_subdirectories(Path(scratch))
+        rows += trace_rows(model, lengths, args, Path(scratch))
     if args.bisect or args.bisect_only:
         for n in sorted(lengths):
             rows += bisect_rows(model, n, args.src)
-    print(
-        f"apr from: {args.src or ROOT / 'src'}; traces written under {args.out_dir or tempfile.gettempdir()}"
-    )
+    where = args.out_dir or tempfile.gettempdir()
+    how = "each in its own block group (ext4 +T)" if spread else "(not spread: the filesystem has no +T)"
+    print(f"apr from: {args.src or ROOT / 'src'}; traces written under {where}, {how}")
     print(bench.render(rows))
 
 

@@ -30,12 +30,10 @@ NOT_LOADED = (
 
 CHILD = """
 import sys
-from apr.entry import run
+from apr.entry import call
 sys.argv = ["apr", "--quiet", "trace", *sys.argv[1:]]
-try:
-    run()
-except SystemExit as e:
-    assert not e.code, e.code
+status = call()
+assert not status, status
 print(",".join(sorted(sys.modules)))
 """
 

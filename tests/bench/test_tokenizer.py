@@ -4,31 +4,17 @@ asserts a time."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from apr.formats.tokenizer import build_tokenizer
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench(name: str) -> ModuleType:
-    sys.path.insert(0, str(ROOT / "bench"))  # run.py imports its siblings by name
-    spec = importlib.util.spec_from_file_location(f"apr_bench_{name}", ROOT / "bench" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.bench import load_bench
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return _bench("tokenizer")
+    return load_bench("tokenizer")
 
 
 def test_synthetic_bpe_vocab(bench: ModuleType) -> None:
@@ -53,7 +39,7 @@ def test_synthetic_spm_vocab(bench: ModuleType) -> None:
 def test_timings_are_rows_of_the_bench_table(bench: ModuleType) -> None:
     timings = bench.measure(1000, runs=1)
     assert [t.kind for t in timings] == ["BPE", "SPM"] and all(t.seconds > 0 for t in timings)
-    table = _bench("run").render(_bench("run").tokenizer_rows(timings)).splitlines()
+    table = load_bench("run").render(load_bench("run").tokenizer_rows(timings)).splitlines()
     assert table[0].startswith("| what ") and len(table) == 4
     assert table[2].startswith("| build tokenizer: 1k-token BPE (synthetic) | s    | ")
     assert table[2].endswith(" | —         |       | ≤ 0.3 s | yes |")
