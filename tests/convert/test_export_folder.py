@@ -39,9 +39,13 @@ def test_export_into_another_models_folder_leaves_only_what_it_wrote(
     code, out, err = run("export", str(llama.gguf), "-o", str(old), "--json")
     assert code == 0, err
     written = {Path(f).name for f in json.loads(out)["files"]}
-    assert {p.name for p in old.iterdir()} == written == {"model.safetensors", "config.json"}
+    files = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in old.iterdir()} == written == files
     model = open_model(old)
-    assert model.config.architecture == "llama" and model.tokenizer_spec() is None  # no qwen2 tokenizer
+    spec = model.tokenizer_spec()
+    assert model.config.architecture == "llama" and spec is not None
+    gguf_spec = open_model(llama.gguf).tokenizer_spec()
+    assert gguf_spec is not None and list(spec.tokens) == list(gguf_spec.tokens)  # llama's, not qwen2's
     assert [p.name for p in tmp_path.iterdir()] == ["mix"]  # no temporary folder left beside it
     empty, new = tmp_path / "empty", tmp_path / "a" / "new"
     empty.mkdir()

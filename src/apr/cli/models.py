@@ -158,6 +158,7 @@ def export(model: Path, output: str, fmt: str | None, dtype: str) -> None:
 
     \b
     safetensors: Q/K rows in HF order, quantized tensors dequantized exactly; transformers loads it.
+    Its tokenizer.json (BPE and SentencePiece vocabs) tokenizes as llama.cpp does on the GGUF.
     gguf: the family's metadata and tokenizer, Q/K rows in GGUF order, fused tensors re-fused.
     Example:  apr export smollm2.gguf -o smollm2-hf/
               apr export smollm2-hf/ -o smollm2-q8.gguf --dtype q8_0

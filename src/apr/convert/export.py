@@ -27,12 +27,14 @@ import numpy.typing as npt
 from apr.atomicfile import atomic_output, write_bytes_atomic
 from apr.convert.outfolder import replacing_folder
 from apr.convert.outputs import check_output
-from apr.errors import ValidationError
+from apr.errors import FormatError, ValidationError
 from apr.formats import names
+from apr.formats import tokenizer_spm_json as spm_json
 from apr.formats.base import TensorInfo, TokenizerSpec
 from apr.formats.config import QKLayout, interleaved_to_hf, qk_heads
 from apr.formats.safetensors import CONFIG_JSON, INDEX_FILE, SINGLE_FILE, TOKENIZER_JSON
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
+from apr.formats.tokenizer_probe import probe_texts
 from apr.models import Model
 from apr.models.config import ModelConfig
 from apr.models.exchange import hf_config, hf_name
@@ -209,19 +211,55 @@ def _write_folder(
     written = [SINGLE_FILE, CONFIG_JSON]
     if spec is not None:
         tok = build_tokenizer(spec)
-        if tok.backend is None:
+        backend = tok.backend
+        if backend is None and spec.model in JSON_BUILDERS:
+            backend = JSON_BUILDERS[spec.model](spec, tok, notes)
+        elif backend is None:
             notes.append(
                 f"tokenizer not exported: a {spec.model} vocabulary cannot be written as tokenizer.json yet"
             )
-        else:
-            written += _write_tokenizer(spec, tok, folder)
+        if backend is not None:
+            written += _write_tokenizer(spec, backend, folder)
     return written
 
 
-def _write_tokenizer(spec: TokenizerSpec, tok: Tokenizer, out_dir: Path) -> list[str]:
+def _spm_backend(spec: TokenizerSpec, tok: Tokenizer, notes: list[str]) -> Any:
+    """tokenizer.json's model of a SentencePiece vocab (apr.formats.tokenizer_spm_json), written only when
+    it encodes every probe text (apr.formats.tokenizer_probe) to llama.cpp's ids; else None and a note."""
+    try:
+        built = spm_json.build(spec, list(spec.tokens))
+    except FormatError as e:
+        notes.append(f"tokenizer not exported: {e}")
+        return None
+    ties = [(f"tie {text!r}", text) for text in built.tie_texts]
+    for name, text in [*probe_texts(spec, spec), *ties]:
+        want, got = tok.encode(text), built.backend.encode(text).ids
+        if got != want:
+            at = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), len(want))
+            notes.append(
+                f"tokenizer not exported: a tokenizer.json would encode the {name} probe as "
+                f"{got[at : at + 4]}… from token {at}, where llama.cpp gives {want[at : at + 4]}…"
+            )
+            return None
+    if built.ambiguous:
+        notes.append(
+            f"tokenizer.json: {built.ambiguous} of its {built.merges} merges tie with an overlapping one, "
+            "which llama.cpp resolves leftmost and tokenizers by rank: each such meeting alone encodes as "
+            "llama.cpp does, a longer text might not"
+        )
+    return built.backend
+
+
+# vocab models whose `build_tokenizer` has no `tokenizers` backend, and how export makes one
+JSON_BUILDERS: Final[dict[str, Callable[[TokenizerSpec, Tokenizer, list[str]], Any]]] = {
+    "llama": _spm_backend
+}
+
+
+def _write_tokenizer(spec: TokenizerSpec, backend: Any, out_dir: Path) -> list[str]:
     tj, tc = out_dir / TOKENIZER_JSON, out_dir / TOKENIZER_CONFIG
-    write_bytes_atomic(tj, tok.backend.to_str().encode())
-    vocab = tok.backend.get_vocab()
+    write_bytes_atomic(tj, backend.to_str().encode())
+    vocab = backend.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     conf: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": spec.add_bos}
     for key, tid in (("bos_token", spec.bos_id), ("eos_token", spec.eos_id)):
