@@ -100,3 +100,24 @@ def test_bisect_prints_the_model_diff_first(zoo: Any, tmp_path: Path) -> None:
     doc = json.loads(out)
     assert [c["field"] for c in doc["model_diff"]["config"]] == ["rope_theta"]
     shutil.rmtree(b)
+
+
+def test_a_gemma_gguf_and_its_export_differ_only_in_storage(zoo: Any, tmp_path: Path) -> None:
+    """The GGUF leaves Gemma's score scale at 0 (1/sqrt(head_dim), as llama.cpp); the export states
+    query_pre_attn_scalar = head_dim: the same math. Its tokenizer.json tokenizes as the GGUF's vocab. A
+    query_pre_attn_scalar that is not head_dim is a real difference."""
+    z: ZooModel = zoo("gemma2")
+    out = tmp_path / "hf"
+    assert run("export", str(z.gguf), "-o", str(out))[0] == 0
+    d = diff_models(open_model(z.gguf), open_model(out))
+    assert [(f.name, f.a, f.b, bool(f.storage)) for f in d.config] == [
+        ("attn_scale", 0.0, 0.25, True),
+        ("norm_offset", 0.0, 1.0, True),
+    ]
+    assert not d.tokenizer.differs and d.verdict == "same"
+    code, text, _ = run("diff", str(z.gguf), str(out), "--check")
+    assert code == 0 and text.endswith("=> no difference in the math\n"), text
+    other = edited_copy(out, tmp_path / "other", query_pre_attn_scalar=144)
+    d = diff_models(open_model(z.gguf), open_model(other))
+    assert [(f.name, bool(f.storage)) for f in d.config if f.name == "attn_scale"] == [("attn_scale", False)]
+    assert d.differs

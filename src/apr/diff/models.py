@@ -40,6 +40,14 @@ STORAGE_FIELDS: Final = {
     "norm_offset": "norm weights stored as w or 1 + w",
     "rope_scaling.freq_factors": "Llama 3 scaling stored as a rope_freqs tensor",
 }
+# fields stated two ways for the same math, and the value the forward pass uses: a difference is storage
+# only when these agree (a Gemma GGUF leaves the score scale at 0, its HF export states query_pre_attn_scalar)
+EFFECTIVE: Final[dict[str, tuple[Callable[[ModelConfig], Any], str]]] = {
+    "attn_scale": (
+        lambda c: c.attn_scale or c.head_dim**-0.5,
+        "the same score scale: 1/sqrt(head_dim), stated on one side, left at 0 (meaning it) on the other",
+    ),
+}
 HF_TOKENIZER: Final = "tokenizer.json"  # TokenizerSpec.model of an HF folder's tokenizer
 TOKENIZER_FIELDS: Final = ("bos_id", "eos_id", "add_bos", "add_eos", "add_space_prefix")
 VERDICTS: Final = ("differ", "same", "unverified")
@@ -186,8 +194,16 @@ def diff_configs(a: ModelConfig, b: ModelConfig) -> list[FieldDiff]:
             ]
         elif not _same(va, vb):
             pa, pb = (v.value if hasattr(v, "value") else v for v in (va, vb))
-            out.append(FieldDiff(f.name, pa, pb, STORAGE_FIELDS.get(f.name, "")))
+            out.append(FieldDiff(f.name, pa, pb, STORAGE_FIELDS.get(f.name, "") or _effective(f.name, a, b)))
     return out
+
+
+def _effective(name: str, a: ModelConfig, b: ModelConfig) -> str:
+    """Why a difference in `name` is storage only (the forward pass uses the same value), or ""."""
+    if name not in EFFECTIVE:
+        return ""
+    value, why = EFFECTIVE[name]
+    return why if _same(float(value(a)), float(value(b))) else ""
 
 
 def _same(a: Any, b: Any) -> bool:
