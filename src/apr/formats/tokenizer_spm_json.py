@@ -69,7 +69,7 @@ def build(spec: TokenizerSpec, tokens: Sequence[str]) -> SpmJson:
     specials = special_tokens(tokens, attrs, spec.model_name, spec.pre)
     unk = next((tokens[i] for i, a in enumerate(attrs) if a & UNKNOWN_ATTR), None)  # never used: bytes
     scores = list(spec.scores) or [0.0] * len(tokens)
-    merges, ties = _merges(tokens, ids, scores)
+    merges, ambiguous, tie_texts = _merges(tokens, ids, scores)
     tok = Tokenizer(BPE(vocab=ids, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     steps = [normalizers.Prepend(SPACE)] if spec.add_space_prefix else []
     tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SPACE)])
@@ -79,8 +79,7 @@ def build(spec: TokenizerSpec, tokens: Sequence[str]) -> SpmJson:
     )
     tok.add_special_tokens([_added(s, attrs[s.id], AddedToken) for s in sorted(specials, key=lambda s: s.id)])
     tok.post_processor = _post_processor(spec, tokens, processors)
-    texts = dict.fromkeys((x + y + z).replace(SPACE, " ") for (x, y), (_, z) in ties)
-    return SpmJson(tok, len(merges), len({m for pair in ties for m in pair}), tuple(texts)[:MAX_TIE_TEXTS])
+    return SpmJson(tok, len(merges), ambiguous, tie_texts)
 
 
 def _added(s: SpecialToken, attr: int, added_token: Any) -> Any:
@@ -107,10 +106,10 @@ def _post_processor(spec: TokenizerSpec, tokens: Sequence[str], processors: Any)
 
 def _merges(
     tokens: Sequence[str], ids: dict[str, int], scores: Sequence[float]
-) -> tuple[list[tuple[str, str]], list[tuple[Merge, Merge]]]:
+) -> tuple[list[Merge], int, tuple[str, ...]]:
     """Every split of every token into two tokens, best-scored result first (then by the ids of the two
-    parts, as transformers' converter orders them), and the tied pairs: merges (x, y), (y, z) of one
-    score, which can compete for the symbol y."""
+    parts, as transformers' converter orders them); how many tie with an overlapping one, and texts that
+    spell such meetings (`_ties`)."""
     found: list[tuple[float, int, int, str, str]] = []
     for t, tid in ids.items():
         for cut in range(1, len(t)):
@@ -122,14 +121,27 @@ def _merges(
     by_score: dict[float, list[Merge]] = defaultdict(list)
     for score, _, _, left, right in found:
         by_score[score].append((left, right))
-    ties = [pair for group in by_score.values() if len(group) > 1 for pair in _overlapping(group)]
-    return [(left, right) for _, _, _, left, right in found], ties
+    ambiguous, texts = 0, dict[str, None]()
+    for group in by_score.values():
+        if len(group) > 1:
+            ambiguous += _ties(group, texts)
+    return [(left, right) for _, _, _, left, right in found], ambiguous, tuple(texts)
 
 
-def _overlapping(group: list[Merge]) -> list[tuple[Merge, Merge]]:
-    """The pairs of distinct merges of `group` (one score) where the first's right part is the second's
-    left part."""
+def _ties(group: list[Merge], texts: dict[str, None]) -> int:
+    """How many merges of `group` (one score) meet another over a symbol: (x, y) and (y, z), distinct;
+    adds x + y + z of each meeting to `texts` (spaces as " "), up to MAX_TIE_TEXTS in all. Linear in the
+    group, however many meetings there are (a vocab without scores is one group)."""
     by_left: dict[str, list[Merge]] = defaultdict(list)
     for m in group:
         by_left[m[0]].append(m)
-    return [(m, n) for m in group for n in by_left.get(m[1], ()) if n != m]
+    tied: set[Merge] = set()
+    for m in group:
+        meets = [n for n in by_left.get(m[1], ())[:2] if n != m]
+        if not meets:
+            continue
+        tied.add(m)
+        tied.update(by_left[m[1]])  # every merge starting with y meets m (one of them may be m itself)
+        for n in meets[: max(0, MAX_TIE_TEXTS - len(texts))]:
+            texts[(m[0] + m[1] + n[1]).replace(SPACE, " ")] = None
+    return len(tied)
