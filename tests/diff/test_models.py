@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from apr.diff.models import diff_models
+from apr.diff.models import diff_models, diff_tokenizers
+from apr.formats.base import TokenizerSpec
 from apr.models import open_model
 from tests.fixtures.cli import run
 from tests.fixtures.zoo import ZooModel
@@ -121,3 +122,31 @@ def test_a_gemma_gguf_and_its_export_differ_only_in_storage(zoo: Any, tmp_path: 
     d = diff_models(open_model(z.gguf), open_model(other))
     assert [(f.name, bool(f.storage)) for f in d.config if f.name == "attn_scale"] == [("attn_scale", False)]
     assert d.differs
+
+
+def _spm_spec(types_of: dict[str, int]) -> TokenizerSpec:
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "a", "b", *types_of]
+    types = [2, 3, 3, *[6] * 256, 1, 1, *types_of.values()]
+    return TokenizerSpec(model="llama", tokens=tokens, token_types=types, scores=[0.0] * len(tokens))
+
+
+def test_token_types_count_as_llama_cpp_acts_on_them() -> None:
+    """An "<|endoftext|>" is CONTROL in llama.cpp whatever its stored type (an end-of-generation name), so
+    NORMAL (llama.cpp's converter, from a tokenizer.model) against USER_DEFINED (an HF added token) is no
+    difference; a user-defined "<tool>" against a normal one is: it is matched whole in text."""
+    same = diff_tokenizers(_spm_spec({"<|endoftext|>": 1}), _spm_spec({"<|endoftext|>": 4}))
+    assert same.first_type is None and not same.differs
+    other = diff_tokenizers(_spm_spec({"<tool>": 1}), _spm_spec({"<tool>": 4}))
+    assert other.first_type == (261, "1", "4") and other.differs
+
+
+def test_an_hf_folder_exported_to_gguf_is_the_same_model_as_llama_cpps_conversion(
+    zoo: Any, tmp_path: Path
+) -> None:
+    """apr's HF→GGUF export types the added "<|endoftext|>" USER_DEFINED where convert_hf_to_gguf.py wrote
+    NORMAL (from tokenizer.model): llama.cpp makes both CONTROL, and `diff --check` finds no difference."""
+    z: ZooModel = zoo("llama")
+    out = tmp_path / "l.gguf"
+    assert run("export", str(z.hf_dir), "-o", str(out))[0] == 0
+    code, text, _ = run("diff", str(z.gguf), str(out), "--check")
+    assert code == 0 and text.endswith("=> no difference in the math\n"), text

@@ -30,6 +30,7 @@ from apr.formats import detect_format
 from apr.formats.base import TokenizerSpec
 from apr.formats.names import OUTPUT
 from apr.formats.tokenizer_probe import ProbeCheck, probe_tokenizers
+from apr.formats.tokenizer_special import CONTROL, Attr, token_attrs
 from apr.models import Model
 from apr.models.config import ModelConfig, RopeScaling
 from apr.models.exchange_gguf import rope_freqs
@@ -53,6 +54,9 @@ TOKENIZER_FIELDS: Final = ("bos_id", "eos_id", "add_bos", "add_eos", "add_space_
 VERDICTS: Final = ("differ", "same", "unverified")
 STORAGE_KINDS: Final = ("type", "tied", "stored")  # tensor differences that do not change the math
 ROPE_FREQS: Final = "rope_freqs.weight"
+KEPT_WITH_CONTROL: Final = int(
+    Attr.LSTRIP | Attr.RSTRIP | Attr.UNKNOWN
+)  # bits that still count beside CONTROL
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (label, total) → on_item(i)
 
 
@@ -226,11 +230,33 @@ def diff_tokenizers(a: TokenizerSpec | None, b: TokenizerSpec | None) -> Tokeniz
         len(b.tokens),
         [FieldDiff(k, x, y) for k in keys if (x := getattr(a, k)) != (y := getattr(b, k))],
         _first_difference(a.tokens, b.tokens),
-        _first_difference(a.token_types, b.token_types) if both_gguf else None,
+        _first_type_difference(a, b) if both_gguf else None,
         (len(a.merges), len(b.merges)) if merges else (0, 0),
         _first_difference(a.merges, b.merges) if merges else None,
         probe_tokenizers(a, b),
     )
+
+
+def _first_type_difference(a: TokenizerSpec, b: TokenizerSpec) -> tuple[int, str, str] | None:
+    """The first token whose type makes llama.cpp treat it differently, as (id, A's GGUF type, B's): the
+    types compared as the attributes llama.cpp acts on, after its fix-ups by name (an "<|endoftext|>"
+    becomes CONTROL whatever its type), a CONTROL token's NORMAL or USER_DEFINED bit aside (with CONTROL
+    set, matching it in text, skipping it without parse_special and its piece go by CONTROL alone)."""
+    try:
+        acted = [_acted_on(s) for s in (a, b)]
+    except AprError:  # a malformed type array: compare what is stored
+        return _first_difference(a.token_types, b.token_types)
+    found = _first_difference(*acted)
+    if found is None:
+        return None
+    i = found[0]
+    ta, tb = (str(s.token_types[i]) if i < len(s.token_types) else "" for s in (a, b))
+    return i, ta, tb
+
+
+def _acted_on(spec: TokenizerSpec) -> list[int]:
+    attrs = token_attrs(spec.tokens, spec.token_types, spec.fim_ids.keys())
+    return [a & (CONTROL | KEPT_WITH_CONTROL) if a & CONTROL else a for a in attrs]
 
 
 def _first_difference(a: Any, b: Any) -> tuple[int, str, str] | None:
