@@ -5,8 +5,10 @@ not daemons."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,19 @@ def test_exit_status_is_what_sys_exit_gives(
 ) -> None:
     assert exit_status(code) == status
     assert capsys.readouterr().err == ("bad\n" if code == "bad" else "")
+
+
+def test_a_ctrl_c_while_the_exit_waits_is_one_line_and_130(tmp_path: Path) -> None:
+    """The command is done (its output arrived), a thread still runs: SIGINT then ends the wait with
+    `error: interrupted` and 130, as everywhere else in the CLI, not a traceback from threading."""
+    code = "import sys, threading, time\nfrom apr.entry import run\n"
+    code += "threading.Thread(target=time.sleep, args=(5,)).start()\nsys.argv = ['apr', '--version']\nrun()\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().startswith("apr, version")
+    time.sleep(0.2)  # into the join (a signal before it ends the same way, after the 5 s thread)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert err == "error: interrupted\n", err

@@ -61,8 +61,12 @@ def leave(status: int) -> NoReturn:
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
     if join_threads is None or run_exit_handlers is None:
         sys.exit(status)
-    join_threads()
-    run_exit_handlers()
+    try:
+        join_threads()
+        run_exit_handlers()
+    except KeyboardInterrupt:  # Ctrl-C while waiting for a thread or a handler: one line, not a traceback
+        os.write(2, b"error: interrupted\n")
+        status = INTERRUPTED
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a reader that went away: nothing more to say
             stream.flush()

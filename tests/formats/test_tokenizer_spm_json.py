@@ -5,6 +5,7 @@ other, the export's check finds the texts where the two part ways and writes no 
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -45,6 +46,12 @@ def test_trained_vocab_encodes_and_decodes_as_llama_cpp(trained: Pair) -> None: 
     texts += ["", " ", "   ", "\n\n\t x", "a  b", "<unk>", "▁<PRE> x"]
     want = [trained.theirs(t) for t in texts]
     assert [built.backend.encode(t).ids for t in texts] == want  # exact ids, every text
+    # control and unknown tokens are special (skipped by decode(skip_special_tokens=True)), user-defined
+    # ones text, as llama.cpp prints them whatever its flags
+    added = {t["content"]: t["special"] for t in json.loads(built.backend.to_str())["added_tokens"]}
+    assert added["</s>"] and added["<unk>"] and not added["<tool>"] and not added["<|im_start|>"]
+    shown = built.backend.decode(trained.theirs("a <tool> b</s>"), skip_special_tokens=True)
+    assert "<tool>" in shown and "</s>" not in shown and "<s>" not in shown, shown
     # llama_detokenize(remove_special=false, unparse_special=true): the pieces, byte tokens as bytes
     assert [built.backend.decode(ids, skip_special_tokens=False) for ids in want[:200]] == [
         trained.detokenize(ids) for ids in want[:200]

@@ -77,7 +77,9 @@ def build(spec: TokenizerSpec, tokens: Sequence[str]) -> SpmJson:
     tok.decoder = decoders.Sequence(
         [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), *ends]
     )
-    tok.add_special_tokens([_added(s, attrs[s.id], AddedToken) for s in sorted(specials, key=lambda s: s.id)])
+    added = [_added(s, attrs[s.id], AddedToken) for s in sorted(specials, key=lambda s: s.id)]
+    tok.add_special_tokens([a for a in added if a.special])
+    tok.add_tokens([a for a in added if not a.special])  # add_special_tokens would make them special
     tok.post_processor = _post_processor(spec, tokens, processors)
     return SpmJson(tok, len(merges), ambiguous, tie_texts)
 
