@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,8 +14,11 @@ from click.testing import CliRunner
 from apr.cli import cli
 from apr.engine.weights import Weights
 from apr.models import open_model
+from apr.models.config import ModelConfig, RopeScaling
+from apr.models.exchange_gguf import llama3_from_freqs, rope_freqs
 from apr.models.llama import DECODER
 from apr.stages import Stage, StageId
+from tests.fixtures.zoo import ZooModel
 from tests.runtimes import PROMPT, PROMPT_IDS, Recorder, rel_err, transformers_run, write_tiny_gguf
 
 forward = DECODER.forward
@@ -58,3 +63,50 @@ def test_qwen2_with_bias_round_trips_through_export(tmp_path: Path) -> None:
     lm = StageId(Stage.LM_HEAD)
     assert rel_err(ours.arrays[lm], theirs.arrays[lm]) < 1e-5
     assert StageId(Stage.QKV_BIAS, 1) in theirs.arrays
+
+
+def test_a_llama3_gguf_exports_its_rope_scaling_recovered_from_rope_freqs(zoo: Any, tmp_path: Path) -> None:
+    """llama.cpp's converter writes Llama 3's scaling as the rope_freqs tensor and no parameters; the
+    export states the rope_scaling that gives those divisors back, and transformers' logits on it are
+    bit-identical (tolerance 0) to its logits on the folder the GGUF was converted from."""
+    z: ZooModel = zoo("llama3")
+    out = tmp_path / "hf"
+    r = CliRunner().invoke(cli, ["export", str(z.gguf), "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    given = z.hf_config["rope_parameters"]
+    assert cfg["rope_scaling"] == {k: given[k] for k in cfg["rope_scaling"]} | {"rope_type": "llama3"}
+    header = json.loads((out / "model.safetensors").read_bytes()[8:][: 1 << 16].split(b"}}", 1)[0] + b"}}")
+    assert not [k for k in header if "rope" in k]  # the divisors are in config.json only
+    ids = tuple(z.token_ids())
+    lm = StageId(Stage.LM_HEAD)
+    _, theirs = transformers_run(z.hf_dir, ids)
+    _, ours = transformers_run(out, ids)
+    assert np.array_equal(ours.arrays[lm], theirs.arrays[lm])
+
+
+@pytest.mark.parametrize(
+    ("theta", "head_dim", "factor", "orig"),
+    [
+        (500000.0, 128, 8.0, 8192),
+        (500000.0, 64, 32.0, 8192),
+        (10000.0, 16, 8.0, 32),
+        (500000.0, 128, 16.0, 4096),
+    ],
+)
+def test_llama3_scaling_comes_back_from_its_rope_freqs(
+    theta: float, head_dim: int, factor: float, orig: int
+) -> None:
+    """Llama 3.1 (8B), 3.2 (1B) and the zoo's shapes: the divisors a GGUF carries give back a scaling
+    whose divisors are the same float32 values; divisors no Llama 3 scaling makes give None."""
+    cfg = ModelConfig("llama", head_dim * 4, 1, 4, 4, head_dim, 64, 256, rope_theta=theta)
+    scaling = RopeScaling("llama3", factor, 1.0, 4.0, orig)
+    freqs = rope_freqs(replace(cfg, rope_scaling=scaling))
+    assert freqs is not None
+    back = llama3_from_freqs(cfg, freqs)
+    assert back is not None and back.kind == "llama3" and back.factor == factor
+    again = rope_freqs(replace(cfg, rope_scaling=back))
+    assert again is not None and np.array_equal(again, freqs)
+    odd = freqs.copy()
+    odd[len(odd) // 2] *= 1.01  # a divisor off the curve
+    assert llama3_from_freqs(cfg, odd) is None

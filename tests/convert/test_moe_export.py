@@ -8,10 +8,10 @@ Per family, from the converter's GGUF:
 - the export holds exactly the original folder's tensors, under the same names (each stacked GGUF expert
   tensor split into save_pretrained's per-expert ones), with bit-identical values (read by the safetensors
   package, not apr); apr reads it back with the GGUF's config and the HF folder's canonical tensors.
-Refusals, one line naming the culprit, nothing written: Llama 3's rope_freqs; transformers 5's fused
-expert gate/up stack; a tensor or config value the variant's transformers class cannot hold (Mixtral's
-q/k/v bias, Qwen's per-layer sliding window); and, on reading, part of a set the class builds from one flag,
-or Qwen3-MoE without the QK-norm its class always has.
+Refusals, one line naming the culprit, nothing written: a rope_freqs no Llama 3 scaling gives;
+transformers 5's fused expert gate/up stack; a tensor or config value the variant's transformers class
+cannot hold (Mixtral's q/k/v bias, Qwen's per-layer sliding window); and, on reading, part of a set the
+class builds from one flag, or Qwen3-MoE without the QK-norm its class always has.
 """
 
 from __future__ import annotations
@@ -136,11 +136,18 @@ def test_the_export_holds_the_original_tensors_and_reads_back_as_the_gguf(
         assert np.array_equal(back.read(t.name), hf.read(t.name)), t.name
 
 
-def test_llama3_rope_freqs_is_still_refused_by_name(zoo: Callable[[str], ZooModel], tmp_path: Path) -> None:
-    assert refused(zoo("llama3").gguf, tmp_path / "hf") == (
-        "error: tensor rope_freqs.weight has no Hugging Face name; cannot export it (apr export writes "
-        "the tensors LlamaForCausalLM has: Llama 3's rope_freqs and fused expert gate/up stacks "
-        "(ffn_gate_up_exps) are not exported yet)\n"
+def test_rope_freqs_no_llama3_scaling_gives_is_refused_by_name(
+    zoo: Callable[[str], ZooModel], tmp_path: Path
+) -> None:
+    """A Llama 3 GGUF exports its rope_freqs as config.json's rope_scaling (test_export.py); divisors that
+    no Llama 3 scaling gives (one of them 1 % off) have no rope_scaling to say them in."""
+    z = zoo("llama3")
+    freqs = open_model(z.gguf).read("rope_freqs.weight").copy()
+    freqs[1] *= np.float32(1.01)
+    odd = gguf_copy(z, tmp_path / "odd.gguf", add={"rope_freqs.weight": freqs}, drop=lambda n: "rope" in n)
+    assert refused(odd, tmp_path / "hf") == (
+        "error: cannot export rope_freqs.weight: no Llama 3 rope_scaling (factor, low/high_freq_factor, "
+        "original_max_position_embeddings) gives its per-frequency divisors\n"
     )
 
 

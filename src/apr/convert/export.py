@@ -17,7 +17,7 @@ import json
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,6 +38,7 @@ from apr.formats.tokenizer_probe import probe_texts
 from apr.models import Model
 from apr.models.config import ModelConfig
 from apr.models.exchange import hf_config, hf_name
+from apr.models.exchange_gguf import ROPE_FREQS, llama3_from_freqs
 from apr.models.expert_stacks import expert_names
 
 DTYPES: Final[dict[str, tuple[str, npt.DTypeLike]]] = {"f32": ("F32", "<f4"), "f16": ("F16", "<f2")}
@@ -82,16 +83,17 @@ class Piece:
 Plan = list[tuple[tuple[Piece, ...], str, tuple[int, ...]]]  # (row blocks, HF name, shape)
 
 
-UNEXPORTED: Final = "Llama 3's rope_freqs and fused expert gate/up stacks (ffn_gate_up_exps)"
+UNEXPORTED: Final = "fused expert gate/up stacks (ffn_gate_up_exps)"
 
 
-def _tensor_plan(ckpt: Model) -> Plan:
+def _tensor_plan(ckpt: Model, in_config: frozenset[str]) -> Plan:
     """Every HF tensor to write, in name order: canonical tensors that share an HF name (Phi-3's fused
-    qkv_proj, gate_up_proj) are its row blocks, in role order; a stacked expert tensor is E HF tensors."""
+    qkv_proj, gate_up_proj) are its row blocks, in role order; a stacked expert tensor is E HF tensors.
+    Tensors `in_config` are not written: config.json says what they hold."""
     experts = expert_names(ckpt.family.roles(ckpt.config), ckpt.config)
     groups: dict[str, list[tuple[Piece, tuple[int, ...]]]] = {}
     for t in ckpt.tensors():
-        if t.name == names.OUTPUT and ckpt.config.tied_embeddings:
+        if (t.name == names.OUTPUT and ckpt.config.tied_embeddings) or t.name in in_config:
             continue
         for piece, hf, shape in _pieces(ckpt, t, experts.get(t.name)):
             groups.setdefault(hf, []).append((piece, shape))
@@ -172,19 +174,36 @@ def export_safetensors(ckpt: Model, out_dir: Path, dtype: str = "f32") -> Export
             return interleaved_to_hf(x, heads, axis=0)
         return x
 
-    plan = _tensor_plan(ckpt)
+    cfg_out, in_config = _stated_config(ckpt)
+    plan = _tensor_plan(ckpt, in_config)
     spec = ckpt.tokenizer_spec()
-    config = _config_json(ckpt, spec)
+    config = _config_json(ckpt, spec, cfg_out)
     notes: list[str] = []
     with replacing_folder(out_dir, is_model_folder_file) as tmp:
         written = _write_folder(ckpt, tmp, plan, read, dtype, spec, config, notes)
     return ExportResult(out_dir, [out_dir / name for name in written], len(plan), permuted, notes)
 
 
-def _config_json(ckpt: Model, spec: TokenizerSpec | None) -> dict[str, Any]:
+def _stated_config(ckpt: Model) -> tuple[ModelConfig, frozenset[str]]:
+    """The config the export states, and the tensors it states in their place: a GGUF's Llama 3 rope
+    scaling is a rope_freqs tensor (llama.cpp's converter writes no parameters), which transformers
+    knows only as rope_scaling. ValidationError when no rope_scaling gives those divisors."""
+    cfg = ckpt.config
+    if not (cfg.rope_scaling.freq_factors and any(t.name == ROPE_FREQS for t in ckpt.tensors())):
+        return cfg, frozenset()
+    scaling = llama3_from_freqs(cfg, ckpt.read(ROPE_FREQS))
+    if scaling is None:
+        raise ValidationError(
+            f"cannot export {ROPE_FREQS}: no Llama 3 rope_scaling (factor, low/high_freq_factor, "
+            "original_max_position_embeddings) gives its per-frequency divisors"
+        )
+    return replace(cfg, rope_scaling=scaling), frozenset({ROPE_FREQS})
+
+
+def _config_json(ckpt: Model, spec: TokenizerSpec | None, cfg: ModelConfig) -> dict[str, Any]:
     """config.json of the export, refused when the family's HF reader would refuse a value of it."""
     bos, eos = (spec.bos_id, spec.eos_id) if spec else (None, None)
-    config = hf_config(ckpt, bos, eos)
+    config = hf_config(ckpt, bos, eos, cfg)
     for key, why in ckpt.family.hf_refuse.items():
         value = config.get(key)
         if value is not None and (reason := why(value)) is not None:

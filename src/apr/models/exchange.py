@@ -89,9 +89,12 @@ def apr_keys_of(cfg: ModelConfig) -> AprModelKeys:
     )
 
 
-def hf_config(model: Model, bos: int | None, eos: int | None) -> dict[str, Any]:
-    """config.json for the model (transformers loads it offline)."""
-    cfg = model.config
+def hf_config(
+    model: Model, bos: int | None, eos: int | None, config: ModelConfig | None = None
+) -> dict[str, Any]:
+    """config.json for the model (transformers loads it offline); `config` in place of the model's own
+    (a GGUF's Llama 3 scaling recovered from its rope_freqs tensor)."""
+    cfg = config or model.config
     out: dict[str, Any] = {
         "architectures": [model.variant.hf[0]],
         "model_type": model.variant.hf_model_type or model.variant.name,

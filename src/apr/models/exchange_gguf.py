@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from apr.engine.rope import llama3_factors
 from apr.errors import ValidationError
-from apr.models.config import ModelConfig
+from apr.models.config import ModelConfig, RopeScaling
 from apr.models.exchange import COMMON_FIELDS
 from apr.models.model import Model
 from apr.models.params import Param
@@ -89,3 +89,41 @@ def rope_freqs(cfg: ModelConfig) -> npt.NDArray[np.float32] | None:
         return None
     base = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
     return llama3_factors(base, s).astype(np.float32)
+
+
+# (low_freq_factor, high_freq_factor) pairs tried when recovering Llama 3's scaling from rope_freqs, Meta's
+# first (Llama 3.1, 3.2 and 3.3 all use 1 and 4)
+LLAMA3_BANDS: Final = ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0), (1.0, 1.5))
+
+
+def llama3_from_freqs(cfg: ModelConfig, freqs: npt.NDArray[np.float32]) -> RopeScaling | None:
+    """The Llama 3 `rope_scaling` whose per-frequency divisors (`rope_freqs`) are `freqs`, as a GGUF
+    carries them: llama.cpp's converter writes the tensor and no parameters. The factor is the largest
+    divisor; original_max_position_embeddings is solved from a divisor between 1 and the factor (or, with
+    none, the powers of two and the context length are tried); each candidate must give back every
+    divisor to float32 rounding (rtol 1e-6, as `apr diff` compares them). Any candidate that does gives
+    the same RoPE: the divisors are all the forward reads. None when no candidate matches; a default
+    scaling when every divisor is 1."""
+    f = np.asarray(freqs, dtype=np.float64).reshape(-1)
+    half = cfg.head_dim // 2
+    if f.size != half or not np.isfinite(f).all() or (f < 1.0).any():
+        return None
+    if (f == 1.0).all():
+        return RopeScaling()
+    base = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    wavelen = 2 * np.pi / base
+    factor = float(np.float32(f.max()))
+    powers = [2**k for k in range(31)]
+    for low, high in LLAMA3_BANDS:
+        medium = (f > 1.0) & (f < factor)
+        solved = []
+        for v, w in zip(f[medium], wavelen[medium], strict=True):
+            smooth = (1.0 / v - 1.0 / factor) / (1.0 - 1.0 / factor)
+            solved.append(round(w * (low + smooth * (high - low))))
+        for orig in dict.fromkeys([*solved, *powers, cfg.max_position]):
+            if orig <= 0:
+                continue
+            s = RopeScaling("llama3", factor, low, high, int(orig))
+            if np.allclose(llama3_factors(base, s).astype(np.float32), f, rtol=1e-6, atol=0.0):
+                return s
+    return None
