@@ -46,7 +46,7 @@ def exit_status(code: object) -> int:
     if code is None:
         return 0
     if isinstance(code, int):
-        return code
+        return int(code)  # a bool too
     print(code, file=sys.stderr)
     return 1
 

@@ -40,7 +40,7 @@ def spec_of(p: Pair) -> TokenizerSpec:
 
 def test_trained_vocab_encodes_and_decodes_as_llama_cpp(trained: Pair) -> None:  # noqa: F811 (the fixture)
     spec = spec_of(trained)
-    built = spm_json.build(spec, list(spec.tokens))
+    built = spm_json.build(spec)
     assert built.ambiguous == 0 and built.tie_texts == () and built.merges > 400
     texts = [t for _, t in PROBES] + corpus(600, seed=11) + ["<s>Hi <s> end </s>", "<|im_start|>x<|im_end|>"]
     texts += ["", " ", "   ", "\n\n\t x", "a  b", "<unk>", "▁<PRE> x"]
@@ -67,7 +67,7 @@ def test_tied_scores_are_found_and_the_export_writes_no_tokenizer_json(seed: int
     v = random_vocab(rng, "ab▁cé日", 120, [])
     p = pair(write_vocab(tmp_path / "tied.gguf", v))
     spec = spec_of(p)
-    built = spm_json.build(spec, list(spec.tokens))
+    built = spm_json.build(spec)
     assert built.ambiguous > 0 and built.tie_texts
     texts = ["".join(rng.choice("ab cé日") for _ in range(rng.randint(1, 30))) for _ in range(300)]
     assert any(built.backend.encode(t).ids != p.theirs(t) for t in texts)
@@ -81,7 +81,7 @@ def test_a_vocab_without_byte_tokens_is_refused_by_name() -> None:
     v = Vocab(["<unk>", "<s>", "</s>", "a", "b", "ab"], [0.0, 0.0, 0.0, -1.0, -2.0, -3.0], [2, 3, 3, 1, 1, 1])
     spec = TokenizerSpec(model="llama", tokens=v.tokens, scores=v.scores, token_types=v.types)
     with pytest.raises(FormatError, match=r"no byte token <0x00> for the byte fallback"):
-        spm_json.build(spec, v.tokens)
+        spm_json.build(spec)
     notes: list[str] = []
     assert JSON_BUILDERS["llama"](spec, build_tokenizer(spec), notes) is None
     assert notes == ["tokenizer not exported: no byte token <0x00> for the byte fallback"]
@@ -95,6 +95,6 @@ def test_overlapping_ties_are_counted_once_each() -> None:
     scores = [0.0] * 257 + [-1.0, -2.0, -3.0, -4.0, -5.0, -5.0]
     types = [2, *[6] * 256, 1, 1, 1, 1, 1, 1]
     spec = TokenizerSpec(model="llama", tokens=tokens, scores=scores, token_types=types)
-    built = spm_json.build(spec, tokens)
+    built = spm_json.build(spec)
     assert built.ambiguous == 4  # a|aa, aa|a, a|b, b|a
     assert set(built.tie_texts) == {"aaaa", "aaaaa", "aba", "bab"}  # a·aa·a, aa·a·aa, a·b·a, b·a·b

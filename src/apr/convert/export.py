@@ -34,7 +34,7 @@ from apr.formats.base import TensorInfo, TokenizerSpec
 from apr.formats.config import QKLayout, interleaved_to_hf, qk_heads
 from apr.formats.safetensors import CONFIG_JSON, INDEX_FILE, SINGLE_FILE, TOKENIZER_JSON
 from apr.formats.tokenizer import Tokenizer, build_tokenizer
-from apr.formats.tokenizer_probe import probe_texts
+from apr.formats.tokenizer_probe import probe_encoders, probe_texts
 from apr.models import Model
 from apr.models.config import ModelConfig
 from apr.models.exchange import hf_config, hf_name
@@ -246,20 +246,23 @@ def _spm_backend(spec: TokenizerSpec, tok: Tokenizer, notes: list[str]) -> Any:
     """tokenizer.json's model of a SentencePiece vocab (apr.formats.tokenizer_spm_json), written only when
     it encodes every probe text (apr.formats.tokenizer_probe) to llama.cpp's ids; else None and a note."""
     try:
-        built = spm_json.build(spec, list(spec.tokens))
+        built = spm_json.build(spec)
     except FormatError as e:
         notes.append(f"tokenizer not exported: {e}")
         return None
-    ties = [(f"tie {text!r}", text) for text in built.tie_texts]
-    for name, text in [*probe_texts(spec, spec), *ties]:
-        want, got = tok.encode(text), built.backend.encode(text).ids
-        if got != want:
-            at = next((i for i, (a, b) in enumerate(zip(want, got, strict=False)) if a != b), len(want))
-            notes.append(
-                f"tokenizer not exported: a tokenizer.json would encode the {name} probe as "
-                f"{got[at : at + 4]}… from token {at}, where llama.cpp gives {want[at : at + 4]}…"
-            )
-            return None
+    texts = [*probe_texts(spec, spec), *((f"tie {text!r}", text) for text in built.tie_texts)]
+    check = probe_encoders(tok.encode, lambda t: built.backend.encode(t).ids, texts)
+    if check.problems:
+        notes.append(f"tokenizer not exported: {check.problems[0]}")
+        return None
+    if check.differ:
+        d, at = check.differ[0], check.differ[0].position
+        got, want = list(d.b_ids[at : at + 4]), list(d.a_ids[at : at + 4])
+        notes.append(
+            f"tokenizer not exported: a tokenizer.json would encode the {d.name} probe as {got}… from "
+            f"token {at}, where llama.cpp gives {want}…"
+        )
+        return None
     if built.ambiguous:
         notes.append(
             f"tokenizer.json: {built.ambiguous} of its {built.merges} merges tie with an overlapping one, "

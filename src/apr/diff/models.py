@@ -33,7 +33,7 @@ from apr.formats.tokenizer_probe import ProbeCheck, probe_tokenizers
 from apr.formats.tokenizer_special import CONTROL, Attr, token_attrs
 from apr.models import Model
 from apr.models.config import ModelConfig, RopeScaling
-from apr.models.exchange_gguf import rope_freqs
+from apr.models.exchange_gguf import ROPE_FREQS, ROPE_FREQS_RTOL, rope_freqs
 
 # fields whose difference is how a format stores the same math, not a different model
 STORAGE_FIELDS: Final = {
@@ -53,10 +53,8 @@ HF_TOKENIZER: Final = "tokenizer.json"  # TokenizerSpec.model of an HF folder's 
 TOKENIZER_FIELDS: Final = ("bos_id", "eos_id", "add_bos", "add_eos", "add_space_prefix")
 VERDICTS: Final = ("differ", "same", "unverified")
 STORAGE_KINDS: Final = ("type", "tied", "stored")  # tensor differences that do not change the math
-ROPE_FREQS: Final = "rope_freqs.weight"
-KEPT_WITH_CONTROL: Final = int(
-    Attr.LSTRIP | Attr.RSTRIP | Attr.UNKNOWN
-)  # bits that still count beside CONTROL
+# the attribute bits that still count beside CONTROL (`_acted_on`)
+KEPT_WITH_CONTROL: Final = int(Attr.LSTRIP | Attr.RSTRIP | Attr.UNKNOWN)
 ProgressFactory = Callable[[str, int], Callable[[int], None]]  # (label, total) → on_item(i)
 
 
@@ -181,7 +179,11 @@ def _rope_freqs_storage(a: Model, b: Model) -> str | None:
             continue
         want = rope_freqs(y.config)
         got = x.read(ROPE_FREQS)
-        if want is not None and got.shape == want.shape and np.allclose(got, want, rtol=1e-6, atol=0.0):
+        if (
+            want is not None
+            and got.shape == want.shape
+            and np.allclose(got, want, rtol=ROPE_FREQS_RTOL, atol=0.0)
+        ):
             return f"Llama 3 scaling stored as {side}'s rope_freqs tensor, equal to the other's rope_scaling"
     return None
 

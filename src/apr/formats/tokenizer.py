@@ -111,7 +111,7 @@ def build_tokenizer(spec: TokenizerSpec) -> Tokenizer:
 
 
 def _spm(spec: TokenizerSpec) -> Tokenizer:
-    tokens = _tokens(spec)
+    tokens = vocab_tokens(spec)
     attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys())
     specials = special_tokens(tokens, attrs, spec.model_name, spec.pre)
     model = SpmModel(tokens, spec.scores, attrs, specials, spec.add_space_prefix)
@@ -119,7 +119,7 @@ def _spm(spec: TokenizerSpec) -> Tokenizer:
 
 
 def _bpe(spec: TokenizerSpec) -> Tokenizer:
-    tokens = _tokens(spec)
+    tokens = vocab_tokens(spec)
     bpe = llama_bpe(spec, tokens)
     bos, eos = _ends(replace(spec, add_bos=bpe.add_bos), len(tokens))
     return Tokenizer(len(tokens), bpe.encode_text, bpe.decode, bos, eos, backend=bpe.backend)
@@ -139,7 +139,7 @@ class _Vocab:
 
     @classmethod
     def of(cls, spec: TokenizerSpec) -> _Vocab:
-        tokens = _tokens(spec)
+        tokens = vocab_tokens(spec)
         vocab = dict(zip(tokens, range(len(tokens)), strict=True))
         attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys(), vocab)
         return cls(tokens, attrs, special_tokens(tokens, attrs, spec.model_name, spec.pre, vocab))
@@ -173,7 +173,7 @@ def _plamo2(spec: TokenizerSpec) -> Tokenizer:  # no BOS / EOS, whatever the fla
 def _test(spec: TokenizerSpec) -> Tokenizer:
     """llama.cpp's "test" vocab type: each 5 bytes of text → their hash (×31 + byte) modulo the vocab size;
     decode writes each id in hex. No BOS / EOS."""
-    tokens = _tokens(spec)
+    tokens = vocab_tokens(spec)
     n = len(tokens)
     specials = special_tokens(
         tokens, token_attrs(tokens, spec.token_types, spec.fim_ids.keys()), spec.model_name
@@ -239,7 +239,7 @@ def _pieces(tokens: Sequence[str], attrs: Sequence[int], ids: Sequence[int]) -> 
     return out.decode(errors="replace")
 
 
-def _tokens(spec: TokenizerSpec) -> list[str]:
+def vocab_tokens(spec: TokenizerSpec) -> list[str]:
     """The vocab as llama.cpp holds it: an empty token is renamed "[EMPTY_<id>]"."""
     tokens = list(spec.tokens)
     if "" in tokens:

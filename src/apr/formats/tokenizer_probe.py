@@ -75,8 +75,14 @@ def probe_tokenizers(a: TokenizerSpec, b: TokenizerSpec) -> ProbeCheck:
     if problems:
         return ProbeCheck(0, problems=problems)
     ea, eb = (e for e in encoders if not isinstance(e, str))
-    compared, differ = 0, []
-    for name, text in probe_texts(a, b):
+    check = probe_encoders(ea, eb, probe_texts(a, b))
+    return ProbeCheck(check.compared, check.differ, problems + check.problems)
+
+
+def probe_encoders(ea: Encode, eb: Encode, texts: Sequence[tuple[str, str]]) -> ProbeCheck:
+    """Encode every (name, text) with both encoders; the texts whose ids differ, and any that failed."""
+    compared, differ, problems = 0, [], []
+    for name, text in texts:
         ids = [_encode(enc, text, name, side) for enc, side in ((ea, "A"), (eb, "B"))]
         failed = [x for x in ids if isinstance(x, str)]
         if failed:

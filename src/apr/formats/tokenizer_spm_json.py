@@ -26,20 +26,11 @@ from typing import Any, Final
 
 from apr.errors import FormatError
 from apr.formats.base import TokenizerSpec
-from apr.formats.tokenizer_special import (
-    CONTROL,
-    SPECIAL,
-    USER_DEFINED,
-    SpecialToken,
-    special_tokens,
-    token_attrs,
-)
+from apr.formats.tokenizer import vocab_tokens
+from apr.formats.tokenizer_special import USER_DEFINED, Attr, SpecialToken, special_tokens, token_attrs
 from apr.formats.tokenizer_spm import SPACE
 
-UNKNOWN_ATTR: Final = SPECIAL & ~(CONTROL | USER_DEFINED)
 Merge = tuple[str, str]
-
-
 MAX_TIE_TEXTS: Final = 4096  # texts `SpmJson.tie_texts` gives at most
 
 
@@ -51,13 +42,14 @@ class SpmJson:
     tie_texts: tuple[str, ...]  # x + y + z for tied merges (x, y), (y, z): where the two rules can differ
 
 
-def build(spec: TokenizerSpec, tokens: Sequence[str]) -> SpmJson:
-    """The tokenizer.json model of `spec`'s vocab (`tokens` as llama.cpp holds them). FormatError names
+def build(spec: TokenizerSpec) -> SpmJson:
+    """The tokenizer.json model of `spec`'s vocab (its tokens as llama.cpp holds them). FormatError names
     what a tokenizer.json cannot hold: a repeated token, or a byte token missing (llama.cpp would fall back
     to the token spelled as that byte, tokenizers to the unknown token)."""
     from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
 
+    tokens = vocab_tokens(spec)
     ids = {t: i for i, t in enumerate(tokens)}
     if len(ids) != len(tokens):
         twice = next(t for i, t in enumerate(tokens) if ids[t] != i)
@@ -67,7 +59,7 @@ def build(spec: TokenizerSpec, tokens: Sequence[str]) -> SpmJson:
         raise FormatError(f"no byte token <0x{missing[0]:02X}> for the byte fallback")
     attrs = token_attrs(tokens, spec.token_types, spec.fim_ids.keys())
     specials = special_tokens(tokens, attrs, spec.model_name, spec.pre)
-    unk = next((tokens[i] for i, a in enumerate(attrs) if a & UNKNOWN_ATTR), None)  # never used: bytes
+    unk = next((tokens[i] for i, a in enumerate(attrs) if a & Attr.UNKNOWN), None)  # never used: bytes
     scores = list(spec.scores) or [0.0] * len(tokens)
     merges, ambiguous, tie_texts = _merges(tokens, ids, scores)
     tok = Tokenizer(BPE(vocab=ids, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))

@@ -10,6 +10,7 @@ bool, str, list of bool); the writer (convert/gguf_export.py) picks the GGUF val
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Final
 
 import numpy as np
@@ -24,6 +25,7 @@ from apr.models.params import Param
 
 Value = int | float | bool | str | list[bool]
 ROPE_FREQS: Final = "rope_freqs.weight"
+ROPE_FREQS_RTOL: Final = 1e-6  # rope_freqs values that are the same divisors (converters round differently)
 SLIDING_PATTERN: Final = "{arch}.attention.sliding_window_pattern"
 # (ModelConfig.rope_scaling field, GGUF key under {arch}.rope.scaling.) per scaling kind
 ROPE_SCALING_KEYS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
@@ -101,7 +103,7 @@ def llama3_from_freqs(cfg: ModelConfig, freqs: npt.NDArray[np.float32]) -> RopeS
     carries them: llama.cpp's converter writes the tensor and no parameters. The factor is the largest
     divisor; original_max_position_embeddings is solved from a divisor between 1 and the factor (or, with
     none, the powers of two and the context length are tried); each candidate must give back every
-    divisor to float32 rounding (rtol 1e-6, as `apr diff` compares them). Any candidate that does gives
+    divisor to float32 rounding (ROPE_FREQS_RTOL, as `apr diff` compares them). Any candidate that does gives
     the same RoPE: the divisors are all the forward reads. None when no candidate matches; a default
     scaling when every divisor is 1."""
     f = np.asarray(freqs, dtype=np.float64).reshape(-1)
@@ -114,8 +116,8 @@ def llama3_from_freqs(cfg: ModelConfig, freqs: npt.NDArray[np.float32]) -> RopeS
     wavelen = 2 * np.pi / base
     factor = float(np.float32(f.max()))
     powers = [2**k for k in range(31)]
+    medium = (f > 1.0) & (f < factor)
     for low, high in LLAMA3_BANDS:
-        medium = (f > 1.0) & (f < factor)
         solved = []
         for v, w in zip(f[medium], wavelen[medium], strict=True):
             smooth = (1.0 / v - 1.0 / factor) / (1.0 - 1.0 / factor)
@@ -124,6 +126,7 @@ def llama3_from_freqs(cfg: ModelConfig, freqs: npt.NDArray[np.float32]) -> RopeS
             if orig <= 0:
                 continue
             s = RopeScaling("llama3", factor, low, high, int(orig))
-            if np.allclose(llama3_factors(base, s).astype(np.float32), f, rtol=1e-6, atol=0.0):
+            back = rope_freqs(replace(cfg, rope_scaling=s))
+            if back is not None and np.allclose(back, f, rtol=ROPE_FREQS_RTOL, atol=0.0):
                 return s
     return None
